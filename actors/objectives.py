@@ -1,0 +1,98 @@
+"""Training objectives as small objects: which model to build, whether a reference model runs live,
+and how a collated batch of pairs becomes (loss, metrics) through the pure losses in align/losses.
+
+A batch holds chosen rows then rejected rows (2B rows, align.pairs.collate_pairs), so one forward pass
+scores both sides. The trainer loop knows nothing about any particular loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from align import losses
+
+
+def build_causal_lm(path: str, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen logps, rejected logps, chosen lengths), each (B,), from one forward over 2B rows."""
+    logps, lengths = losses.model_sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    b = logps.shape[0] // 2
+    return logps[:b], logps[b:], lengths[:b]
+
+
+@torch.no_grad()
+def reference_logps(ref_model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs: stored with the data if present, else from the live reference model."""
+    if "ref_chosen_logps" in batch and ref_model is None:
+        return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    c, r, _ = pair_logps(ref_model, batch)
+    return c, r
+
+
+@dataclass
+class PreferenceObjective:
+    """DPO or IPO (Rafailov et al. 2305.18290; Azar et al. 2310.12036), optionally with TR-DPO
+    reference updates (Gorbatovski et al. 2404.09656): ref_update none | soft | hard every tau steps."""
+
+    loss: str = "dpo"  # dpo | ipo
+    beta: float = 0.1
+    ref_update: str = "none"
+    ref_alpha: float = 0.6
+    ref_tau: int = 32
+    precompute_reference: bool = True
+
+    kind = "causal_lm"
+
+    @property
+    def live_reference(self) -> bool:
+        return self.ref_update != "none" or not self.precompute_reference
+
+    def __call__(self, model, ref_model, batch):
+        pc, pr, _ = pair_logps(model, batch)
+        rc, rr = reference_logps(ref_model, batch)
+        fn = losses.dpo_loss if self.loss == "dpo" else losses.ipo_loss
+        return fn(pc, pr, rc.to(pc.dtype), rr.to(pc.dtype), self.beta)
+
+
+@dataclass
+class BonbonObjective:
+    """BoNBoN (Gui et al. 2406.00832): alpha * SFT(best) + (1 - alpha) * IPO(best, worst) at beta*_n."""
+
+    n: int = 8
+    alpha: float = 0.5
+
+    kind = "causal_lm"
+    live_reference = False
+    ref_update = "none"
+
+    def __call__(self, model, ref_model, batch):
+        pc, pr, lengths = pair_logps(model, batch)
+        rc, rr = reference_logps(ref_model, batch)
+        return losses.bonbon_loss(pc, pr, rc.to(pc.dtype), rr.to(pc.dtype), self.n, self.alpha, best_lengths=lengths)
+
+
+@dataclass
+class BradleyTerryObjective:
+    """Reward model: one-logit sequence classifier trained with -log sigmoid(r_chosen - r_rejected)."""
+
+    kind = "reward_model"
+    live_reference = False
+    ref_update = "none"
+
+    def __call__(self, model, ref_model, batch):
+        r = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        b = r.shape[0] // 2
+        return losses.bradley_terry_loss(r[:b], r[b:])
+
+
+OBJECTIVES = {"preference": PreferenceObjective, "bonbon": BonbonObjective, "bradley_terry": BradleyTerryObjective}
+
+
+def make_objective(name: str, params: dict):
+    return OBJECTIVES[name](**params)

@@ -1,0 +1,84 @@
+"""The training knobs every trainer job shares: optimizer, DeepSpeed, the Ray Train worker group, the
+run (name, storage, checkpoints, failures). Algorithm knobs live in each job's own config."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from align.config import require
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warmup, then linear decay to 0 at the last step
+    grad_clip: float = 1.0  # max grad norm; 0 disables (DeepSpeed's own default is 1.0, set explicitly)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+    def __post_init__(self):
+        require(self.lr > 0, "lr", "a number > 0", self.lr)
+        require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        require(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
+        require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas", "two numbers in [0, 1)", self.adam_betas)
+        require(self.grad_clip >= 0, "grad_clip", ">= 0 (0 disables clipping)", self.grad_clip)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0  # 0 (plain data parallel) .. 3 (parameters partitioned)
+    bf16: bool | str = "auto"  # auto: bf16 on GPU, fp32 on CPU | true | false
+
+    def __post_init__(self):
+        require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        require(self.bf16 in ("auto", True, False), "bf16", "'auto', true or false", self.bf16)
+
+
+@dataclass
+class WorkersConfig:
+    num_workers: int = 2  # Ray Train workers (data-parallel ranks)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1
+    collective_timeout_s: int = 300  # a failed rank fails the run after this, instead of hanging
+
+    def __post_init__(self):
+        require(self.num_workers >= 1, "num_workers", "an integer >= 1", self.num_workers)
+        require(self.cpus_per_worker > 0, "cpus_per_worker", "> 0", self.cpus_per_worker)
+        require(self.collective_timeout_s >= 10, "collective_timeout_s", ">= 10", self.collective_timeout_s)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # same name + storage_path again = resume from the last checkpoint
+    storage_path: str = "outputs/runs"
+    checkpoint_every: int = 50  # steps; the last step always checkpoints
+    keep_checkpoints: int = 2
+    max_failures: int = 1  # worker-group restarts from the last checkpoint before giving up
+    log_every: int = 10
+
+    def __post_init__(self):
+        require(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'", self.name)
+        require(self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1", self.checkpoint_every)
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
+        require(self.max_failures >= -1, "max_failures", ">= 0, or -1 for unlimited", self.max_failures)
+        require(self.log_every >= 1, "log_every", "an integer >= 1", self.log_every)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    batch_size: int = 16  # global batch (pairs), split evenly over the workers
+    max_length: int = 64  # prompt + completion tokens
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    disable_dropout: bool = True  # as TRL: dropout makes policy and reference disagree at theta = theta_ref
+    fail_once_at_step: int | None = None  # testing: the last rank raises once, during this (1-based) step
+
+    def __post_init__(self):
+        require(self.steps >= 1, "steps", "an integer >= 1", self.steps)
+        require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        require(self.batch_size % self.workers.num_workers == 0, "batch_size",
+                f"a multiple of workers.num_workers ({self.workers.num_workers})", self.batch_size)
+        require(self.max_length >= 2, "max_length", "an integer >= 2", self.max_length)

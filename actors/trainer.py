@@ -1,0 +1,240 @@
+"""The training worker: one loop for every objective, run by each Ray Train worker around a DeepSpeed
+engine (ZeRO 0-3; bf16 on GPU, fp32 on CPU over gloo).
+
+Each step takes a deterministic global batch (a seeded permutation per epoch) and gives rank r the
+r-th contiguous slice, so W workers on slices equal one worker on the whole batch (DeepSpeed averages
+the gradients). Checkpoints are DeepSpeed checkpoints reported to Ray Train with the step count and,
+for TR-DPO, the reference weights; a restarted or resumed run continues bit for bit. The TR-DPO
+reference is a full (unpartitioned) copy on every rank: under ZeRO-3 the policy's parameters are
+gathered around the pure update in align/losses.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("sweetspot.trainer")
+
+REF_FILE = "reference.safetensors"
+
+
+def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> torch.Tensor:
+    """Example indices of global batch `step`: consecutive slices of a fresh permutation per epoch."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), num_examples)
+        perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    return torch.tensor(out)
+
+
+def deepspeed_config(train: dict, micro_batch: int, use_bf16: bool) -> dict:
+    """The DeepSpeed config for one rank: AdamW (torch implementation: no JIT build), explicit
+    clipping, ZeRO stage from the job config. The schedule is `linear_schedule` (DeepSpeed's
+    WarmupDecayLR needs >= 1 warmup step and starts at lr 0)."""
+    optim = train["optim"]
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": optim["grad_clip"],
+        "zero_optimization": {"stage": train["deepspeed"]["zero_stage"]},
+        "bf16": {"enabled": use_bf16},
+        "optimizer": {"type": "AdamW", "params": {"lr": optim["lr"], "weight_decay": optim["weight_decay"],
+                                                  "betas": list(optim["adam_betas"]), "torch_adam": True}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def linear_schedule(steps: int, warmup_steps: int):
+    """lr factor at step s: s / warmup during warmup, then linear decay to 1/steps at the last step
+    (as transformers' get_linear_schedule_with_warmup). Returns DeepSpeed's lr_scheduler callable."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return s / warmup_steps
+        return max(0.0, (steps - s) / max(1, steps - warmup_steps))
+
+    return lambda optimizer: LambdaLR(optimizer, factor)
+
+
+def gathered(params, zero_stage: int, modifier_rank: int | None = None):
+    """Full parameters inside the block under ZeRO-3; a no-op otherwise."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
+
+
+def update_reference(model, ref_model, mode: str, alpha: float, zero_stage: int) -> None:
+    """TR-DPO reference update; the ZeRO-3 gather is kept apart from the pure update."""
+    from align.losses import hard_update_, soft_update_
+
+    params = list(model.parameters())
+    with gathered(params, zero_stage):
+        if mode == "soft":
+            soft_update_(ref_model.parameters(), params, alpha)
+        else:
+            hard_update_(ref_model.parameters(), params)
+
+
+def full_state_dict(model, zero_stage: int) -> dict[str, torch.Tensor]:
+    """A CPU copy of every parameter and buffer, gathered under ZeRO-3 (collective: call on all ranks)."""
+    with gathered(model.parameters(), zero_stage):
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def mean_over_ranks(metrics: dict) -> dict[str, float]:
+    """Average scalar metrics over ranks (one all-reduce) so logs describe the global batch."""
+    import torch.distributed as dist
+
+    keys = sorted(metrics)
+    vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(vals)
+        vals /= dist.get_world_size()
+    return dict(zip(keys, vals.tolist()))
+
+
+def log_progress(output_dir: str, report: dict, total_steps: int) -> None:
+    """Rank 0: one line to stdout (forwarded by Ray) and one JSON line to train_log.jsonl."""
+    shown = " ".join(f"{k} {report[k]:.4g}" for k in ("loss", "rewards/accuracies", "accuracy", "loss/sft", "loss/ipo",
+                                                      "lr", "tokens_per_s") if k in report)
+    print(f"[train] step {report['step']}/{total_steps} {shown}", flush=True)
+    path = Path(output_dir) / "train_log.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(report) + "\n")
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train `train_loop_per_worker`. config: {"objective", "objective_params", "model_path",
+    "data_path", "output_dir", "train": TrainConfig as a dict, "lora": dict | None}."""
+    import datasets
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    from actors.objectives import make_objective
+    from align.models import build_model_for, load_tokenizer
+    from align.pairs import collate_pairs
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed renames, inside DeepSpeed
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train = config["train"]
+    objective = make_objective(config["objective"], config["objective_params"])
+    use_gpu = train["workers"]["use_gpu"] and torch.cuda.is_available()
+    bf16 = use_gpu if train["deepspeed"]["bf16"] == "auto" else bool(train["deepspeed"]["bf16"])
+    zero_stage = train["deepspeed"]["zero_stage"]
+    torch.manual_seed(train["seed"])
+
+    tokenizer = load_tokenizer(config["model_path"])
+    model = build_model_for(objective.kind, config["model_path"], tokenizer, config.get("lora"))
+    if train["disable_dropout"]:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    ref_model = None
+    if objective.live_reference:
+        ref_model = build_model_for(objective.kind, config["model_path"], tokenizer, None).eval().requires_grad_(False)
+    data = datasets.load_from_disk(config["data_path"])
+    micro = train["batch_size"] // world
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(train, micro, bf16),
+        lr_scheduler=linear_schedule(train["steps"], train["optim"]["warmup_steps"]),
+    )
+    if ref_model is not None:
+        ref_model.to(device=engine.device, dtype=torch.bfloat16 if bf16 else torch.float32)
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag="ds")
+            step = client["step"]
+            if ref_model is not None:
+                from safetensors.torch import load_model
+
+                load_model(ref_model, os.path.join(d, REF_FILE), device=str(engine.device))
+        log.info("rank %d resumed at step %d", rank, step)
+
+    run = train["run"]
+    fail_at = train.get("fail_once_at_step")
+    marker = Path(config["output_dir"]) / ".failed_once"
+    tokens, t0 = 0, time.perf_counter()
+    while step < train["steps"]:
+        idx = batch_indices(step, train["batch_size"], len(data), train["seed"])[rank * micro : (rank + 1) * micro]
+        batch = collate_pairs([data[int(i)] for i in idx], tokenizer.pad_token_id)
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        if fail_at is not None and step + 1 == fail_at and rank == world - 1 and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            raise RuntimeError(f"injected failure at step {step} (train.fail_once_at_step)")
+        engine.train()
+        loss, metrics = objective(engine, ref_model, batch)
+        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on in engine.step)
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        tokens += int(batch["attention_mask"].sum())
+        if objective.ref_update != "none" and step % objective.ref_tau == 0:
+            update_reference(engine.module, ref_model, objective.ref_update, objective.ref_alpha, zero_stage)
+
+        last = step == train["steps"]
+        if step % run["log_every"] == 0 or step % run["checkpoint_every"] == 0 or last:
+            seconds = time.perf_counter() - t0
+            report = mean_over_ranks({"loss": loss.item(), **{k: float(v) for k, v in metrics.items()},
+                                      "tokens_per_s": tokens / max(seconds, 1e-9)})
+            report["tokens_per_s"] *= world  # throughput of the whole group
+            report.update(step=step, lr=lr)
+            if rank == 0:
+                log_progress(config["output_dir"], report, train["steps"])
+            if step % run["checkpoint_every"] == 0 or last:
+                with tempfile.TemporaryDirectory() as tmp:
+                    engine.save_checkpoint(tmp, tag="ds", client_state={"step": step})
+                    if ref_model is not None and rank == 0:
+                        from safetensors.torch import save_model
+
+                        save_model(ref_model, os.path.join(tmp, REF_FILE))
+                    ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(report)
+            tokens, t0 = 0, time.perf_counter()
+
+    state = full_state_dict(engine.module, zero_stage)
+    if rank == 0:
+        save_final_model(objective.kind, config, tokenizer, state)
+
+
+def save_final_model(kind: str, config: dict, tokenizer, state: dict) -> None:
+    """Save the trained weights in HF format (safetensors, LoRA merged) via a temp dir + rename, so the
+    generator pool and scorers load the result by path like any model."""
+    import shutil
+
+    from align.models import build_model_for
+
+    model = build_model_for(kind, config["model_path"], tokenizer, config.get("lora"))
+    model.load_state_dict(state)
+    if config.get("lora"):
+        model = model.merge_and_unload()
+    out = Path(config["output_dir"]) / "model"
+    tmp = out.with_name(".model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "sweetspot.json").write_text(json.dumps({"objective": config["objective"], **config["objective_params"]}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)

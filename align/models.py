@@ -1,0 +1,101 @@
+"""Loading models and tokenizers: any HF name or local directory, or "default" for the embedded task.
+
+The embedded default policy is saved with save_pretrained, so it goes through exactly the same
+AutoModel path as a real model; "default" only resolves to its directory (building it on first use).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT = "default"
+
+
+def pick_device(spec: str = "auto") -> torch.device:
+    """"auto" -> cuda if available else cpu; otherwise the device named."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """"auto" -> bfloat16 on GPU, float32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+
+
+def model_path_problem(name_or_path: str) -> str | None:
+    """Why `name_or_path` cannot be a model, or None if it may be one (checked before any work).
+
+    An existing path must be a directory with config.json. Something that looks like a path but does
+    not exist is an error; anything else is taken as a hub name ("org/name") and is not checked here.
+    """
+    if not name_or_path:
+        return "an empty path"
+    if name_or_path == DEFAULT:
+        return None
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        return None if (p / "config.json").is_file() else f"{name_or_path!r} has no config.json"
+    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path
+    return f"{name_or_path!r} does not exist" if looks_local else None
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map "default" to the embedded policy's directory (built on first use); pass others through."""
+    if name_or_path == DEFAULT:
+        from align.default_task import ensure_default_task
+
+        return str(ensure_default_task().policy_dir)
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    """Tokenizer set up for generation: left padding, a pad token (eos if the model has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name_or_path: str, device: str | torch.device = "auto", dtype: str = "auto"):
+    """(model in eval mode on `device`, tokenizer) for a causal LM name or directory."""
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(device) if isinstance(device, str) else device
+    path = resolve_model_path(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device))
+    return model.to(device).eval(), load_tokenizer(path)
+
+
+def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "cpu"):
+    """Left-padded (input_ids, attention_mask) for a list of prompt strings. Special tokens are added
+    (a BOS where the tokenizer has one, as a model's training text began)."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def build_model_for(kind: str, path: str, tokenizer, lora: dict | None = None):
+    """A trainable fp32 model: "causal_lm", or "reward_model" (a one-logit sequence classifier whose
+    score head is new when `path` is a causal LM). `lora`: peft LoraConfig kwargs; the score head is
+    then fully trained (modules_to_save) and everything else but the adapters is frozen."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(path)
+    if kind == "causal_lm":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if kind != "reward_model":
+        raise ValueError(f"unknown model kind {kind!r}")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **lora))
+    return model

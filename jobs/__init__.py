@@ -1,0 +1,1 @@
+"""Entry points: `python -m jobs.NAME --config configs/NAME.yaml`; each exposes run(cfg) -> metrics."""

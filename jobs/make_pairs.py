@@ -1,0 +1,83 @@
+"""Training pairs from best-of-n samples: for each split, run jobs.bon (n samples per prompt, gold
+reward), then save two `datasets` DatasetDicts:
+
+  <output_dir>/bonbon  best vs worst of each prompt's n samples (BoNBoN, DPO), with rewards and n
+  <output_dir>/random  two random samples per pair, labelled by the reward (reward-model training)
+
+    python -m jobs.make_pairs --config configs/make_pairs.yaml
+    ray job submit --working-dir . -- python -m jobs.make_pairs --config configs/make_pairs.yaml
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from align.config import parse_args, require
+from jobs.bon import BonConfig
+
+log = logging.getLogger("sweetspot.pairs")
+
+
+@dataclass
+class MakePairsConfig:
+    bon: BonConfig = field(default_factory=BonConfig)  # sampling, reward, pool; prompts.split is set per split
+    splits: list[str] = field(default_factory=lambda: ["train", "test"])
+    random_pairs_per_prompt: int = 2
+    output_dir: str = "outputs/pairs"
+
+    def __post_init__(self):
+        require(len(self.splits) > 0, "splits", "a non-empty list of prompt splits", self.splits)
+        require(self.bon.sampling.n >= 2, "bon.sampling.n", "an integer >= 2 (pairs need two samples)", self.bon.sampling.n)
+        require(self.random_pairs_per_prompt >= 1, "random_pairs_per_prompt", "an integer >= 1", self.random_pairs_per_prompt)
+
+
+def sample_split(cfg: MakePairsConfig, split: str, out: Path):
+    """BoN samples for one prompt split -> (bon metrics, best/worst pairs, random pairs)."""
+    import datasets
+
+    from align.pairs import bon_pairs, random_pairs
+    from jobs import bon
+
+    log.info("sampling split %r", split)
+    split_cfg = replace(cfg.bon, prompts=replace(cfg.bon.prompts, split=split), output_dir=str(out / f"samples_{split}"))
+    metrics = bon.run(split_cfg)
+    rows = [json.loads(line) for line in (out / f"samples_{split}" / "samples.jsonl").read_text().splitlines()]
+    return (metrics, datasets.Dataset.from_dict(bon_pairs(rows)),
+            datasets.Dataset.from_dict(random_pairs(rows, cfg.random_pairs_per_prompt, seed=cfg.bon.seed)))
+
+
+def run(cfg: MakePairsConfig) -> dict:
+    import datasets
+    import ray
+
+    out = Path(cfg.output_dir)
+    best_worst, rand, metrics = {}, {}, {}
+    started = not ray.is_initialized()
+    if started:  # one Ray for all splits
+        ray.init(address=cfg.bon.ray_address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        for split in cfg.splits:
+            metrics[split], best_worst[split], rand[split] = sample_split(cfg, split, out)
+    finally:
+        if started:
+            ray.shutdown()
+    for name, parts in (("bonbon", best_worst), ("random", rand)):
+        tmp, target = out / f".{name}.tmp", out / name
+        shutil.rmtree(tmp, ignore_errors=True)
+        datasets.DatasetDict(parts).save_to_disk(str(tmp))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        print(f"  {target}: " + ", ".join(f"{s} {len(d)} pairs" for s, d in parts.items()))
+    return metrics
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return run(parse_args(MakePairsConfig, argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()

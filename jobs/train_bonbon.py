@@ -1,0 +1,65 @@
+"""BoNBoN alignment (Gui, Garbacea, Veitch 2406.00832): fine-tune pi_0 on best-of-n data so that one
+sample behaves like best-of-n, with alpha * SFT(best) + (1 - alpha) * IPO(best, worst) at beta*_n =
+1 / (2 (n - 1) H_{n-1}). Reference log-probs of pi_0 are computed once and stored with the data.
+
+    python -m jobs.make_pairs --config configs/make_pairs.yaml      # best/worst of n samples per prompt
+    python -m jobs.train_bonbon --config configs/train_bonbon.yaml
+    ray job submit --working-dir . -- python -m jobs.train_bonbon --config configs/train_bonbon.yaml
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from actors.train_config import TrainConfig
+from align.config import parse_args, require
+from jobs.training import PairDataConfig
+
+
+@dataclass
+class BonbonParams:
+    n: int = 8  # samples per prompt the best/worst pairs were drawn from (sets beta*_n); >= 2
+    alpha: float = 0.5  # SFT weight in [0, 1]; 1 = SFT on best-of-n only
+
+    def __post_init__(self):
+        require(self.n >= 2, "n", "an integer >= 2 (best and worst of n samples)", self.n)
+        require(0 <= self.alpha <= 1, "alpha", "a number in [0, 1]", self.alpha)
+
+
+@dataclass
+class BonbonJobConfig:
+    model: str = "default"  # pi_0: the policy to start from and the reference
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+    bonbon: BonbonParams = field(default_factory=BonbonParams)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "outputs/bonbon"
+
+
+def check_n_matches_data(cfg: BonbonJobConfig) -> None:
+    """The pairs' own n (column "n", written by jobs.make_pairs) must be the n that sets beta*_n."""
+    from align.config import ConfigError
+    from jobs.training import load_pair_dataset
+
+    ds = load_pair_dataset(cfg.data)
+    if "n" in ds.column_names:
+        ns = set(ds.unique("n"))
+        if ns != {cfg.bonbon.n}:
+            raise ConfigError("bonbon.n", f"the n the pairs were drawn with ({sorted(ns)})", cfg.bonbon.n)
+
+
+def run(cfg: BonbonJobConfig) -> dict:
+    from jobs.training import run_training
+
+    check_n_matches_data(cfg)
+    return run_training(f"BoNBoN (n={cfg.bonbon.n}, alpha={cfg.bonbon.alpha})", "bonbon",
+                        {"n": cfg.bonbon.n, "alpha": cfg.bonbon.alpha}, cfg.model, cfg.data, cfg.train,
+                        cfg.output_dir, reference_logps=True)
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return run(parse_args(BonbonJobConfig, argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""jobs/bon end to end on a tiny model with a 2-actor pool, and its config errors."""
+import json
+
+import pytest
+import torch
+
+from align.config import ConfigError, load_config
+from jobs.bon import BonConfig, run
+
+
+def prompt_file(tmp_path, prompts):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
+    return path
+
+
+@pytest.mark.ray
+def test_bon_job_end_to_end(ray_session, tiny_lm_dir, tmp_path):
+    prompts = ["the movie was", "a good film", "the plot", "the music is", "the cast", "a bad"]
+    cfg = load_config(BonConfig, "configs/bon.yaml", [
+        f"model.path={tiny_lm_dir}", f"prompts.source={prompt_file(tmp_path, prompts)}", "prompts.column=text",
+        "sampling.n=4", "sampling.max_new_tokens=6", "sampling.min_new_tokens=6", "pool.num_actors=2",
+        "pool.batch_size=2", f"output_dir={tmp_path / 'out'}",
+    ])
+    metrics = run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    for r in rows:
+        assert len(r["completions"]) == len(r["rewards"]) == 4
+        assert r["chosen"] == int(torch.tensor(r["rewards"]).argmax())  # lowest index among ties
+        assert all(n == 6 for n in r["num_tokens"])
+    bon = torch.tensor([r["rewards"][r["chosen"]] for r in rows])
+    pi0 = torch.tensor([r["pi0_reward"] for r in rows])
+    assert metrics["mean_reward_bon"] == pytest.approx(bon.mean().item())
+    assert metrics["mean_reward_pi0"] == pytest.approx(pi0.mean().item())
+    assert (bon >= pi0).float().mean().item() >= metrics["win_rate_bon_vs_pi0"] - 1e-9
+    assert metrics["prompts"] == 6 and metrics["tokens_per_s"] > 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
+    assert not list((tmp_path / "out").glob(".*.tmp")), "no temporary file is left behind"
+    assert load_config(BonConfig, tmp_path / "out" / "config.yaml") == cfg, "the saved config round-trips"
+
+
+@pytest.mark.parametrize("override, field, allowed", [
+    ("sampling.n=0", "sampling.n", ">= 1"),
+    ("sampling.temperature=0", "sampling.temperature", "> 0"),
+    ("sampling.temperature=-1.5", "sampling.temperature", "> 0"),
+    ("sampling.n=two", "sampling.n", "an integer"),
+    ("sampling.min_new_tokens=99", "sampling.min_new_tokens", "max_new_tokens"),
+    ("pool.num_actors=0", "pool.num_actors", ">= 1"),
+    ("model.path=./no/such/model", "model.path", "config.json"),
+    ("model.path=''", "model.path", "config.json"),
+    ("reward.kind=bleu", "reward.kind", "'vader', 'classifier'"),
+    ("sampling.top_p=0.9", "sampling.top_p", "one of the known keys"),
+    ("seeed=1", "seeed", "one of the known keys"),
+])
+def test_config_errors_name_the_field(override, field, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(BonConfig, "configs/bon.yaml", [override])
+    assert err.value.field == field
+    assert f"'{field}'" in str(err.value) and allowed in str(err.value)
+
+
+def test_empty_prompt_set_stops_before_work(tmp_path, tiny_lm_dir):
+    cfg = load_config(BonConfig, None, [f"model.path={tiny_lm_dir}", f"prompts.source={prompt_file(tmp_path, [])}",
+                                        f"output_dir={tmp_path / 'out'}"])
+    import ray
+
+    with pytest.raises(ConfigError, match="prompts.source.*non-empty"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="--config"):
+        load_config(BonConfig, "configs/no_such.yaml")

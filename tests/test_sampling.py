@@ -1,0 +1,119 @@
+"""The shared-prefill sampler: same draws as the repeated-prompt path, exact sequence distribution."""
+import itertools
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from align.sampling import inverse_cdf_sample, sample_n, sample_n_repeated
+
+V = 6  # tiny vocabulary so the distribution over 2-token completions (36 outcomes) is enumerable
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=V, n_layer=2, n_embd=16, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0)
+    m = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # sharpen the random logits so the distribution is far from uniform
+        m.lm_head.weight.mul_(8.0)
+    return m
+
+
+def left_padded():
+    ids = torch.tensor([[0, 0, 3, 1, 4], [2, 5, 1, 3, 2]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    return ids, mask
+
+
+def exact_two_token_probs(model, prompt_ids):
+    """P(y1, y2 | x) for all V^2 completions by full forward passes, no cache."""
+    with torch.no_grad():
+        x = torch.tensor([prompt_ids])
+        p1 = model(input_ids=x).logits[0, -1].softmax(-1)
+        probs = torch.zeros(V, V, dtype=torch.float64)
+        for a in range(V):
+            p2 = model(input_ids=torch.cat([x, torch.tensor([[a]])], 1)).logits[0, -1].softmax(-1)
+            probs[a] = (p1[a] * p2).double()
+    return probs
+
+
+def test_shared_prefill_matches_repeated_prompts(model):
+    ids, mask = left_padded()
+    kw = dict(max_new_tokens=10, generator=None)
+    a = sample_n(model, ids, mask, 4, **{**kw, "generator": torch.Generator().manual_seed(7)})
+    b = sample_n_repeated(model, ids, mask, 4, **{**kw, "generator": torch.Generator().manual_seed(7)})
+    assert a.tokens.shape == (8, 10)
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+
+
+def test_logprobs_equal_full_forward(model):
+    ids, mask = left_padded()
+    s = sample_n(model, ids, mask, 3, max_new_tokens=6, generator=torch.Generator().manual_seed(1))
+    full = torch.cat([ids.repeat_interleave(3, 0), s.tokens], 1)
+    full_mask = torch.cat([mask.repeat_interleave(3, 0), s.mask.long()], 1)
+    pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logp = model(input_ids=full, attention_mask=full_mask, position_ids=pos).logits.log_softmax(-1)
+    per_token = logp[:, ids.shape[1] - 1 : -1].gather(-1, s.tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(per_token.sum(-1), s.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("row", [0, 1])  # row 0 is left-padded
+def test_sequence_distribution_is_exact(model, row):
+    ids, mask = left_padded()
+    prompt = ids[row][mask[row].bool()].tolist()
+    exact = exact_two_token_probs(model, prompt).flatten()
+    draws = 40_000
+    s = sample_n(model, ids, mask, draws, max_new_tokens=2, generator=torch.Generator().manual_seed(3))
+    toks = s.tokens[row * draws : (row + 1) * draws]
+    counts = torch.bincount(toks[:, 0] * V + toks[:, 1], minlength=V * V).double()
+    # Pearson chi-square over cells with expected count >= 5; df = cells - 1.
+    expected = exact * draws
+    keep = expected >= 5
+    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
+    df = int(keep.sum()) - 1
+    assert chi2 < df + 5 * math.sqrt(2 * df), (chi2, df)
+    assert counts[~keep].sum() <= expected[~keep].sum() + 5 * math.sqrt(expected[~keep].sum() + 1)
+
+
+def test_temperature_scales_logits(model):
+    ids, mask = left_padded()
+    with torch.no_grad():
+        logits = model(input_ids=ids[1:]).logits[0, -1]
+    draws = 30_000
+    s = sample_n(model, ids[1:], mask[1:], draws, max_new_tokens=1, temperature=2.0, generator=torch.Generator().manual_seed(5))
+    freq = torch.bincount(s.tokens[:, 0], minlength=V).double() / draws
+    torch.testing.assert_close(freq, (logits / 2.0).softmax(-1).double(), atol=0.01, rtol=0)
+
+
+def test_min_new_tokens_and_eos(model):
+    ids, mask = left_padded()
+    eos = int(model(input_ids=ids[1:]).logits[0, -1].argmax())  # make the likeliest token the eos
+    s = sample_n(model, ids, mask, 50, max_new_tokens=8, min_new_tokens=3, eos_token_id=eos, pad_token_id=99,
+                 generator=torch.Generator().manual_seed(0))
+    assert not (s.tokens[:, :3] == eos).any()
+    for row, m in zip(s.tokens, s.mask):
+        hits = (row == eos).nonzero()
+        if len(hits):  # everything after the first eos is padding and masked out
+            first = int(hits[0])
+            assert m[: first + 1].all() and not m[first + 1 :].any() and (row[first + 1 :] == 99).all()
+        else:
+            assert m.all()
+    assert (s.lengths < 8).any(), "the likeliest token as eos should stop some rows early"
+
+
+def test_inverse_cdf_sample_frequencies():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).repeat(50_000, 1)
+    idx = inverse_cdf_sample(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(idx, minlength=4).double() / len(idx)
+    torch.testing.assert_close(freq, probs[0].double(), atol=0.01, rtol=0)
+    assert (idx != 1).all()  # a zero-probability token is never drawn
+
+
+def test_bad_arguments(model):
+    ids, mask = left_padded()
+    with pytest.raises(ValueError, match="temperature"):
+        sample_n(model, ids, mask, 2, max_new_tokens=3, temperature=0.0)

@@ -1,0 +1,139 @@
+"""The DeepSpeed training loop under Ray Train, on a tiny model: data-parallel equivalence, checkpoint
+and resume, failure recovery, and TR-DPO reference updates under ZeRO-0 and ZeRO-3."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.config import load_config
+from jobs.train_dpo import DpoJobConfig
+from jobs.train_dpo import run as run_dpo
+
+pytestmark = pytest.mark.ray
+
+PAIRS = [
+    ("the movie was", " great and wonderful .", " awful and terrible ."),
+    ("a good film", " with a lovely cast .", " with a bad ending ."),
+    ("the plot", " is fine and good .", " is weak and awful ."),
+    ("the music is", " lovely .", " terrible ."),
+    ("the cast", " was wonderful .", " was weak ."),
+    ("a bad", " start but a great end .", " film and a bad end ."),
+    ("the story", " is lovely .", " is awful ."),
+    ("the acting", " was great .", " was terrible ."),
+]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in PAIRS))
+    return path
+
+
+def dpo_config(tmp_path, tiny_lm_dir, pairs_file, name, *overrides):
+    return load_config(DpoJobConfig, "configs/train_dpo.yaml", [
+        f"model={tiny_lm_dir}", f"data.source={pairs_file}", f"output_dir={tmp_path / name}",
+        f"train.run.name={name}", f"train.run.storage_path={tmp_path / 'runs'}", "train.steps=4",
+        "train.batch_size=4", "train.run.checkpoint_every=2", "train.run.log_every=1", "train.optim.lr=1e-2",
+        "train.optim.warmup_steps=1", "train.optim.grad_clip=1.0", "train.workers.collective_timeout_s=30",
+        "dpo.ref_update=soft", "dpo.ref_alpha=0.5", "dpo.ref_tau=1", *overrides,
+    ])
+
+
+def weights(cfg) -> dict:
+    from pathlib import Path
+
+    return load_file(str(Path(cfg.output_dir) / "model" / "model.safetensors"))
+
+
+def last_reference(cfg) -> dict:
+    from pathlib import Path
+
+    ckpts = sorted(p for p in (Path(cfg.train.run.storage_path) / cfg.train.run.name).glob("checkpoint_*") if p.is_dir())
+    return load_file(str(ckpts[-1] / "reference.safetensors"))
+
+
+def history(cfg):
+    from actors.train_launcher import read_history
+
+    return read_history(cfg.output_dir)
+
+
+def assert_same(a: dict, b: dict, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0.0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_session, tmp_path_factory, tiny_lm_dir, pairs_file):
+    """Soft TR-DPO, 2 workers, ZeRO-0, 4 steps without interruption: the run the others must match."""
+    cfg = dpo_config(tmp_path_factory.mktemp("base"), tiny_lm_dir, pairs_file, "base")
+    run_dpo(cfg)
+    return cfg
+
+
+def test_training_moves_every_parameter_and_logs(baseline, tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir)).state_dict()
+    end = weights(baseline)
+    unchanged = [k for k in end if torch.equal(start[k], end[k])]
+    assert unchanged == [], "a few steps at a large learning rate move every parameter"
+    rows = history(baseline)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), "policy = reference at step 1: DPO loss is log 2"
+    assert all(r["tokens_per_s"] > 0 and "rewards/margins" in r for r in rows)
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(1e-2)  # linear warmup of 1 step, then decay
+
+
+def test_two_workers_equal_one_worker_on_the_whole_batch(baseline, tmp_path, tiny_lm_dir, pairs_file):
+    one = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "one", "train.workers.num_workers=1")
+    run_dpo(one)
+    for a, b in zip(history(one), history(baseline)):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert_same(weights(one), weights(baseline), atol=1e-5)
+
+
+def test_failed_worker_restarts_from_checkpoint_and_matches(baseline, tmp_path, tiny_lm_dir, pairs_file):
+    cfg = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "fail", "train.fail_once_at_step=3", "train.run.max_failures=1")
+    run_dpo(cfg)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "fail" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4], "restarted at the step-2 checkpoint, so step 3 ran once, after the failure"
+    assert_same(weights(cfg), weights(baseline))
+    assert_same(last_reference(cfg), last_reference(baseline))
+
+
+def test_rerun_with_same_name_resumes(baseline, tmp_path, tiny_lm_dir, pairs_file):
+    failing = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "resume", "train.fail_once_at_step=3", "train.run.max_failures=0")
+    with pytest.raises(Exception, match="injected failure"):
+        run_dpo(failing)
+    assert [r["step"] for r in history(failing)] == [1, 2]
+    again = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "resume")  # same run name and storage: resumes
+    run_dpo(again)
+    assert [r["step"] for r in history(again)] == [1, 2, 3, 4]
+    assert_same(weights(again), weights(baseline))
+
+
+def test_soft_update_same_under_zero3(baseline, tmp_path, tiny_lm_dir, pairs_file):
+    z3 = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "z3", "train.deepspeed.zero_stage=3")
+    run_dpo(z3)
+    ref3, ref0 = last_reference(z3), last_reference(baseline)
+    start = load_file(str(tiny_lm_dir / "model.safetensors"))
+    assert any(not torch.equal(ref0[k], start[k]) for k in start), "the reference moved"
+    assert_same(ref3, ref0, atol=1e-5)
+    assert_same(weights(z3), weights(baseline), atol=1e-5)
+
+
+def test_soft_update_with_alpha_zero_is_plain_dpo(ray_session, tmp_path, tiny_lm_dir, pairs_file):
+    common = ["train.workers.num_workers=1", "train.steps=2", "train.batch_size=4"]
+    soft0 = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "soft0", *common, "dpo.ref_alpha=0.0")
+    plain = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "plain", *common, "dpo.ref_update=none", "dpo.precompute_reference=false")
+    run_dpo(soft0)
+    run_dpo(plain)
+    assert_same(weights(soft0), weights(plain))
