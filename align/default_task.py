@@ -82,7 +82,7 @@ class DefaultTaskConfig:
     fluency_prompts: int = 64  # fluency report: this many train-split prompts ...
     fluency_new_tokens: int = 24  # ... sampled to this many new tokens (top_k=0, temperature 1)
     fluency_min_new_tokens: int = 16  # end-of-text is suppressed before this many
-    num_threads: int = 0  # torch threads during the build; 0: all cores available (not in the cache key)
+    num_threads: int = 0  # torch threads during the build; 0: auto_threads() (not in the cache key)
 
     def __post_init__(self):
         require(self.cache_dir is None or bool(self.cache_dir), "cache_dir", "null or a non-empty path",
@@ -197,10 +197,21 @@ def ensure_default_task(cfg: DefaultTaskConfig | None = None, progress: bool = T
         return build_default_task(cfg, root, progress)
 
 
+def auto_threads() -> int:
+    """All available cores, less those other processes keep busy (1-minute load average, minus our own).
+
+    OpenMP threads spin-wait for each other: on a 2-core machine that other jobs kept busy, a training
+    step took 3 s with 2 threads against 0.55 s with 1 (0.32 s with 2 when idle).
+    """
+    cores = len(os.sched_getaffinity(0))
+    others = max(0.0, os.getloadavg()[0] - 1.0)
+    return max(1, min(cores, round(cores - others)))
+
+
 @contextmanager
 def _threads(n: int) -> Iterator[int]:
     before = torch.get_num_threads()
-    n = n or len(os.sched_getaffinity(0))
+    n = n or auto_threads()
     torch.set_num_threads(n)
     try:
         yield n
@@ -277,6 +288,9 @@ def _build(cfg: DefaultTaskConfig, out: Path, progress: bool, n_threads: int) ->
     heldout_loss = heldout_loss_per_token(model, held, cfg.n_positions)
     logger.info("default task: held-out loss %.3f nats/token (train %.3f; uniform would be %.2f)",
                 heldout_loss, train_loss, math.log(len(tok)))
+    with torch.no_grad():  # a fingerprint of the in-memory model, to compare a reloaded one against
+        probe_ids = tok(heldout[0])["input_ids"]
+        probe_logits = model(input_ids=torch.tensor([probe_ids])).logits[0, :, :16].tolist()
     t = lap("heldout_eval", t)
 
     fl_prompts = prompts["train"][: cfg.fluency_prompts]
@@ -319,6 +333,7 @@ def _build(cfg: DefaultTaskConfig, out: Path, progress: bool, n_threads: int) ->
         "heldout_tokens": len(held),
         "num_prompts": {s: len(p) for s, p in prompts.items()},
         "examples": [{"prompt": p, "completion": c} for p, c in zip(fl_prompts[:5], samples[:5])],
+        "probe": {"text": heldout[0], "input_ids": probe_ids, "logits": probe_logits},  # logits[:, :16]
         "threads": n_threads,
         "timings_s": timings,
         "build_seconds": round(time.perf_counter() - t0, 1),

@@ -142,7 +142,8 @@ def bench_cell(model, shape: ModelShape, prompt_len: int, n: int, cfg: BenchSamp
     """One grid cell: warm up and time every method; returns a table row."""
     P, T = cfg.num_prompts, cfg.max_new_tokens
     g = torch.Generator().manual_seed(cfg.seed + prompt_len)
-    input_ids = torch.randint(0, shape.vocab_size, (P, prompt_len), generator=g).to(device)  # (P, L)
+    # Ids from 1: HF generate drops an all-ones mask at prefill, and GPT-2 then warns about pad id 0.
+    input_ids = torch.randint(1, shape.vocab_size, (P, prompt_len), generator=g).to(device)  # (P, L)
     attention_mask = torch.ones_like(input_ids)
     row = {"model": shape.name, "prompt_len": prompt_len, "n": n, "prompts": P, "new_tokens": P * n * T}
     fs = samplers(model, input_ids, attention_mask, n, cfg.seed)
