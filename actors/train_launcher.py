@@ -28,11 +28,24 @@ def read_history(output_dir: str | Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def check_resources(train: TrainConfig) -> None:
+    """Fail fast, naming the knob, when the worker group cannot be placed (Ray Train would wait)."""
+    import ray
+
+    from align.config import ConfigError
+
+    w, have = train.workers, ray.cluster_resources()
+    for res, per_worker in (("CPU", w.cpus_per_worker), ("GPU", 1.0 if w.use_gpu else 0.0)):
+        if w.num_workers * per_worker > have.get(res, 0):
+            raise ConfigError("train.workers.num_workers", f"num_workers x {per_worker:g} {res} <= the cluster's "
+                              f"{have.get(res, 0):g} {res}s", w.num_workers)
+
+
 def launch_training(objective: str, objective_params: dict, model_path: str, data_path: str,
                     train: TrainConfig, output_dir: str | Path, lora: dict | None = None) -> dict:
     """Run the training worker group to completion (or resume it); returns the last logged metrics."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actors.trainer import train_worker
@@ -51,11 +64,12 @@ def launch_training(objective: str, objective_params: dict, model_path: str, dat
             storage_path=str(Path(train.run.storage_path).resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=train.run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=train.run.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # our own per-step lines say what happens
         ),
     )
     log.info("training %s on %d worker(s), ZeRO-%d, run %r in %s", objective, w.num_workers,
              train.deepspeed.zero_stage, train.run.name, train.run.storage_path)
-    assert ray.is_initialized()
+    check_resources(train)
     trainer.fit()
     history = read_history(output_dir)
     return history[-1] if history else {}

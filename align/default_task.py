@@ -12,7 +12,7 @@ is room to steer). Everything lands in `<cache>/default_task-<config hash>/`:
     prompts/{train,validation,test}.jsonl   {"prompt": ...} per line, for datasets.load_dataset("json")
     heldout.txt             held-out reviews, one a line (the held-out loss is measured on these)
     words.txt               corpus vocabulary (see align.corpus.words), one a line
-    report.json, config.json
+    report.json, config.json, probe.json (the built model's logits on one text, to check a reload)
 
 The tokenizer has one special token, "<|endoftext|>", which is bos, eos and pad; training text is
 `<|endoftext|>review<|endoftext|>review...`, and the tokenizer PREPENDS it to every encoded text (a
@@ -25,7 +25,6 @@ lock), so a killed build never leaves a half-done task and concurrent callers bu
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -50,27 +49,27 @@ from align.corpus import fluency, generate_reviews, words
 logger = logging.getLogger(__name__)
 
 # Bump when a code change alters what a build produces: it is part of the cache key.
-BUILD_VERSION = 1
+BUILD_VERSION = 3
 SPLITS = ("train", "validation", "test")
 EOT = "<|endoftext|>"
 
 
 @dataclass
 class DefaultTaskConfig:
-    """Every knob of the default-task build (YAML: configs/default_task.yaml)."""
+    """Every knob of the default-task build (YAML: configs/build_task.yaml)."""
 
     cache_dir: str | None = None  # None: $SWEETSPOT_CACHE, else <repo>/.sweetspot_cache
     seed: int = 0  # corpus, tokenizer, init, data order and sampling all derive from it
     num_sentences: int = 100_000  # pretraining corpus size, in generated sentences
     heldout_sentences: int = 4_000  # separately generated; source of the held-out loss and of the prompts
     vocab_size: int = 1024  # byte-level BPE vocabulary, including the one special token
-    n_layer: int = 5
+    n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
     n_positions: int = 128  # context length; pretraining packs reviews into blocks of this many tokens
-    train_steps: int = 300  # pretraining budget in optimizer steps (not wall clock: reproducible)
-    batch_size: int = 32  # blocks per step
-    lr: float = 3e-3  # AdamW peak learning rate
+    train_steps: int = 400  # pretraining budget in optimizer steps (not wall clock: reproducible)
+    batch_size: int = 16  # blocks per step
+    lr: float = 4e-3  # AdamW peak learning rate (8e-3 trained markedly slower)
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup: int = 20  # linear warm-up steps
     weight_decay: float = 0.01  # on matrices only
@@ -82,7 +81,9 @@ class DefaultTaskConfig:
     fluency_prompts: int = 64  # fluency report: this many train-split prompts ...
     fluency_new_tokens: int = 24  # ... sampled to this many new tokens (top_k=0, temperature 1)
     fluency_min_new_tokens: int = 16  # end-of-text is suppressed before this many
-    num_threads: int = 0  # torch threads during the build; 0: auto_threads() (not in the cache key)
+    # Torch threads during the build; 0: auto_threads(). Not in the cache key: a build is bit-identical
+    # at a fixed thread count, and other counts change only float rounding (same loss and fluency).
+    num_threads: int = 0
 
     def __post_init__(self):
         require(self.cache_dir is None or bool(self.cache_dir), "cache_dir", "null or a non-empty path",
@@ -97,6 +98,9 @@ class DefaultTaskConfig:
         require(self.n_embd >= 8 and self.n_embd % self.n_head == 0, "n_embd",
                 f"an integer >= 8 divisible by n_head={self.n_head}", self.n_embd)
         require(16 <= self.n_positions <= 4096, "n_positions", "an integer in [16, 4096]", self.n_positions)
+        require(self.n_positions >= self.fluency_new_tokens + 16, "n_positions",
+                f"room for a prompt and fluency_new_tokens={self.fluency_new_tokens} (>= that + 16)",
+                self.n_positions)
         require(self.train_steps >= 1, "train_steps", "an integer >= 1", self.train_steps)
         require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         require(0 < self.lr <= 1, "lr", "a number in (0, 1]", self.lr)
@@ -119,10 +123,15 @@ class DefaultTaskConfig:
 
     @classmethod
     def small(cls, **overrides) -> "DefaultTaskConfig":
-        """A reduced build for tests: ~25 s on 2 cores, held-out loss < 1.6 nats/token, fluency >= 0.95."""
-        kw = dict(num_sentences=20_000, heldout_sentences=1_500, vocab_size=512, n_layer=2, n_embd=96,
-                  n_head=4, n_positions=64, train_steps=150, batch_size=32, lr=4e-3, warmup=10,
-                  train_prompts=60, validation_prompts=20, test_prompts=20, fluency_prompts=48)
+        """A reduced build for tests: 2 layers x 128, 300 steps of 24 x 64 tokens, about 30 s on one thread.
+
+        Its bars, checked in tests/test_default_task.py: held-out loss < 1.6 nats/token (it measured
+        1.41; uniform is 6.93) and fluency >= 0.95 (measured 0.985; random weights 0.26). One thread,
+        because tests share the machine: at load 3-5 on 2 cores, 2 OpenMP threads ran 3-5x slower than 1.
+        """
+        kw = dict(num_sentences=30_000, heldout_sentences=1_500, n_layer=2, n_embd=128, n_head=4,
+                  n_positions=64, train_steps=300, batch_size=24, lr=4e-3, warmup=20,
+                  train_prompts=60, validation_prompts=20, test_prompts=20, fluency_prompts=48, num_threads=1)
         kw.update(overrides)
         return cls(**kw)
 
@@ -193,19 +202,22 @@ def ensure_default_task(cfg: DefaultTaskConfig | None = None, progress: bool = T
         if (root / "report.json").is_file():
             logger.info("default task: reusing build at %s (finished by another process)", root)
             return DefaultTask.load(root, reused=True)
+        for stale in base.glob(f".{root.name}.tmp-*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         logger.info("default task: no build at %s; building (takes a few minutes once)", root)
         return build_default_task(cfg, root, progress)
 
 
 def auto_threads() -> int:
-    """All available cores, less those other processes keep busy (1-minute load average, minus our own).
+    """All available cores, less the 1-minute load average in excess of cores - 1.
 
-    OpenMP threads spin-wait for each other: on a 2-core machine that other jobs kept busy, a training
-    step took 3 s with 2 threads against 0.55 s with 1 (0.32 s with 2 when idle).
+    OpenMP threads spin-wait for each other, so an oversubscribed machine punishes extra threads: on 2
+    cores at load 4-5 a training step took 3 s with 2 threads against 0.55 s with 1; at load 1.5 the
+    full build took 60 s with 2 threads against 91-96 s with 1.
     """
     cores = len(os.sched_getaffinity(0))
-    others = max(0.0, os.getloadavg()[0] - 1.0)
-    return max(1, min(cores, round(cores - others)))
+    excess = math.floor(max(0.0, os.getloadavg()[0] - cores + 1))
+    return max(1, min(cores, cores - excess))
 
 
 @contextmanager
@@ -232,7 +244,8 @@ def build_default_task(cfg: DefaultTaskConfig, root: str | Path, progress: bool 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        with _threads(cfg.num_threads) as n_threads:
+        # fork_rng: the build seeds torch's global RNG; the caller's random state is left as it was.
+        with _threads(cfg.num_threads) as n_threads, torch.random.fork_rng(devices=[]):
             report = _build(cfg, tmp, progress, n_threads)
         os.rename(tmp, root)
     except BaseException:
@@ -244,6 +257,7 @@ def build_default_task(cfg: DefaultTaskConfig, root: str | Path, progress: bool 
 
 def _build(cfg: DefaultTaskConfig, out: Path, progress: bool, n_threads: int) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -303,6 +317,9 @@ def _build(cfg: DefaultTaskConfig, out: Path, progress: bool, n_threads: int) ->
                                         cfg.fluency_min_new_tokens, seed=_seed(cfg, "sample"), progress=progress)
     flu, flu_random = fluency(samples, vocab_set), fluency(random_samples, vocab_set)
     logger.info("default task: fluency of pi_0 samples %.3f (random weights %.3f)", flu, flu_random)
+    vader = SentimentIntensityAnalyzer()
+    gold_heldout = [vader.polarity_scores(r)["compound"] for r in heldout]
+    gold_pi0 = [vader.polarity_scores(c)["compound"] for c in samples]
     t = lap("fluency", t)
 
     policy = out / "policy"
@@ -315,6 +332,8 @@ def _build(cfg: DefaultTaskConfig, out: Path, progress: bool, n_threads: int) ->
     (out / "heldout.txt").write_text("\n".join(heldout) + "\n")
     (out / "words.txt").write_text("\n".join(vocab) + "\n")
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    # logits[:, :16] of the in-memory model on the first held-out review, to check a reloaded model against.
+    (out / "probe.json").write_text(json.dumps({"text": heldout[0], "input_ids": probe_ids, "logits": probe_logits}))
     lap("save", t)
 
     report = {
@@ -332,8 +351,12 @@ def _build(cfg: DefaultTaskConfig, out: Path, progress: bool, n_threads: int) ->
         "heldout_reviews": len(heldout),
         "heldout_tokens": len(held),
         "num_prompts": {s: len(p) for s, p in prompts.items()},
+        # Gold reward (VADER compound): held-out reviews and the pi_0 completions sampled above.
+        "heldout_compound": {"mean": round(sum(gold_heldout) / len(gold_heldout), 4),
+                             "positive_share": round(sum(c > 0.05 for c in gold_heldout) / len(gold_heldout), 4),
+                             "negative_share": round(sum(c < -0.05 for c in gold_heldout) / len(gold_heldout), 4)},
+        "pi0_compound_mean": round(sum(gold_pi0) / len(gold_pi0), 4),
         "examples": [{"prompt": p, "completion": c} for p, c in zip(fl_prompts[:5], samples[:5])],
-        "probe": {"text": heldout[0], "input_ids": probe_ids, "logits": probe_logits},  # logits[:, :16]
         "threads": n_threads,
         "timings_s": timings,
         "build_seconds": round(time.perf_counter() - t0, 1),

@@ -43,7 +43,7 @@ class RewardConfig:
     kind: Literal["vader", "classifier"] = "vader"
     path: str | None = None  # the classifier's HF name or directory (kind: classifier)
     device: str = "auto"
-    num_cpus: float = 0.5
+    num_cpus: float = 0  # logical CPUs reserved for the scorer actor (0: shares the generators' cores)
 
     def __post_init__(self):
         require(self.kind != "classifier" or bool(self.path), "path", "a reward-model path when kind is 'classifier'", self.path)
@@ -159,6 +159,19 @@ def print_report(metrics: dict, samples, chosen: list[int], n: int, k: int) -> N
         print(f"    pi_0 ({s.rewards[n]:+.3f}): {s.completions[n]!r}")
 
 
+def check_resources(cfg: BonConfig) -> None:
+    """Fail fast, naming the knob, when the pool and scorer cannot all be placed (Ray would wait forever)."""
+    import ray
+
+    have = ray.cluster_resources()
+    for res, per_actor, scorer, knob in (("CPU", cfg.pool.num_cpus_per_actor, cfg.reward.num_cpus, "pool.num_cpus_per_actor"),
+                                          ("GPU", cfg.pool.num_gpus_per_actor, 0, "pool.num_gpus_per_actor")):
+        need = cfg.pool.num_actors * per_actor + scorer
+        if need > have.get(res, 0):
+            raise ConfigError("pool.num_actors", f"num_actors * {knob} + reward.num_cpus <= the cluster's {have.get(res, 0):g} {res}s",
+                              f"{cfg.pool.num_actors} x {per_actor:g} + {scorer:g}")
+
+
 def run(cfg: BonConfig) -> dict:
     """Run BoN over the prompt set; returns the metrics dict (also written to metrics.json)."""
     import ray
@@ -189,6 +202,7 @@ def run(cfg: BonConfig) -> dict:
         ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     n = cfg.sampling.n
     try:
+        check_resources(cfg)
         log.info("starting %d generator actors on %s and one %s scorer", cfg.pool.num_actors, model_path, cfg.reward.kind)
         pool = GeneratorPool(model_path, cfg.pool.num_actors, cfg.pool.num_cpus_per_actor, cfg.pool.num_gpus_per_actor, cfg.model.device, cfg.model.dtype)
         scorer = ray.remote(num_cpus=cfg.reward.num_cpus)(RewardScorer).remote(cfg.reward.kind, cfg.reward.path, cfg.reward.device)

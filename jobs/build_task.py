@@ -1,7 +1,7 @@
 """Build (or find) the embedded default task and print what pi_0 is: loss, fluency, size, place.
 
-    python -m jobs.build_task --config configs/default_task.yaml              # one machine
-    python -m jobs.build_task --config configs/default_task.yaml train_steps=600 cache_dir=/tmp/tasks
+    python -m jobs.build_task --config configs/build_task.yaml              # one machine
+    python -m jobs.build_task --config configs/build_task.yaml train_steps=600 cache_dir=/tmp/tasks
 
 Other jobs build the task on first use anyway (model.path: default); this job does it up front, e.g.
 once in CI or before a cluster run (then set SWEETSPOT_CACHE to a shared directory). A finished build
@@ -31,6 +31,10 @@ def print_summary(r: dict) -> None:
         ("build time", f"{r['build_seconds']:.1f} s on {r['threads']} threads "
                        + " ".join(f"{k}={v}" for k, v in r["timings_s"].items())),
         ("prompts", ", ".join(f"{k} {v}" for k, v in r["num_prompts"].items())),
+        ("gold reward (VADER compound)", f"held-out reviews {r['heldout_compound']['mean']:+.3f} "
+                                         f"({r['heldout_compound']['positive_share']:.0%} positive, "
+                                         f"{r['heldout_compound']['negative_share']:.0%} negative); "
+                                         f"pi_0 samples {r['pi0_compound_mean']:+.3f}"),
     ]
     width = max(len(a) for a, _ in rows)
     print("\n" + "\n".join(f"  {a:<{width}}  {b}" for a, b in rows))

@@ -19,7 +19,7 @@ def test_bon_job_end_to_end(ray_session, tiny_lm_dir, tmp_path):
     prompts = ["the movie was", "a good film", "the plot", "the music is", "the cast", "a bad"]
     cfg = load_config(BonConfig, "configs/bon.yaml", [
         f"model.path={tiny_lm_dir}", f"prompts.source={prompt_file(tmp_path, prompts)}", "prompts.column=text",
-        "sampling.n=4", "sampling.max_new_tokens=6", "sampling.min_new_tokens=6", "pool.num_actors=2",
+        "prompts.repeats=1", "sampling.n=4", "sampling.max_new_tokens=6", "sampling.min_new_tokens=6", "pool.num_actors=2",
         "pool.batch_size=2", f"output_dir={tmp_path / 'out'}",
     ])
     metrics = run(cfg)
@@ -73,3 +73,12 @@ def test_empty_prompt_set_stops_before_work(tmp_path, tiny_lm_dir):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="--config"):
         load_config(BonConfig, "configs/no_such.yaml")
+
+
+@pytest.mark.ray
+def test_pool_larger_than_the_cluster_is_a_config_error(ray_session, tiny_lm_dir, tmp_path):
+    cfg = load_config(BonConfig, None, [f"model.path={tiny_lm_dir}", f"prompts.source={prompt_file(tmp_path, ['a b'])}",
+                                        "prompts.column=text", "pool.num_actors=64", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match="pool.num_actors.*cluster"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()

@@ -26,7 +26,7 @@ def bon_over(model_dir, small_task, tmp_path, *extra):
     from jobs.bon import BonConfig, run
 
     return run(load_config(BonConfig, "configs/bon.yaml", [
-        f"model.path={model_dir}", f"prompts.source={small_task.root / 'prompts'}", "prompts.limit=4",
+        f"model.path={model_dir}", f"prompts.source={small_task.root / 'prompts'}", "prompts.limit=4", "prompts.repeats=1",
         "sampling.n=2", "sampling.max_new_tokens=8", "sampling.min_new_tokens=8", "pool.num_actors=1",
         f"output_dir={tmp_path}", *extra]))
 
@@ -107,3 +107,14 @@ def test_missing_pair_columns_and_source(tmp_path):
         run(load_config(DpoJobConfig, "configs/train_dpo.yaml", [f"data.source={bad}", f"output_dir={tmp_path / 'o'}"]))
     with pytest.raises(ConfigError, match="data.source"):
         run(load_config(DpoJobConfig, "configs/train_dpo.yaml", [f"data.source={tmp_path / 'nope'}", f"output_dir={tmp_path / 'o'}"]))
+
+
+def test_worker_group_larger_than_the_cluster_is_a_config_error(ray_session, tmp_path, tiny_lm_dir):
+    from jobs.train_dpo import DpoJobConfig, run
+
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}) + "\n")
+    cfg = load_config(DpoJobConfig, "configs/train_dpo.yaml", [f"model={tiny_lm_dir}", f"data.source={pairs}",
+                      f"output_dir={tmp_path / 'o'}", "train.workers.num_workers=64", "train.batch_size=64"])
+    with pytest.raises(ConfigError, match="train.workers.num_workers"):
+        run(cfg)

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over regularization strengths (function trainables call the same jobs.X.run(cfg)); built in later issues."""
