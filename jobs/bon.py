@@ -140,7 +140,7 @@ def summarize(samples, n: int, seconds: float, new_tokens: int, vocabulary: set[
     return metrics, chosen.tolist()
 
 
-def print_report(metrics: dict, samples, chosen: list[int], n: int, k: int) -> None:
+def print_report(metrics: dict, samples, chosen: list[int], n: int, k: int, stride: int = 1) -> None:
     rows = [
         ("prompts x samples", f"{metrics['prompts']} x {n + 1}"),
         (f"win rate BoN(n={n}) vs pi_0", f"{metrics['win_rate_bon_vs_pi0']:.3f}  (closed form n/(n+1) = {metrics['win_rate_closed_form']:.3f}, no ties)"),
@@ -153,7 +153,7 @@ def print_report(metrics: dict, samples, chosen: list[int], n: int, k: int) -> N
     rows.append(("throughput", f"{metrics['tokens_per_s']:.0f} new tokens/s ({metrics['new_tokens']} in {metrics['sampling_seconds']:.1f} s)"))
     width = max(len(r[0]) for r in rows)
     print("\n" + "\n".join(f"  {a:<{width}}  {b}" for a, b in rows))
-    for s, c in list(zip(samples, chosen))[:k]:
+    for s, c in list(zip(samples, chosen))[::stride][:k]:  # stride: one example per distinct prompt
         print(f"\n  prompt: {s.prompt!r}")
         print(f"    BoN  ({s.rewards[c]:+.3f}): {s.completions[c]!r}")
         print(f"    pi_0 ({s.rewards[n]:+.3f}): {s.completions[n]!r}")
@@ -231,7 +231,7 @@ def run(cfg: BonConfig) -> dict:
     write_atomic(out / "samples.jsonl", "\n".join(lines) + "\n")
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    print_report(metrics, samples, chosen, n, cfg.num_examples)
+    print_report(metrics, samples, chosen, n, cfg.num_examples, stride=cfg.prompts.repeats)
     print(f"\n  wrote {out / 'samples.jsonl'}")
     return metrics
 
