@@ -44,7 +44,6 @@ def check_resources(train: TrainConfig) -> None:
 def launch_training(objective: str, objective_params: dict, model_path: str, data_path: str,
                     train: TrainConfig, output_dir: str | Path, lora: dict | None = None) -> dict:
     """Run the training worker group to completion (or resume it); returns the last logged metrics."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -117,9 +117,7 @@ def sample_n(
 @torch.no_grad()
 def sample_n_repeated(model, input_ids, attention_mask, n, **kwargs) -> Samples:
     """The naive baseline: repeat every prompt n times and prefill P*n rows (for tests and benchmarks)."""
-    return sample_n(
-        model, input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0), 1, **kwargs
-    ) if n > 1 else sample_n(model, input_ids, attention_mask, 1, **kwargs)
+    return sample_n(model, input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0), 1, **kwargs)
 
 
 @torch.no_grad()

@@ -63,8 +63,6 @@ def test_config_errors_name_the_field(override, field, allowed):
 def test_empty_prompt_set_stops_before_work(tmp_path, tiny_lm_dir):
     cfg = load_config(BonConfig, None, [f"model.path={tiny_lm_dir}", f"prompts.source={prompt_file(tmp_path, [])}",
                                         f"output_dir={tmp_path / 'out'}"])
-    import ray
-
     with pytest.raises(ConfigError, match="prompts.source.*non-empty"):
         run(cfg)
     assert not (tmp_path / "out").exists()

@@ -1,5 +1,4 @@
 """The shared-prefill sampler: same draws as the repeated-prompt path, exact sequence distribution."""
-import itertools
 import math
 
 import pytest
