@@ -1,9 +1,12 @@
 """Generators: a `Generator` owns one causal LM on one device and samples n completions per prompt
-from one shared prefill; a `GeneratorPool` launches a group of them as Ray actors and spreads prompt
-batches over them, returning results in prompt order.
+from one shared prefill; a `GeneratorPool` runs a group of them as Ray actors, replaces any that die
+and reruns their lost batches.
 
-Reproducibility: every batch gets its own seed derived from (seed, batch index), so the samples do not
-depend on which actor ran which batch or on how many actors there are (for a fixed batch_size).
+Every sample keeps its token ids (prompt ids as fed, completion ids as drawn, end-of-sequence
+included when drawn) and its log-prob under the sampling process; text is decoded for people and
+text-based rewards. Reproducibility: every batch gets its own seed derived from (seed, batch index),
+so samples do not depend on which actor ran a batch, on how many actors there are, or on whether a
+batch was rerun after an actor died (for a fixed batch_size).
 """
 from __future__ import annotations
 
@@ -24,22 +27,31 @@ class PromptSamples:
     """The n completions drawn for one prompt."""
 
     prompt: str
-    completions: list[str]
-    num_tokens: list[int]
-    logprobs: list[float]  # log pi(y|x) of each completion under the generator's model
+    prompt_ids: list[int]  # the prompt's tokens as fed to the model (special tokens included, no padding)
+    completions: list[str]  # decoded without special tokens
+    completion_ids: list[list[int]]  # the tokens drawn, end-of-sequence included when drawn
+    logprobs: list[float]  # log-prob of each completion under the sampling process that drew it
+    tokenizer: str = ""  # fingerprint of the tokenizer the ids belong to (align.models.tokenizer_fingerprint)
     rewards: list[float] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> list[int]:
+        return [len(c) for c in self.completion_ids]
 
 
 class Generator:
     """Owns a causal LM and its tokenizer on one device; `sample` draws n completions per prompt."""
 
-    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", num_threads: int | None = None):
-        from align.models import load_causal_lm
+    def __init__(self, model_path, device: str = "auto", dtype: str = "auto", num_threads: int | None = None):
+        """model_path: an HF name, a directory, or an actors.cluster.ShippedDir (unpacked on this node)."""
+        from actors.cluster import local_dir
+        from align.models import load_causal_lm, tokenizer_fingerprint
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.model, self.tokenizer = load_causal_lm(model_path, device=device, dtype=dtype)
+        self.model, self.tokenizer = load_causal_lm(local_dir(model_path), device=device, dtype=dtype)
         self.device = next(self.model.parameters()).device
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
     def sample(
         self,
@@ -70,18 +82,21 @@ class Generator:
             pad_token_id=self.tokenizer.pad_token_id,
             generator=gen,
         )
-        texts = self.tokenizer.batch_decode(out.completion_ids(), skip_special_tokens=True)
-        lengths = out.lengths.tolist()
+        completion_ids = out.completion_ids()
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         logprobs = out.logprobs.tolist()
         samples = [
-            PromptSamples(p, texts[i * n : (i + 1) * n], lengths[i * n : (i + 1) * n], logprobs[i * n : (i + 1) * n])
+            PromptSamples(p, ids[i][mask[i].bool()].tolist(), texts[i * n : (i + 1) * n],
+                          completion_ids[i * n : (i + 1) * n], logprobs[i * n : (i + 1) * n], self.fingerprint)
             for i, p in enumerate(prompts)
         ]
-        return {"samples": samples, "seconds": time.perf_counter() - start, "new_tokens": int(sum(lengths))}
+        new_tokens = int(out.lengths.sum())
+        return {"samples": samples, "seconds": time.perf_counter() - start, "new_tokens": new_tokens}
 
 
 class GeneratorPool:
-    """A group of `Generator` Ray actors (one model copy each) sampling prompt batches in parallel."""
+    """A group of `Generator` Ray actors (one model copy each) sampling prompt batches in parallel.
+    A generator that dies is replaced and its batch drawn again with the same seed."""
 
     def __init__(
         self,
@@ -91,41 +106,41 @@ class GeneratorPool:
         num_gpus_per_actor: float = 0,
         device: str = "auto",
         dtype: str = "auto",
+        max_retries: int = 3,
     ):
-        import ray
+        from actors.cluster import ship_dir
+        from actors.resilient import ResilientActors
 
         threads = max(1, int(num_cpus_per_actor))
-        remote_cls = ray.remote(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)(Generator)
-        self.actors = [remote_cls.remote(model_path, device, dtype, threads) for _ in range(num_actors)]
+        # A local model directory travels through the object store: actors on any node can load it.
+        self.group = ResilientActors(Generator, num_actors, (ship_dir(model_path), device, dtype, threads),
+                                     options={"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor},
+                                     max_retries=max_retries, name="Generator")
 
-    def sample(
-        self,
-        prompts: list[str],
-        n: int,
-        max_new_tokens: int,
-        batch_size: int = 16,
-        seed: int = 0,
-        progress: bool = True,
-        **sampling,
-    ):
-        """Yield each batch's result dict in prompt order as soon as it and its predecessors are done."""
-        from ray.util import ActorPool
+    @property
+    def actors(self) -> list:
+        return self.group.actors
+
+    def submit(self, prompts: list[str], n: int, max_new_tokens: int, batch_index: int, seed: int = 0, **sampling):
+        """Start sampling one batch (seeded by (seed, batch_index)); `self.group.get(call)` returns it."""
+        return self.group.call("sample", prompts, n, max_new_tokens, seed=batch_seed(seed, batch_index),
+                               tags={"batch": batch_index}, **sampling)
+
+    def sample(self, prompts: list[str], n: int, max_new_tokens: int, batch_size: int = 16, seed: int = 0,
+               progress: bool = True, **sampling):
+        """Yield each batch's result dict in prompt order; at most two batches per actor in flight."""
         from tqdm.auto import tqdm
 
         batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-        pool = ActorPool(self.actors)
-        results = pool.map(
-            lambda actor, item: actor.sample.remote(item[1], n, max_new_tokens, seed=batch_seed(seed, item[0]), **sampling),
-            list(enumerate(batches)),
-        )
+        window = 2 * len(self.actors)
+        calls = [self.submit(b, n, max_new_tokens, i, seed, **sampling) for i, b in enumerate(batches[:window])]
         with tqdm(total=len(prompts), desc=f"sampling n={n}", unit="prompt", disable=not progress) as bar:
-            for result in results:
+            for i in range(len(batches)):
+                result = self.group.get(calls[i])
+                if i + window < len(batches):
+                    calls.append(self.submit(batches[i + window], n, max_new_tokens, i + window, seed, **sampling))
                 bar.update(len(result["samples"]))
                 yield result
 
     def shutdown(self) -> None:
-        import ray
-
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
+        self.group.shutdown()

@@ -13,25 +13,22 @@ import torch
 from align import losses
 
 
-def build_causal_lm(path: str, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-
-
-def pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen logps, rejected logps, chosen lengths), each (B,), from one forward over 2B rows."""
-    logps, lengths = losses.model_sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+def pair_logps(model, batch, eos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen logps, rejected logps, chosen lengths), each (B,), from one forward over 2B rows,
+    under the sampling process the pairs were drawn with (temperature, eos blocked early)."""
+    logps, lengths = losses.model_sequence_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+        temperature=batch["temperature"], eos_token_id=eos_token_id, eos_blocked=batch["eos_blocked"])
     b = logps.shape[0] // 2
     return logps[:b], logps[b:], lengths[:b]
 
 
 @torch.no_grad()
-def reference_logps(ref_model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs: stored with the data if present, else from the live reference model."""
+def reference_logps(ref_model, batch, eos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs: precomputed ones in the batch if present, else from the live reference."""
     if "ref_chosen_logps" in batch and ref_model is None:
         return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    c, r, _ = pair_logps(ref_model, batch)
+    c, r, _ = pair_logps(ref_model, batch, eos_token_id)
     return c, r
 
 
@@ -46,16 +43,28 @@ class PreferenceObjective:
     ref_alpha: float = 0.6
     ref_tau: int = 32
     precompute_reference: bool = True
+    eos_token_id: int | None = None  # the tokenizer's; set by the trainer
 
     kind = "causal_lm"
+
+    def __post_init__(self):
+        if self.loss not in ("dpo", "ipo"):
+            raise ValueError(f"dpo.loss must be 'dpo' or 'ipo', got {self.loss!r}")
+        if self.ref_update not in ("none", "soft", "hard"):
+            raise ValueError(f"dpo.ref_update must be 'none', 'soft' or 'hard', got {self.ref_update!r}")
 
     @property
     def live_reference(self) -> bool:
         return self.ref_update != "none" or not self.precompute_reference
 
+    @property
+    def stored_reference(self) -> bool:
+        """A frozen reference whose log-probs are computed once, at step 0, and kept with the run."""
+        return not self.live_reference
+
     def __call__(self, model, ref_model, batch):
-        pc, pr, _ = pair_logps(model, batch)
-        rc, rr = reference_logps(ref_model, batch)
+        pc, pr, _ = pair_logps(model, batch, self.eos_token_id)
+        rc, rr = reference_logps(ref_model, batch, self.eos_token_id)
         fn = losses.dpo_loss if self.loss == "dpo" else losses.ipo_loss
         return fn(pc, pr, rc.to(pc.dtype), rr.to(pc.dtype), self.beta)
 
@@ -66,14 +75,16 @@ class BonbonObjective:
 
     n: int = 8
     alpha: float = 0.5
+    eos_token_id: int | None = None  # the tokenizer's; set by the trainer
 
     kind = "causal_lm"
     live_reference = False
+    stored_reference = True
     ref_update = "none"
 
     def __call__(self, model, ref_model, batch):
-        pc, pr, lengths = pair_logps(model, batch)
-        rc, rr = reference_logps(ref_model, batch)
+        pc, pr, lengths = pair_logps(model, batch, self.eos_token_id)
+        rc, rr = reference_logps(ref_model, batch, self.eos_token_id)
         return losses.bonbon_loss(pc, pr, rc.to(pc.dtype), rr.to(pc.dtype), self.n, self.alpha, best_lengths=lengths)
 
 
@@ -81,8 +92,11 @@ class BonbonObjective:
 class BradleyTerryObjective:
     """Reward model: one-logit sequence classifier trained with -log sigmoid(r_chosen - r_rejected)."""
 
+    eos_token_id: int | None = None  # unused: a reward model scores, it does not sample
+
     kind = "reward_model"
     live_reference = False
+    stored_reference = False
     ref_update = "none"
 
     def __call__(self, model, ref_model, batch):
@@ -95,4 +109,6 @@ OBJECTIVES = {"preference": PreferenceObjective, "bonbon": BonbonObjective, "bra
 
 
 def make_objective(name: str, params: dict):
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
     return OBJECTIVES[name](**params)

@@ -3,6 +3,7 @@ run (name, storage, checkpoints, failures). Algorithm knobs live in each job's o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from align.config import require
 
@@ -48,8 +49,9 @@ class WorkersConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "run"  # same name + storage_path again = resume from the last checkpoint
-    storage_path: str = "outputs/runs"
+    name: str = "run"  # same name + storage_path again = resume from the newest complete checkpoint
+    storage_path: str = "outputs/runs"  # a directory (relative: under the output root) or a storage URI
+    resume: Literal["auto", "never", "must"] = "auto"  # auto: resume if the config matches, else error
     checkpoint_every: int = 50  # steps; the last step always checkpoints
     keep_checkpoints: int = 2
     max_failures: int = 1  # worker-group restarts from the last checkpoint before giving up
@@ -74,6 +76,7 @@ class TrainConfig:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     run: RunConfig = field(default_factory=RunConfig)
     disable_dropout: bool = True  # as TRL: dropout makes policy and reference disagree at theta = theta_ref
+    save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the final model's weights (from fp32 masters)
     fail_once_at_step: int | None = None  # testing: the last rank raises once, during this (1-based) step
 
     def __post_init__(self):

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -23,7 +24,8 @@ import torch
 
 log = logging.getLogger("sweetspot.trainer")
 
-REF_FILE = "reference.safetensors"
+REF_FILE = "reference.safetensors"  # TR-DPO's moving reference weights
+REF_LOGPS_FILE = "reference_logps.safetensors"  # a frozen reference's (N, 2) log-probs, computed at step 0
 
 
 def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> torch.Tensor:
@@ -89,18 +91,37 @@ def update_reference(model, ref_model, mode: str, alpha: float, zero_stage: int)
             hard_update_(ref_model.parameters(), params)
 
 
-def full_state_dict(model, zero_stage: int) -> dict[str, torch.Tensor]:
-    """A CPU copy of every parameter and buffer, gathered under ZeRO-3 (collective: call on all ranks)."""
+def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """A CPU float32 copy of every parameter and buffer (collective: call on all ranks).
+
+    Parameters come from the optimizer's fp32 master weights where there are any (bf16/fp16 training,
+    ZeRO 1-3; `deepspeed.utils.safe_get_full_fp32_param`, which gathers ZeRO-3 partitions), never
+    from the low-precision module copy; otherwise from the module, gathered under ZeRO-3.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    model = engine.module
+    names = {id(p): k for k, p in model.named_parameters()}
+    masters = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p)
+            if full is not None:
+                masters[names[id(p)]] = full.detach().float().cpu()
     with gathered(model.parameters(), zero_stage):
-        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    for k, v in masters.items():
+        state[k] = v.view_as(state[k]) if v.numel() == state[k].numel() else v
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
 
 
-def mean_over_ranks(metrics: dict) -> dict[str, float]:
-    """Average scalar metrics over ranks (one all-reduce) so logs describe the global batch."""
+def mean_over_ranks(metrics: dict, device) -> dict[str, float]:
+    """Average scalar metrics over ranks (one all-reduce, on the engine's device: NCCL takes no CPU
+    tensors) so logs describe the global batch."""
     import torch.distributed as dist
 
     keys = sorted(metrics)
-    vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(vals)
         vals /= dist.get_world_size()
@@ -108,24 +129,74 @@ def mean_over_ranks(metrics: dict) -> dict[str, float]:
 
 
 def log_progress(output_dir: str, report: dict, total_steps: int) -> None:
-    """Rank 0: one line to stdout (forwarded by Ray) and one JSON line to train_log.jsonl."""
+    """Rank 0: one line to stdout (forwarded by Ray) and one JSON line added to train_log.jsonl."""
     shown = " ".join(f"{k} {report[k]:.4g}" for k in ("loss", "rewards/accuracies", "accuracy", "loss/sft", "loss/ipo",
                                                       "lr", "tokens_per_s") if k in report)
     print(f"[train] step {report['step']}/{total_steps} {shown}", flush=True)
+    rewrite_log(output_dir, lambda rows: rows + [report])
+
+
+def rewrite_log(output_dir: str, edit) -> None:
+    """Replace train_log.jsonl by edit(rows), through a temporary file and a rename."""
+    from align.runstate import write_atomic
+
     path = Path(output_dir) / "train_log.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(report) + "\n")
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in edit(rows)))
+
+
+@torch.no_grad()
+def reference_table(model, data, micro: int, pad_id: int, eos_id: int | None, rank: int, world: int, device) -> torch.Tensor:
+    """(N, 2) log-probs of (chosen, rejected) for every pair under `model` at step 0, the frozen
+    reference: each rank scores every world-th pair and an all-gather assembles the table, so the
+    work is spread over the workers and no model runs on the driver. Every rank runs the same number
+    of forwards (ZeRO-3 gathers parameters inside each one)."""
+    import torch.distributed as dist
+
+    from actors.objectives import pair_logps
+    from align.pairs import collate_pairs
+
+    n = len(data)
+    per_rank = -(-n // world)
+    mine = list(range(rank, n, world))
+    mine += [-1] * (per_rank - len(mine))  # padding: scored (index 0) and dropped
+    was_training = model.training
+    model.eval()
+    values = []
+    for i in range(0, per_rank, micro):
+        chunk = mine[i : i + micro]
+        batch = collate_pairs([data[max(j, 0)] for j in chunk], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        c, r, _ = pair_logps(model, batch, eos_id)
+        values.append(torch.stack([c, r], 1).float())
+    model.train(was_training)
+    local = torch.cat(values)  # (per_rank, 2)
+    index = torch.tensor(mine, device=device)
+    if world > 1:
+        gathered_v = [torch.empty_like(local) for _ in range(world)]
+        gathered_i = [torch.empty_like(index) for _ in range(world)]
+        dist.all_gather(gathered_v, local)
+        dist.all_gather(gathered_i, index)
+        local, index = torch.cat(gathered_v), torch.cat(gathered_i)
+    table = torch.empty(n, 2)
+    keep = index >= 0
+    table[index[keep].cpu()] = local[keep].cpu()
+    return table
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train `train_loop_per_worker`. config: {"objective", "objective_params", "model_path",
-    "data_path", "output_dir", "train": TrainConfig as a dict, "lora": dict | None}."""
+    """Ray Train `train_loop_per_worker`. config: {"objective", "objective_params", "model" (a path, hub
+    name or actors.cluster.ShippedDir), "data" (ObjectRef of the tokenized pairs' arrow table),
+    "output_dir", "storage_path", "train": TrainConfig as a dict, "lora": dict | None}."""
     import datasets
     import deepspeed
+    import ray
     import ray.train
+    import torch.distributed as dist
     from ray.train import Checkpoint
 
+    from actors.checkpoints import RunDir, checkpoint_name
+    from actors.cluster import local_dir
     from actors.objectives import make_objective
     from align.models import build_model_for, load_tokenizer
     from align.pairs import collate_pairs
@@ -140,16 +211,18 @@ def train_worker(config: dict) -> None:
     zero_stage = train["deepspeed"]["zero_stage"]
     torch.manual_seed(train["seed"])
 
-    tokenizer = load_tokenizer(config["model_path"])
-    model = build_model_for(objective.kind, config["model_path"], tokenizer, config.get("lora"))
+    model_path = local_dir(config["model"])
+    tokenizer = load_tokenizer(model_path)
+    objective.eos_token_id = tokenizer.eos_token_id
+    model = build_model_for(objective.kind, model_path, tokenizer, config.get("lora"))
     if train["disable_dropout"]:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
     ref_model = None
     if objective.live_reference:
-        ref_model = build_model_for(objective.kind, config["model_path"], tokenizer, None).eval().requires_grad_(False)
-    data = datasets.load_from_disk(config["data_path"])
+        ref_model = build_model_for(objective.kind, model_path, tokenizer, None).eval().requires_grad_(False)
+    data = datasets.Dataset(datasets.table.InMemoryTable(ray.get(config["data"])))
     micro = train["batch_size"] // world
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -159,25 +232,37 @@ def train_worker(config: dict) -> None:
     if ref_model is not None:
         ref_model.to(device=engine.device, dtype=torch.bfloat16 if bf16 else torch.float32)
 
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag="ds")
-            step = client["step"]
-            if ref_model is not None:
-                from safetensors.torch import load_model
-
-                load_model(ref_model, os.path.join(d, REF_FILE), device=str(engine.device))
-        log.info("rank %d resumed at step %d", rank, step)
-
     run = train["run"]
+    run_dir = RunDir(config["storage_path"], run["name"])
+    step, ref_logps = 0, None
+    newest = run_dir.newest_complete()  # not ray.train.get_checkpoint(): see actors/checkpoints.py
+    if newest:
+        step, path = newest
+        with run_dir.local_copy(path) as d:
+            _, client = engine.load_checkpoint(d, tag="ds")
+            assert client["step"] == step, (client["step"], step)
+            from safetensors.torch import load_file, load_model
+
+            if ref_model is not None:
+                load_model(ref_model, os.path.join(d, REF_FILE), device=str(engine.device))
+            if os.path.exists(os.path.join(d, REF_LOGPS_FILE)):
+                ref_logps = load_file(os.path.join(d, REF_LOGPS_FILE))["logps"]
+        log.info("rank %d resumed from %s at step %d", rank, path, step)
+    if rank == 0:  # rows of steps that will run again go, and so do checkpoints a dead rank left half-written
+        rewrite_log(config["output_dir"], lambda rows: [r for r in rows if r["step"] <= step])
+        run_dir.remove_incomplete()
+    if objective.stored_reference and ref_logps is None:
+        ref_logps = reference_table(engine.module, data, micro, tokenizer.pad_token_id, tokenizer.eos_token_id, rank,
+                                    world, engine.device)
+
     fail_at = train.get("fail_once_at_step")
     marker = Path(config["output_dir"]) / ".failed_once"
     tokens, t0 = 0, time.perf_counter()
     while step < train["steps"]:
         idx = batch_indices(step, train["batch_size"], len(data), train["seed"])[rank * micro : (rank + 1) * micro]
         batch = collate_pairs([data[int(i)] for i in idx], tokenizer.pad_token_id)
+        if ref_logps is not None:
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_logps[idx, 0], ref_logps[idx, 1]
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         if fail_at is not None and step + 1 == fail_at and rank == world - 1 and not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +282,7 @@ def train_worker(config: dict) -> None:
         if step % run["log_every"] == 0 or step % run["checkpoint_every"] == 0 or last:
             seconds = time.perf_counter() - t0
             report = mean_over_ranks({"loss": loss.item(), **{k: float(v) for k, v in metrics.items()},
-                                      "tokens_per_s": tokens / max(seconds, 1e-9)})
+                                      "tokens_per_s": tokens / max(seconds, 1e-9)}, engine.device)
             report["tokens_per_s"] *= world  # throughput of the whole group
             report.update(step=step, lr=lr)
             if rank == 0:
@@ -205,36 +290,44 @@ def train_worker(config: dict) -> None:
             if step % run["checkpoint_every"] == 0 or last:
                 with tempfile.TemporaryDirectory() as tmp:
                     engine.save_checkpoint(tmp, tag="ds", client_state={"step": step})
-                    if ref_model is not None and rank == 0:
-                        from safetensors.torch import save_model
+                    if rank == 0:
+                        from safetensors.torch import save_file, save_model
 
-                        save_model(ref_model, os.path.join(tmp, REF_FILE))
-                    ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp))
+                        if ref_model is not None:
+                            save_model(ref_model, os.path.join(tmp, REF_FILE))
+                        if ref_logps is not None:
+                            save_file({"logps": ref_logps.contiguous()}, os.path.join(tmp, REF_LOGPS_FILE))
+                    ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=checkpoint_name(step))
+                # report returns once this rank's files are stored; after the barrier, every rank's are.
+                if dist.is_initialized():
+                    dist.barrier()
+                if rank == 0:
+                    run_dir.mark_complete(step)
+                    run_dir.prune(run["keep_checkpoints"])
             else:
                 ray.train.report(report)
             tokens, t0 = 0, time.perf_counter()
 
-    state = full_state_dict(engine.module, zero_stage)
+    state = full_state_dict(engine, zero_stage)
     if rank == 0:
-        save_final_model(objective.kind, config, tokenizer, state)
+        save_final_model(objective.kind, model_path, config, tokenizer, state, train.get("save_dtype", "float32"))
 
 
-def save_final_model(kind: str, config: dict, tokenizer, state: dict) -> None:
-    """Save the trained weights in HF format (safetensors, LoRA merged) via a temp dir + rename, so the
-    generator pool and scorers load the result by path like any model."""
-    import shutil
-
+def save_final_model(kind: str, model_path: str, config: dict, tokenizer, state: dict, dtype: str) -> None:
+    """Save the trained weights in HF format (safetensors, LoRA merged, in `dtype`) via a temporary
+    directory and a swap, so the generator pool and scorers load the result by path like any model."""
     from align.models import build_model_for
+    from align.runstate import replace_dir
 
-    model = build_model_for(kind, config["model_path"], tokenizer, config.get("lora"))
+    model = build_model_for(kind, model_path, tokenizer, config.get("lora"))
     model.load_state_dict(state)
     if config.get("lora"):
         model = model.merge_and_unload()
+    model = model.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
     out = Path(config["output_dir"]) / "model"
     tmp = out.with_name(".model.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "sweetspot.json").write_text(json.dumps({"objective": config["objective"], **config["objective_params"]}))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_dir(tmp, out)

@@ -4,7 +4,7 @@ Everything here takes two 1-D tensors, ``probs`` (pi_0 over V outcomes) and ``re
 each outcome), and computes in float64 so closed-form checks hold to ~1e-12; the win rates and KLs
 that check BoN against its closed forms live here too. References: Beirami et al. 2401.01879;
 Gui, Garbacea, Veitch 2406.00832 (BoNBoN); Amini, Vieira, Cotterell 2407.06057 (variational BoN).
-See ALGORITHMS.md sections 1 and 2.
+See docs/algorithms.md, sections BoN and BoNBoN.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def bon_distribution(probs: Tensor, rewards: Tensor, n: int) -> Tensor:
 def worst_best_joint(probs: Tensor, rewards: Tensor, n: int) -> Tensor:
     """Exact joint law P(worst = i, best = j) of the extremes of n iid draws from ``probs``.
 
-    ALGORITHMS.md section 2 (the BoNBoN training pair of Gui et al. 2406.00832). With outcomes
+    docs/algorithms.md, BoNBoN (the BoNBoN training pair of Gui et al. 2406.00832). With outcomes
     sorted by reward, CDF F and F^- just below, for i < j (inclusion-exclusion on "all draws in
     [i, j]" minus those missing i or j):
         (F_j - F^-_i)^n - (F_j - F_i)^n - (F^-_j - F^-_i)^n + (F^-_j - F_i)^n,
@@ -146,7 +146,7 @@ def worst_best_joint(probs: Tensor, rewards: Tensor, n: int) -> Tensor:
 def bon_select(
     rewards: Tensor, n: int | None = None, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Index of the best of n samples per prompt (ALGORITHMS.md section 1).
+    """Index of the best of n samples per prompt (docs/algorithms.md, BoN).
 
     Args:
         rewards: (P, n) rewards, or flat (P * n,) with ``n`` given (rows are consecutive groups).
@@ -194,7 +194,7 @@ def _paired(rewards_a: Tensor, rewards_b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def win_rate(rewards_a: Tensor, rewards_b: Tensor) -> float:
-    """Paired win rate of a over b with ties counted 1/2 (ALGORITHMS.md section 9).
+    """Paired win rate of a over b with ties counted 1/2 (docs/algorithms.md, Evaluation).
 
     mean(1[a > b] + 0.5 * 1[a == b]) over elements of two equal-shape tensors. Returns a float.
     """
@@ -244,7 +244,7 @@ def kl_divergence(p: Tensor, q: Tensor) -> float:
 def expected_win_rate(p_a: Tensor, p_b: Tensor, rewards: Tensor) -> float:
     """Exact P[r(A) > r(B)] + 0.5 * P[r(A) = r(B)] for independent A ~ p_a, B ~ p_b.
 
-    The population version of ``win_rate`` (ALGORITHMS.md section 1 closed-form check). Computed by
+    The population version of ``win_rate`` (docs/algorithms.md, BoN closed forms). Computed by
     reward level in O(V log V): with per-level masses a_l, b_l and B^-_l = P_b[R < level l],
     the win rate is sum_l a_l * (B^-_l + b_l / 2).
 

@@ -23,18 +23,20 @@ def load_prompts(source: str, split: str = "test", column: str = "prompt", limit
 def _load_column(source: str, split: str, column: str) -> list[str]:
     import datasets
 
-    path = Path(source).expanduser()
+    from align.paths import resolve_input
+
+    path = resolve_input(source)
     if path.is_dir() and (path / f"{split}.jsonl").is_file():  # a folder of <split>.jsonl files
         path = path / f"{split}.jsonl"
     if path.is_file() and path.suffix in (".txt", ".jsonl"):
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        numbered = [(i + 1, line) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
         if path.suffix == ".txt":
-            return lines
-        rows = [json.loads(line) for line in lines]
-        missing = [i for i, r in enumerate(rows) if column not in r]
+            return [line for _, line in numbered]
+        rows = [(i, json.loads(line)) for i, line in numbered]
+        missing = [i for i, r in rows if column not in r]
         if missing:
-            raise ValueError(f"prompts.column: {column!r} is missing in line {missing[0] + 1} of {source}")
-        return [str(r[column]) for r in rows]
+            raise ValueError(f"prompts.column: {column!r} is missing in line {missing[0]} of {source}")
+        return [str(r[column]) for _, r in rows]
     if path.is_file():
         fmt = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
         if fmt is None:

@@ -19,7 +19,8 @@ The tokenizer has one special token, "<|endoftext|>", which is bos, eos and pad;
 template post-processor, like Llama's BOS), so a prompt is conditioned as the start of a review. Pass
 add_special_tokens=False to encode a completion on its own. Padding side is left, for generation.
 
-The cache root is `cfg.cache_dir`, else $SWEETSPOT_CACHE, else `.sweetspot_cache/` at the repo root.
+The cache root is `cfg.cache_dir`, else $SWEETSPOT_CACHE, else `.sweetspot_cache/` under the output root
+(align.paths: a submitted Ray job's outputs outlive it), else at the repo root.
 A build goes into a temporary directory next to its target and is renamed at the end (under a file
 lock), so a killed build never leaves a half-done task and concurrent callers build once.
 """
@@ -149,12 +150,16 @@ def config_hash(cfg: DefaultTaskConfig) -> str:
 
 
 def cache_root(cfg: DefaultTaskConfig) -> Path:
-    """cfg.cache_dir, else $SWEETSPOT_CACHE, else .sweetspot_cache/ at the repository root."""
+    """cfg.cache_dir, else $SWEETSPOT_CACHE, else .sweetspot_cache/ under the output root when there
+    is one (a submitted Ray job, $SWEETSPOT_ROOT: see align.paths), else at the repository root."""
+    from align.paths import output_root
+
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
     if os.environ.get("SWEETSPOT_CACHE"):
         return Path(os.environ["SWEETSPOT_CACHE"]).expanduser()
-    return Path(__file__).resolve().parents[1] / ".sweetspot_cache"
+    root = output_root()
+    return (root if root else Path(__file__).resolve().parents[1]) / ".sweetspot_cache"
 
 
 @dataclass

@@ -8,7 +8,7 @@ differentiable 0-d tensor, ``metrics`` a dict of detached 0-d tensors to log. No
 no distributed calls: the trainer gathers ZeRO-3 parameters and all-reduces metrics around these.
 An optional ``weights`` (B,) turns every mean into a weighted mean sum(w * x) / sum(w); exact
 enumeration tests use it to weight each (best, worst) pair by its probability.
-See ALGORITHMS.md sections 2, 4 and 8.
+See docs/algorithms.md: BoNBoN, DPO/IPO/TR-DPO, Bradley-Terry.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def harmonic_number(k: int) -> float:
 
 
 def bonbon_beta(n: int) -> float:
-    """beta*_n = 1 / (2 (n - 1) H_{n-1}) (Gui et al. 2406.00832, IPO-BoN; ALGORITHMS.md section 2).
+    """beta*_n = 1 / (2 (n - 1) H_{n-1}) (Gui et al. 2406.00832; docs/algorithms.md, BoNBoN).
 
     The IPO target gap 1 / (2 beta*_n) = (n - 1) H_{n-1} is E[h_bon(best) - h_bon(worst)] for
     continuous rewards. Requires n >= 2 (a single draw has no worst/best pair).
@@ -191,8 +191,8 @@ def bonbon_loss(
     """BoNBoN (Gui et al. 2406.00832): alpha * L_sft(best) + (1 - alpha) * L_ipo(best, worst).
 
     The IPO term uses beta = bonbon_beta(n), i.e. target gap (n - 1) H_{n-1}. Best and worst are
-    the highest- and lowest-reward of n samples from pi_0 for the same prompt. Note (ALGORITHMS.md
-    section 2): only alpha = 1 has pi_bon as its exact optimum; alpha < 1 moves most of the way.
+    the highest- and lowest-reward of n samples from pi_0 for the same prompt. Only alpha = 1 has
+    pi_bon as its exact optimum; alpha < 1 moves most of the way (docs/algorithms.md, BoNBoN).
 
     Args:
         policy_best_logps, policy_worst_logps, ref_best_logps, ref_worst_logps: (B,) sequence sums.
@@ -223,7 +223,7 @@ def bradley_terry_loss(
 ) -> tuple[Tensor, Metrics]:
     """Bradley-Terry reward-model loss: mean of -log sigmoid(r_c - r_r).
 
-    Ouyang et al. 2203.02155, Eq. 1 (ALGORITHMS.md section 8).
+    Ouyang et al. 2203.02155, Eq. 1 (docs/algorithms.md, Bradley-Terry).
 
     Args:
         r_chosen, r_rejected: (B,) scalar rewards of the preferred / dispreferred completions.
@@ -264,8 +264,19 @@ def hard_update_(ref_params: Iterable[Tensor], params: Iterable[Tensor]) -> None
         ref.copy_(p)
 
 
-def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+def sequence_logps(
+    logits: Tensor,
+    labels: Tensor,
+    loss_mask: Tensor,
+    temperature: Tensor | float = 1.0,
+    eos_token_id: int | None = None,
+    eos_blocked: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Sum of completion-token log-probs log pi(y | x) = sum_t log pi(y_t | y_<t, x).
+
+    pi is the sampling process the completions came from (``align.sampling.process_logits``):
+    logits / temperature, with ``eos_token_id`` at -inf where ``eos_blocked`` is True. The defaults
+    (temperature 1, nothing blocked) give the model's own distribution.
 
     The usual causal shift: logits at position t predict token t + 1, so we score labels[:, 1:]
     under logits[:, :-1] where loss_mask[:, 1:] is True (completion tokens; prompt and padding are
@@ -277,6 +288,9 @@ def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[T
         logits: (B, T, V) any float dtype.
         labels: (B, T) int64 token ids.
         loss_mask: (B, T) bool.
+        temperature: a float or (B,) per-row temperatures.
+        eos_token_id, eos_blocked: the end token and a (B, T) bool mask, in label coordinates, of the
+            tokens drawn while it was blocked (completion positions before min_new_tokens).
 
     Returns:
         logps (B,) float32 (float64 for float64 logits) and lengths (B,) int64 (scored tokens).
@@ -286,7 +300,12 @@ def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[T
             f"expected logits (B, T, V), labels and loss_mask (B, T); got {tuple(logits.shape)}, "
             f"{tuple(labels.shape)}, {tuple(loss_mask.shape)}"
         )
-    logits = logits[:, :-1]  # (B, T-1, V)
+    from align.sampling import process_logits
+
+    if torch.is_tensor(temperature):
+        temperature = temperature.to(logits.device, logits.dtype).view(-1, 1, 1)  # (B, 1, 1)
+    blocked = eos_blocked[:, 1:].bool() if eos_blocked is not None else False
+    logits = process_logits(logits[:, :-1], temperature, eos_token_id, blocked)  # (B, T-1, V)
     mask = loss_mask[:, 1:].bool()  # (B, T-1)
     targets = torch.where(mask, labels[:, 1:], 0).unsqueeze(-1)  # (B, T-1, 1); 0 is a safe index
     dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
@@ -298,15 +317,16 @@ def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> tuple[T
 
 
 def model_sequence_logps(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, **process
 ) -> tuple[Tensor, Tensor]:
     """Run a causal LM (HF-style: ``model(...).logits``) and return ``sequence_logps`` of input_ids.
 
     Args:
         input_ids, attention_mask, loss_mask: (B, T); loss_mask marks completion tokens.
+        process: temperature, eos_token_id, eos_blocked, passed to ``sequence_logps``.
 
     Returns:
         logps (B,) float32, lengths (B,) int64.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
-    return sequence_logps(logits, input_ids, loss_mask.bool() & attention_mask.bool())
+    return sequence_logps(logits, input_ids, loss_mask.bool() & attention_mask.bool(), **process)

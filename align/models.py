@@ -37,7 +37,9 @@ def model_path_problem(name_or_path: str) -> str | None:
         return "an empty path"
     if name_or_path == DEFAULT:
         return None
-    p = Path(name_or_path).expanduser()
+    from align.paths import resolve_input
+
+    p = resolve_input(name_or_path)
     if p.exists():
         return None if (p / "config.json").is_file() else f"{name_or_path!r} has no config.json"
     looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path
@@ -50,7 +52,10 @@ def resolve_model_path(name_or_path: str) -> str:
         from align.default_task import ensure_default_task
 
         return str(ensure_default_task().policy_dir)
-    return name_or_path
+    from align.paths import resolve_input
+
+    local = resolve_input(name_or_path)
+    return str(local) if local.exists() else name_or_path
 
 
 def load_tokenizer(name_or_path: str):
@@ -99,3 +104,15 @@ def build_model_for(kind: str, path: str, tokenizer, lora: dict | None = None):
 
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **lora))
     return model
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of everything that maps text to ids (vocabulary, merges, special tokens): token ids
+    saved under one fingerprint are only reused by a tokenizer with the same one."""
+    import hashlib
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    spec += json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id])
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]

@@ -1,43 +1,58 @@
 """Preference data: BoN samples -> (prompt, best, worst) pairs for BoNBoN and DPO, gold-labelled
-random pairs for reward models, tokenized into the padded tensors the trainers consume.
+random pairs for reward models, and the padded tensors the trainers consume.
 
 A pair dataset is a `datasets.Dataset` with at least the columns prompt, chosen, rejected (any
-source with those columns works); BoN pairs also carry chosen_reward, rejected_reward and n. Reference
-log-probs of a frozen reference, once computed, are stored as ref_chosen_logps / ref_rejected_logps.
+source with those columns works). Pairs made from BoN samples also carry the sampled token ids
+(prompt_ids, chosen_ids, rejected_ids, with the fingerprint of their tokenizer) and the sampling
+process (temperature, min_new_tokens): a trainer with the same tokenizer trains on exactly the tokens
+that were sampled and scored, end-of-sequence included, and takes log-probs under the same process;
+text is only re-tokenized for another tokenizer. BoN pairs also carry chosen_reward,
+rejected_reward and n.
 """
 from __future__ import annotations
 
+import logging
 import random
 
 import torch
 
+log = logging.getLogger("sweetspot.pairs")
+
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "tokenizer", "temperature", "min_new_tokens")
+
+
+def _pair(r: dict, i: int, j: int) -> dict:
+    """Sample i of record r as chosen and sample j as rejected, with their ids and process."""
+    return {"prompt": r["prompt"], "chosen": r["completions"][i], "rejected": r["completions"][j],
+            "prompt_ids": r["prompt_ids"], "chosen_ids": r["completion_ids"][i], "rejected_ids": r["completion_ids"][j],
+            "tokenizer": r["tokenizer"], "temperature": float(r["temperature"]), "min_new_tokens": int(r["min_new_tokens"]),
+            "chosen_reward": float(r["rewards"][i]), "rejected_reward": float(r["rewards"][j])}
+
+
+def _columns(pairs: list[dict], keys) -> dict[str, list]:
+    return {k: [p[k] for p in pairs] for k in keys}
 
 
 def bon_pairs(rows: list[dict], n: int | None = None) -> dict[str, list]:
-    """Best vs worst of each prompt's n samples (ALGORITHMS.md section 2). Rows whose samples all tie
-    in reward carry no preference and are dropped. `rows`: jobs/bon samples.jsonl records."""
-    out = {k: [] for k in (*PAIR_COLUMNS, "chosen_reward", "rejected_reward", "n")}
+    """Best vs worst of each prompt's n samples (docs/algorithms.md, BoNBoN). Rows whose samples all
+    tie in reward carry no preference and are dropped. `rows`: jobs/bon samples.jsonl records."""
+    pairs = []
     for r in rows:
         rewards = r["rewards"][:n] if n else r["rewards"]
         best = max(range(len(rewards)), key=lambda i: (rewards[i], -i))  # lowest index among ties
         worst = min(range(len(rewards)), key=lambda i: (rewards[i], i))
         if rewards[best] == rewards[worst]:
             continue
-        out["prompt"].append(r["prompt"])
-        out["chosen"].append(r["completions"][best])
-        out["rejected"].append(r["completions"][worst])
-        out["chosen_reward"].append(float(rewards[best]))
-        out["rejected_reward"].append(float(rewards[worst]))
-        out["n"].append(len(rewards))
-    return out
+        pairs.append({**_pair(r, best, worst), "n": len(rewards)})
+    return _columns(pairs, (*PAIR_COLUMNS, *ID_COLUMNS, "chosen_reward", "rejected_reward", "n"))
 
 
 def random_pairs(rows: list[dict], pairs_per_prompt: int = 1, seed: int = 0) -> dict[str, list]:
     """Two distinct random samples per pair, labelled by the reward (chosen = higher); ties dropped.
     These are the honest pairs for reward-model training and held-out agreement."""
     rng = random.Random(seed)
-    out = {k: [] for k in (*PAIR_COLUMNS, "chosen_reward", "rejected_reward")}
+    pairs = []
     for r in rows:
         for _ in range(pairs_per_prompt):
             i, j = rng.sample(range(len(r["rewards"])), 2)
@@ -45,12 +60,8 @@ def random_pairs(rows: list[dict], pairs_per_prompt: int = 1, seed: int = 0) -> 
                 continue
             if r["rewards"][i] < r["rewards"][j]:
                 i, j = j, i
-            out["prompt"].append(r["prompt"])
-            out["chosen"].append(r["completions"][i])
-            out["rejected"].append(r["completions"][j])
-            out["chosen_reward"].append(float(r["rewards"][i]))
-            out["rejected_reward"].append(float(r["rewards"][j]))
-    return out
+            pairs.append(_pair(r, i, j))
+    return _columns(pairs, (*PAIR_COLUMNS, *ID_COLUMNS, "chosen_reward", "rejected_reward"))
 
 
 def check_pair_columns(column_names, source: str) -> None:
@@ -59,19 +70,26 @@ def check_pair_columns(column_names, source: str) -> None:
         raise ValueError(f"data.source: {source} lacks column(s) {missing}; a pair dataset needs {list(PAIR_COLUMNS)}")
 
 
-def tokenize_pair_batch(tokenizer, prompts, chosen, rejected, max_length: int) -> dict[str, list]:
-    """Token ids of prompt + completion for both sides, with the completion's token count.
+def tokenize_pair_batch(tokenizer, batch: dict[str, list], max_length: int, fingerprint: str | None = None) -> dict[str, list]:
+    """Token ids of prompt + completion for both sides, the prompt's length, and the sampling process.
 
-    Prompt (with the tokenizer's special tokens, e.g. BOS) and completion (without) are tokenized
-    separately and concatenated so the boundary is exact (the loss mask covers completion tokens only). Sequences longer than max_length lose completion tokens
-    from the end; the prompt is kept whole.
+    When the batch carries sampled ids from a tokenizer with this `fingerprint`, those ids are used
+    as they are. Otherwise prompt (with the tokenizer's special tokens, e.g. BOS) and completion
+    (without) are tokenized separately and concatenated so the boundary is exact, and the process
+    is plain (temperature 1, nothing blocked): a foreign tokenizer's positions mean nothing here.
+    Sequences longer than max_length lose completion tokens from the end; the prompt is kept whole.
     """
-    p_ids = tokenizer(list(prompts))["input_ids"]  # with BOS where the tokenizer adds one
-    out = {}
-    for side, texts in (("chosen", chosen), ("rejected", rejected)):
-        c_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        ids = [(p + c)[: max(max_length, len(p) + 1)] for p, c in zip(p_ids, c_ids)]
-        out[f"{side}_input_ids"] = ids
+    rows = len(batch["prompt"])
+    own_ids = "chosen_ids" in batch and fingerprint is not None
+    use = [own_ids and batch["tokenizer"][i] == fingerprint for i in range(rows)]
+    p_ids = tokenizer(list(batch["prompt"]))["input_ids"]  # with BOS where the tokenizer adds one
+    p_ids = [batch["prompt_ids"][i] if use[i] else p_ids[i] for i in range(rows)]
+    out = {"temperature": [float(batch["temperature"][i]) if use[i] else 1.0 for i in range(rows)],
+           "min_new_tokens": [int(batch["min_new_tokens"][i]) if use[i] else 0 for i in range(rows)]}
+    for side in ("chosen", "rejected"):
+        c_ids = tokenizer(list(batch[side]), add_special_tokens=False)["input_ids"]
+        c_ids = [batch[f"{side}_ids"][i] if use[i] else c_ids[i] for i in range(rows)]
+        out[f"{side}_input_ids"] = [(p + c)[: max(max_length, len(p) + 1)] for p, c in zip(p_ids, c_ids)]
         out[f"{side}_prompt_len"] = [len(p) for p in p_ids]
     return out
 
@@ -95,17 +113,22 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 def pad_side(examples: list[dict], side: str, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, loss_mask) for one side ("chosen" / "rejected")."""
+    """Right-padded input_ids, attention_mask, loss_mask (completion tokens) and eos_blocked (the
+    completion tokens drawn while end-of-sequence was blocked: the first min_new_tokens) for one
+    side ("chosen" / "rejected")."""
     seqs = [e[f"{side}_input_ids"] for e in examples]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     loss = torch.zeros((len(seqs), width), dtype=torch.bool)
+    blocked = torch.zeros((len(seqs), width), dtype=torch.bool)
     for i, (s, e) in enumerate(zip(seqs, examples)):
+        start = e[f"{side}_prompt_len"]
         ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
-        loss[i, e[f"{side}_prompt_len"] : len(s)] = True
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+        loss[i, start : len(s)] = True
+        blocked[i, start : min(len(s), start + e.get("min_new_tokens", 0))] = True
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "eos_blocked": blocked}
 
 
 def collate_pairs(examples: list[dict], pad_id: int) -> dict:
@@ -117,7 +140,9 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
     def widen(t, value):
         return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
-    batch = {k: torch.cat([widen(c[k], v), widen(r[k], v)]) for k, v in (("input_ids", pad_id), ("attention_mask", 0), ("loss_mask", False))}
+    batch = {k: torch.cat([widen(c[k], v), widen(r[k], v)])
+             for k, v in (("input_ids", pad_id), ("attention_mask", 0), ("loss_mask", False), ("eos_blocked", False))}
+    batch["temperature"] = torch.tensor([e.get("temperature", 1.0) for e in examples] * 2, dtype=torch.float32)
     for k in ("ref_chosen_logps", "ref_rejected_logps"):
         if k in examples[0]:
             batch[k] = torch.tensor([e[k] for e in examples], dtype=torch.float32)

@@ -12,7 +12,12 @@ import torch
 
 
 class Reward(Protocol):
-    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor: ...
+    def __call__(self, prompts: list[str], completions: list[str], ids: list[list[int]] | None = None,
+                 tokenizer: str | None = None) -> torch.Tensor:
+        """One float64 reward per (prompt, completion). `ids` (optional): the token ids each sequence
+        was sampled as (prompt ids + completion ids), from the tokenizer with fingerprint `tokenizer`;
+        a model-based reward sharing that tokenizer scores these ids instead of re-tokenizing text."""
+        ...
 
 
 class VaderReward:
@@ -23,7 +28,7 @@ class VaderReward:
 
         self.analyzer = SentimentIntensityAnalyzer()
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str], completions: list[str], ids=None, tokenizer=None) -> torch.Tensor:
         scores = [self.analyzer.polarity_scores(c)["compound"] for c in completions]
         return torch.tensor(scores, dtype=torch.float64)
 
@@ -34,7 +39,7 @@ class SequenceClassifierReward:
     def __init__(self, name_or_path: str, device: str = "auto", batch_size: int = 32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from align.models import pick_device
+        from align.models import pick_device, tokenizer_fingerprint
 
         self.device = pick_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -44,13 +49,18 @@ class SequenceClassifierReward:
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.batch_size = batch_size
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list[str], completions: list[str], ids=None, tokenizer=None) -> torch.Tensor:
         from align.pairs import concat_token_ids, pad_right
 
-        # Prompt and completion tokenized apart and concatenated, exactly as jobs/train_rm trains.
-        seqs = concat_token_ids(self.tokenizer, prompts, completions)
+        if not completions:
+            return torch.zeros(0, dtype=torch.float64)
+        if ids is not None and tokenizer == self.fingerprint:
+            seqs = ids  # the very tokens that were sampled (end-of-sequence included), as jobs/train_rm trains
+        else:  # another tokenizer: prompt and completion tokenized apart and concatenated, as train_rm does
+            seqs = concat_token_ids(self.tokenizer, prompts, completions)
         out = []
         for i in range(0, len(seqs), self.batch_size):
             ids, attn = pad_right(seqs[i : i + self.batch_size], self.tokenizer.pad_token_id)

@@ -5,7 +5,8 @@ The naive way to draw n samples repeats every prompt n times and pays the prefil
 expanded in place to n adjacent copies per prompt (`DynamicCache.batch_repeat_interleave`), and the
 decode loop runs on P*n rows. Left padding needs explicit position ids (the cumsum of the attention
 mask) at prefill and at every step; the mask is expanded with repeat_interleave, never repeat, so the
-n copies of prompt p sit in rows p*n .. p*n+n-1 (see ../shared/STACK.md for what breaks otherwise).
+n copies of prompt p sit in rows p*n .. p*n+n-1 (.repeat would silently mix prompts; dropping the
+position ids in decode misaligns positions).
 
 Tokens are drawn by inverse CDF (cumsum, then searchsorted on one uniform per row), which is exact
 and much cheaper than torch.multinomial over a large vocabulary.
@@ -24,7 +25,7 @@ class Samples:
 
     tokens: torch.Tensor  # (P*n, T) generated ids, pad_token_id after the end
     mask: torch.Tensor  # (P*n, T) bool, True for generated tokens (eos included)
-    logprobs: torch.Tensor  # (P*n,) log pi(y|x) under the model at temperature 1, masked tokens only
+    logprobs: torch.Tensor  # (P*n,) log-prob of y under the process that drew it (see `process_logits`)
     n: int
 
     @property
@@ -33,6 +34,32 @@ class Samples:
 
     def completion_ids(self) -> list[list[int]]:
         return [row[m].tolist() for row, m in zip(self.tokens, self.mask)]
+
+
+def process_logits(logits: torch.Tensor, temperature=1.0, eos_token_id: int | None = None,
+                   eos_blocked: torch.Tensor | bool = False) -> torch.Tensor:
+    """The logits of the distribution a token is actually drawn from: logits / temperature, with the
+    end-of-sequence token at -inf where it is blocked (completion positions before min_new_tokens).
+
+    Every log-prob the project stores or compares (sampler, reference log-probs, trainers' log-ratios,
+    the KL in jobs/evaluate) goes through this one transform, so both sides of a KL or a log-ratio
+    describe the same sampling process (docs/algorithms.md, "What KL(pi || pi_0) measures").
+
+    logits: (..., V). temperature: a float or a tensor broadcastable to logits[..., :1] (e.g. (B, 1, 1)).
+    eos_blocked: a bool or a bool tensor of logits.shape[:-1]. Returns a new tensor, or `logits`
+    itself when there is nothing to change.
+    """
+    blocked = eos_token_id is not None and (eos_blocked.any().item() if torch.is_tensor(eos_blocked) else eos_blocked)
+    if not blocked and not torch.is_tensor(temperature) and temperature == 1.0:
+        return logits
+    out = logits / temperature
+    if blocked:
+        col = out[..., eos_token_id]  # a view: the in-place fill below edits `out`
+        if torch.is_tensor(eos_blocked):
+            col.masked_fill_(eos_blocked, float("-inf"))
+        else:
+            col.fill_(float("-inf"))
+    return out
 
 
 def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -62,6 +89,7 @@ def sample_n(
     Sampling is from softmax(logits / temperature) with no top-k or top-p (the BoN analysis assumes
     i.i.d. draws from pi_0 itself). eos is blocked for the first `min_new_tokens` tokens; a row that
     emits eos stops (later tokens are pad and masked out). eos_token_id=None never stops early.
+    `logprobs` are those of this process (`process_logits`), the distribution each token came from.
     """
     if n < 1 or max_new_tokens < 1 or temperature <= 0:
         raise ValueError(f"need n >= 1, max_new_tokens >= 1, temperature > 0; got {n}, {max_new_tokens}, {temperature}")
@@ -88,11 +116,9 @@ def sample_n(
     logprobs = torch.zeros(rows, dtype=torch.float32, device=device)
     alive = torch.ones(rows, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        logp = torch.log_softmax(logits, -1)  # (P*n, V) the model's own distribution
-        scaled = logits / temperature
-        if eos_token_id is not None and t < min_new_tokens:
-            scaled[:, eos_token_id] = float("-inf")
-        probs = torch.softmax(scaled - scaled.amax(-1, keepdim=True), -1)
+        scaled = process_logits(logits, temperature, eos_token_id, t < min_new_tokens)  # (P*n, V)
+        logp = torch.log_softmax(scaled, -1)  # the distribution this token is drawn from
+        probs = logp.exp()
         tok = inverse_cdf_sample(probs, generator)  # finished rows keep drawing; their tokens are dropped
         tokens[:, t] = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
         mask[:, t] = alive
@@ -121,12 +147,17 @@ def sample_n_repeated(model, input_ids, attention_mask, n, **kwargs) -> Samples:
 
 
 @torch.no_grad()
-def continuation_logprobs(model, input_ids, attention_mask, tokens, mask) -> torch.Tensor:
-    """log pi(y|x) of given continuations under `model`: prompts (B, L) left-padded, continuations
-    (B, T) with `mask` marking real tokens (as `Samples` holds them). Returns (B,)."""
+def continuation_logprobs(model, input_ids, attention_mask, tokens, mask, temperature: float = 1.0,
+                          min_new_tokens: int = 0, eos_token_id: int | None = None) -> torch.Tensor:
+    """log-prob of given continuations under `model` run as the sampling process `sample_n` runs
+    (same temperature, eos blocked at the first `min_new_tokens` positions): prompts (B, L)
+    left-padded, continuations (B, T) with `mask` marking real tokens (as `Samples` holds them).
+    Returns (B,) float32."""
     full = torch.cat([input_ids, tokens], 1)
     full_mask = torch.cat([attention_mask.long(), mask.long()], 1)
     pos = (full_mask.cumsum(-1) - 1).clamp_(min=0)
     logits = model(input_ids=full, attention_mask=full_mask, position_ids=pos).logits[:, input_ids.shape[1] - 1 : -1]
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)  # (B, T)
+    blocked = torch.arange(tokens.shape[1], device=tokens.device) < min_new_tokens  # (T,)
+    logits = process_logits(logits.float(), temperature, eos_token_id, blocked.expand(tokens.shape))
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)  # (B, T)
     return torch.where(mask, logp, 0.0).sum(-1)

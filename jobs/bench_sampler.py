@@ -9,7 +9,7 @@ random-weight models: `align.sampling.sample_n` (one prefill per prompt, cache e
 
 The three draw from the same distribution: plain softmax at temperature 1, exactly max_new_tokens
 tokens per row. HF applies top_k=50 unless top_k=0 and stops at EOS unless eos_token_id=None, so both
-are passed (and min_new_tokens=max_new_tokens) to match (see ../shared/STACK.md). Models are GPT-2s
+are passed (and min_new_tokens=max_new_tokens) to match. Models are GPT-2s
 built from GPT2Config with random weights, so nothing is downloaded; prompts are random ids of equal
 length (no padding). Each cell is warmed up once per method (a short call), then timed `repeats`
 times with time.perf_counter, the methods taking turns; the median is reported.
@@ -31,7 +31,7 @@ from typing import Callable, Literal
 import torch
 
 from align.config import parse_args, require, to_dict
-from jobs.bon import write_atomic
+from align.runstate import write_atomic
 
 log = logging.getLogger("sweetspot.bench_sampler")
 

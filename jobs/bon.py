@@ -6,19 +6,23 @@ pi_0 sample to compare against.
     python -m jobs.bon --config configs/bon.yaml sampling.n=16        # overrides: key.sub=value
     ray job submit --working-dir . -- python -m jobs.bon --config configs/bon.yaml   # a cluster
 
-Writes <output_dir>/samples.jsonl (every sample, its reward, the chosen index), metrics.json and
-config.yaml, each via a temporary file and a rename, and prints a summary table.
+Writes <output_dir>/samples.jsonl (every sample with its token ids, text, log-prob under the sampling
+process and reward, and the chosen index), metrics.json and config.yaml, each via a temporary file and
+a rename, and prints a summary table. Scored batches stream to samples.partial.jsonl first: a rerun
+of an interrupted run with the same config skips what is done (resume=auto|never|must).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 
 from align.config import ConfigError, parse_args, require, to_dict
 
@@ -102,26 +106,53 @@ class BonConfig:
     output_dir: str = "outputs/bon"
     num_examples: int = 3  # sample completions printed at the end
     ray_address: str | None = None  # null: connect to RAY_ADDRESS if set, else start a local Ray
+    resume: Literal["auto", "never", "must"] = "auto"  # reuse samples of an interrupted run with the same config
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a killed job never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+# Knobs that change where or how fast samples are drawn, not which: a run may resume under other values.
+NOT_IN_RESULT = ("output_dir", "num_examples", "ray_address", "resume", "model.device", "reward.device",
+                 "reward.num_cpus", "pool.num_actors", "pool.num_cpus_per_actor", "pool.num_gpus_per_actor")
 
 
-def summarize(samples, n: int, seconds: float, new_tokens: int, vocabulary: set[str] | None) -> dict:
-    """BoN vs pi_0 metrics from PromptSamples with n+1 scored completions each (the last is pi_0's)."""
-    from align.bon import bon_select, bon_win_rate_closed_form, tie_rate, win_rate
+def record(s, index: int, batch: int, n: int, cfg: BonConfig) -> dict:
+    """One samples.jsonl line: the n BoN samples of a prompt (token ids, text, process log-probs,
+    rewards), the chosen index, and the independent pi_0 sample drawn with them."""
+    from align.bon import bon_select
 
-    rewards = torch.tensor([s.rewards for s in samples], dtype=torch.float64)  # (P, n+1)
-    chosen = bon_select(rewards[:, :n])
-    bon_r = rewards[:, :n].gather(1, chosen[:, None]).squeeze(1)
-    base_r = rewards[:, n]
+    chosen = int(bon_select(torch.tensor([s.rewards[:n]], dtype=torch.float64))[0])
+    return {"index": index, "batch": batch, "prompt": s.prompt, "prompt_ids": s.prompt_ids,
+            "completions": s.completions[:n], "completion_ids": s.completion_ids[:n], "rewards": s.rewards[:n],
+            "logprobs": s.logprobs[:n], "chosen": chosen, "pi0_completion": s.completions[n],
+            "pi0_completion_ids": s.completion_ids[n], "pi0_reward": s.rewards[n], "pi0_logprob": s.logprobs[n],
+            "temperature": cfg.sampling.temperature,
+            "min_new_tokens": cfg.sampling.min_new_tokens if cfg.sampling.stop_at_eos else 0, "tokenizer": s.tokenizer}
+
+
+def read_records(path: Path, batch_sizes: dict[int, int]) -> dict[int, dict]:
+    """Records of complete batches in a (possibly interrupted) samples file: a torn last line and
+    batches with missing prompts are dropped, so they are drawn again."""
+    if not path.exists():
+        return {}
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the line a killed run was writing
+            break
+    per_batch: dict[int, list[dict]] = {}
+    for r in rows:
+        per_batch.setdefault(r["batch"], []).append(r)
+    return {r["index"]: r for b, rs in per_batch.items() if len(rs) == batch_sizes.get(b) for r in rs}
+
+
+def summarize(records: list[dict], n: int, seconds: float, new_tokens: int, vocabulary: set[str] | None) -> dict:
+    """BoN vs pi_0 metrics from samples.jsonl records (n scored samples plus one pi_0 sample each)."""
+    from align.bon import bon_win_rate_closed_form, tie_rate, win_rate
+
+    bon_r = torch.tensor([r["rewards"][r["chosen"]] for r in records], dtype=torch.float64)
+    base_r = torch.tensor([r["pi0_reward"] for r in records], dtype=torch.float64)
     metrics = {
-        "prompts": len(samples),
+        "prompts": len(records),
         "n": n,
         "win_rate_bon_vs_pi0": float(win_rate(bon_r, base_r)),
         "win_rate_closed_form": bon_win_rate_closed_form(n),
@@ -129,18 +160,20 @@ def summarize(samples, n: int, seconds: float, new_tokens: int, vocabulary: set[
         "mean_reward_bon": bon_r.mean().item(),
         "mean_reward_pi0": base_r.mean().item(),
         "new_tokens": new_tokens,
-        "tokens_per_s": new_tokens / max(seconds, 1e-9),
+        "tokens_per_s": new_tokens / seconds if seconds > 0 else None,
         "sampling_seconds": seconds,
     }
     if vocabulary is not None:
         from align.corpus import fluency
 
-        metrics["fluency_bon"] = fluency([s.completions[c] for s, c in zip(samples, chosen.tolist())], vocabulary)
-        metrics["fluency_pi0"] = fluency([s.completions[n] for s in samples], vocabulary)
-    return metrics, chosen.tolist()
+        metrics["fluency_bon"] = fluency([r["completions"][r["chosen"]] for r in records], vocabulary)
+        metrics["fluency_pi0"] = fluency([r["pi0_completion"] for r in records], vocabulary)
+    return metrics
 
 
-def print_report(metrics: dict, samples, chosen: list[int], n: int, k: int, stride: int = 1) -> None:
+def print_report(metrics: dict, records: list[dict], n: int, k: int, stride: int = 1) -> None:
+    speed = (f"{metrics['tokens_per_s']:.0f} new tokens/s ({metrics['new_tokens']} in {metrics['sampling_seconds']:.1f} s)"
+             if metrics["tokens_per_s"] else "n/a (every prompt reused from the previous run)")
     rows = [
         ("prompts x samples", f"{metrics['prompts']} x {n + 1}"),
         (f"win rate BoN(n={n}) vs pi_0", f"{metrics['win_rate_bon_vs_pi0']:.3f}  (closed form n/(n+1) = {metrics['win_rate_closed_form']:.3f}, no ties)"),
@@ -150,13 +183,13 @@ def print_report(metrics: dict, samples, chosen: list[int], n: int, k: int, stri
     ]
     if "fluency_bon" in metrics:
         rows.append(("fluency BoN / pi_0", f"{metrics['fluency_bon']:.3f} / {metrics['fluency_pi0']:.3f}"))
-    rows.append(("throughput", f"{metrics['tokens_per_s']:.0f} new tokens/s ({metrics['new_tokens']} in {metrics['sampling_seconds']:.1f} s)"))
+    rows.append(("throughput", speed))
     width = max(len(r[0]) for r in rows)
     print("\n" + "\n".join(f"  {a:<{width}}  {b}" for a, b in rows))
-    for s, c in list(zip(samples, chosen))[::stride][:k]:  # stride: one example per distinct prompt
-        print(f"\n  prompt: {s.prompt!r}")
-        print(f"    BoN  ({s.rewards[c]:+.3f}): {s.completions[c]!r}")
-        print(f"    pi_0 ({s.rewards[n]:+.3f}): {s.completions[n]!r}")
+    for r in records[::stride][:k]:  # stride: one example per distinct prompt
+        print(f"\n  prompt: {r['prompt']!r}")
+        print(f"    BoN  ({r['rewards'][r['chosen']]:+.3f}): {r['completions'][r['chosen']]!r}")
+        print(f"    pi_0 ({r['pi0_reward']:+.3f}): {r['pi0_completion']!r}")
 
 
 def check_resources(cfg: BonConfig) -> None:
@@ -172,20 +205,51 @@ def check_resources(cfg: BonConfig) -> None:
                               f"{cfg.pool.num_actors} x {per_actor:g} + {scorer:g}")
 
 
-def run(cfg: BonConfig) -> dict:
-    """Run BoN over the prompt set; returns the metrics dict (also written to metrics.json)."""
-    import ray
-    import yaml
+def prepare_output(cfg: BonConfig, out: Path, batch_sizes: dict[int, int]) -> dict[int, dict]:
+    """Check the output directory against this config (align.runstate), save the config, and return
+    the records a previous run of the same config already finished."""
+    from align.runstate import check_resume, drop_keys, write_atomic
 
+    final, partial, saved_cfg = out / "samples.jsonl", out / "samples.partial.jsonl", out / "config.yaml"
+    current = drop_keys(to_dict(cfg), NOT_IN_RESULT)
+    saved = drop_keys(yaml.safe_load(saved_cfg.read_text()), NOT_IN_RESULT) if saved_cfg.exists() else None
+    resume = check_resume(saved, current, cfg.resume, str(out), final.exists() or partial.exists())
+    if not resume:
+        for f in (final, partial, out / "metrics.json"):
+            f.unlink(missing_ok=True)
+    write_atomic(saved_cfg, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    done = read_records(final if final.exists() else partial, batch_sizes)
+    write_atomic(partial, "".join(json.dumps(r) + "\n" for r in sorted(done.values(), key=lambda r: r["index"])))
+    if done:
+        log.info("resuming: %d of %d prompts already sampled in %s", len(done), sum(batch_sizes.values()), out)
+    return done
+
+
+def run(cfg: BonConfig) -> dict:
+    """Run BoN over the prompt set; returns the metrics dict (also written to metrics.json).
+
+    Scored batches are appended to <output_dir>/samples.partial.jsonl as they finish; a rerun of the
+    same config skips the prompts already there. At the end samples.jsonl holds every prompt once, in
+    order, and the partial file is gone.
+    """
+    import ray
+    from tqdm.auto import tqdm
+
+    from actors.best_of_n import make_scorers, sample_and_score
+    from actors.cluster import init_ray
     from actors.generator import GeneratorPool
-    from actors.scorer import RewardScorer
     from align.data import load_prompts
     from align.models import resolve_model_path
+    from align.paths import resolve_output
+    from align.runstate import write_atomic
 
     prompts = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.column, cfg.prompts.limit)
     prompts = [p for p in prompts for _ in range(cfg.prompts.repeats)]
     if not prompts:
         raise ConfigError("prompts.source", "a non-empty prompt set", f"{cfg.prompts.source} (split {cfg.prompts.split!r}) has 0 prompts")
+    bs = cfg.pool.batch_size
+    batches = {b: prompts[i : i + bs] for b, i in enumerate(range(0, len(prompts), bs))}
+    out = resolve_output(cfg.output_dir)
     model_path = resolve_model_path(cfg.model.path)
     vocabulary = None
     if cfg.model.path == "default":
@@ -197,42 +261,48 @@ def run(cfg: BonConfig) -> dict:
         print(f"  default task pi_0: held-out loss {r['heldout_loss_per_token']:.3f} nats/token, fluency "
               f"{r['fluency']:.3f} (random weights {r['random_init_fluency']:.3f}), {task.policy_dir}")
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    n = cfg.sampling.n
+    n, seconds, new_tokens = cfg.sampling.n, 0.0, 0
+    started_ray = init_ray(cfg.ray_address)
+    pool = scorers = None
     try:
-        check_resources(cfg)
-        log.info("starting %d generator actors on %s and one %s scorer", cfg.pool.num_actors, model_path, cfg.reward.kind)
-        pool = GeneratorPool(model_path, cfg.pool.num_actors, cfg.pool.num_cpus_per_actor, cfg.pool.num_gpus_per_actor, cfg.model.device, cfg.model.dtype)
-        scorer = ray.remote(num_cpus=cfg.reward.num_cpus)(RewardScorer).remote(cfg.reward.kind, cfg.reward.path, cfg.reward.device)
-        start, new_tokens, scored = time.perf_counter(), 0, []
-        # n+1 draws: the first n for BoN, the last an independent pi_0 sample for the win rate.
-        for result in pool.sample(
-            prompts, n + 1, cfg.sampling.max_new_tokens, batch_size=cfg.pool.batch_size, seed=cfg.seed,
-            temperature=cfg.sampling.temperature, min_new_tokens=cfg.sampling.min_new_tokens, stop_at_eos=cfg.sampling.stop_at_eos,
-        ):
-            new_tokens += result["new_tokens"]
-            scored.append(scorer.score_samples.remote(result["samples"]))  # scoring overlaps sampling
-        seconds = time.perf_counter() - start
-        samples = [s for batch in ray.get(scored) for s in batch]
-        pool.shutdown()
+        check_resources(cfg)  # before anything is written
+        done = prepare_output(cfg, out, {b: len(p) for b, p in batches.items()})
+        todo = {b: p for b, p in batches.items() if b * bs not in done}
+        if todo:
+            log.info("starting %d generator actors on %s and one %s scorer", cfg.pool.num_actors, model_path, cfg.reward.kind)
+            pool = GeneratorPool(model_path, cfg.pool.num_actors, cfg.pool.num_cpus_per_actor, cfg.pool.num_gpus_per_actor,
+                                 cfg.model.device, cfg.model.dtype)
+            scorers = make_scorers(cfg.reward.kind, cfg.reward.path, cfg.reward.device, cfg.reward.num_cpus)
+            start = time.perf_counter()
+            # n+1 draws: the first n for BoN, the last an independent pi_0 sample for the win rate.
+            scored = sample_and_score(pool, scorers, todo, n + 1, cfg.sampling.max_new_tokens, cfg.seed,
+                                      temperature=cfg.sampling.temperature, min_new_tokens=cfg.sampling.min_new_tokens,
+                                      stop_at_eos=cfg.sampling.stop_at_eos)
+            with (out / "samples.partial.jsonl").open("a") as f, \
+                    tqdm(total=len(prompts), initial=len(done), desc=f"best-of-{n}", unit="prompt") as bar:
+                for b, samples, tokens in scored:
+                    rows = [record(s, b * bs + j, b, n, cfg) for j, s in enumerate(samples)]
+                    f.write("".join(json.dumps(r) + "\n" for r in rows))  # one write per batch, then to disk
+                    f.flush()
+                    os.fsync(f.fileno())
+                    done.update((r["index"], r) for r in rows)
+                    new_tokens += tokens
+                    bar.update(len(rows))
+            seconds = time.perf_counter() - start
     finally:
+        for group in (pool, scorers):
+            if group is not None:
+                group.shutdown()
         if started_ray:
             ray.shutdown()
 
-    metrics, chosen = summarize(samples, n, seconds, new_tokens, vocabulary)
-    out = Path(cfg.output_dir)
-    lines = [
-        json.dumps({"prompt": s.prompt, "completions": s.completions[:n], "rewards": s.rewards[:n], "logprobs": s.logprobs[:n],
-                    "num_tokens": s.num_tokens[:n], "chosen": c, "pi0_completion": s.completions[n], "pi0_reward": s.rewards[n]})
-        for s, c in zip(samples, chosen)
-    ]
-    write_atomic(out / "samples.jsonl", "\n".join(lines) + "\n")
+    records = [done[i] for i in range(len(prompts))]
+    metrics = summarize(records, n, seconds, new_tokens, vocabulary)
+    write_atomic(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    (out / "samples.partial.jsonl").unlink(missing_ok=True)
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
-    write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    print_report(metrics, samples, chosen, n, cfg.num_examples, stride=cfg.prompts.repeats)
-    print(f"\n  wrote {out / 'samples.jsonl'}")
+    print_report(metrics, records, n, cfg.num_examples, stride=cfg.prompts.repeats)
+    print(f"\n  wrote {out.resolve() / 'samples.jsonl'}")
     return metrics
 
 

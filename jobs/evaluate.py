@@ -1,4 +1,4 @@
-"""Evaluate a policy against pi_0 as the papers do (ALGORITHMS.md section 9): win rate of one policy
+"""Evaluate a policy against pi_0 as the papers do (docs/algorithms.md, Evaluation): win rate of one policy
 sample over one pi_0 sample under the gold reward (ties 1/2), and KL(pi || pi_0) by Monte Carlo,
 E_{y ~ pi}[log pi(y|x) - log pi_0(y|x)], with its standard error.
 
@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from align.config import parse_args, require
-from jobs.bon import PromptsConfig, RewardConfig, SamplingConfig, write_atomic
+from align.runstate import write_atomic
+from jobs.bon import PromptsConfig, RewardConfig, SamplingConfig
 
 log = logging.getLogger("sweetspot.evaluate")
 
@@ -36,24 +37,44 @@ class EvalConfig:
         require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
 
 
+def process_of(cfg: EvalConfig, tokenizer) -> dict:
+    """The sampling process both models are run as (docs/algorithms.md, "What KL(pi || pi_0) measures")."""
+    eos = tokenizer.eos_token_id if cfg.sampling.stop_at_eos else None
+    return {"temperature": cfg.sampling.temperature, "min_new_tokens": cfg.sampling.min_new_tokens if eos is not None else 0,
+            "eos_token_id": eos}
+
+
 def sample_and_score(model, tokenizer, ref_model, prompts, cfg: EvalConfig, seed: int):
-    """n samples per prompt from `model`: texts, log pi under the model and log pi_0 under ref_model."""
+    """n samples per prompt from `model`, as texts, with log pi(y|x) and log pi_0(y|x) per sample, both
+    under the same sampling process and by the same full forward (so pi = pi_0 gives exactly 0)."""
     from align.models import encode_prompts
     from align.sampling import continuation_logprobs, sample_n
 
     device = next(model.parameters()).device
+    process = process_of(cfg, tokenizer)
+    n = cfg.sampling.n
     texts, logp, logp_ref = [], [], []
     for b, i in enumerate(range(0, len(prompts), cfg.batch_size)):
         ids, mask = encode_prompts(tokenizer, prompts[i : i + cfg.batch_size], device)
-        s = sample_n(model, ids, mask, cfg.sampling.n, cfg.sampling.max_new_tokens, cfg.sampling.temperature,
-                     cfg.sampling.min_new_tokens, tokenizer.eos_token_id if cfg.sampling.stop_at_eos else None,
-                     tokenizer.pad_token_id, torch.Generator(device=device).manual_seed(seed + b))
+        s = sample_n(model, ids, mask, n, cfg.sampling.max_new_tokens, cfg.sampling.temperature,
+                     process["min_new_tokens"], process["eos_token_id"], tokenizer.pad_token_id,
+                     torch.Generator(device=device).manual_seed(seed + b))
         texts += tokenizer.batch_decode(s.completion_ids(), skip_special_tokens=True)
-        logp.append(s.logprobs.cpu())
         if ref_model is not None:
-            n = cfg.sampling.n
-            logp_ref.append(continuation_logprobs(ref_model, ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), s.tokens, s.mask).cpu())
-    return texts, torch.cat(logp), (torch.cat(logp_ref) if logp_ref else None)
+            rep_ids, rep_mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+            logp.append(continuation_logprobs(model, rep_ids, rep_mask, s.tokens, s.mask, **process).cpu())
+            logp_ref.append(continuation_logprobs(ref_model, rep_ids, rep_mask, s.tokens, s.mask, **process).cpu())
+    if ref_model is None:
+        return texts, None, None
+    return texts, torch.cat(logp), torch.cat(logp_ref)
+
+
+def clustered_mean_stderr(values: torch.Tensor, n: int) -> tuple[float, float]:
+    """Mean of P*n values (n consecutive per prompt) and its standard error clustered by prompt: the
+    n samples of a prompt are not independent, so the error is that of the P per-prompt means."""
+    per_prompt = values.double().view(-1, n).mean(1)  # (P,)
+    se = per_prompt.std().item() / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else float("nan")
+    return per_prompt.mean().item(), se
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -72,22 +93,26 @@ def run(cfg: EvalConfig) -> dict:
     pol_texts, pol_logp, pol_logp_ref = sample_and_score(policy, tok, ref, prompts, cfg, cfg.seed)
     ref_texts, _, _ = sample_and_score(ref, ref_tok, None, prompts, cfg, cfg.seed + 10_000)
     r_pol, r_ref = reward(rep, pol_texts), reward(rep, ref_texts)
-    kl = pol_logp - pol_logp_ref
+    kl, kl_se = clustered_mean_stderr(pol_logp - pol_logp_ref, cfg.sampling.n)
     metrics = {
         "samples": len(rep),
         "win_rate_vs_pi0": win_rate(r_pol, r_ref),
         "tie_rate": tie_rate(r_pol, r_ref),
         "mean_reward_policy": r_pol.mean().item(),
         "mean_reward_pi0": r_ref.mean().item(),
-        "kl_to_pi0": kl.mean().item(),
-        "kl_to_pi0_stderr": kl.std().item() / math.sqrt(len(kl)),
+        "kl_to_pi0": kl,
+        "kl_to_pi0_stderr": kl_se,
+        "process": process_of(cfg, tok),
     }
-    out = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.policy).parent
+    from align.paths import resolve_input, resolve_output
+
+    out = resolve_output(cfg.output_dir) if cfg.output_dir else resolve_input(cfg.policy).parent
     write_atomic(out / "eval_metrics.json", json.dumps(metrics, indent=2))
     print(f"\n  {cfg.policy} vs pi_0 ({cfg.reference}) on {len(prompts)} prompts x {cfg.sampling.n} samples")
     print(f"    gold win rate      {metrics['win_rate_vs_pi0']:.3f}  (ties {metrics['tie_rate']:.3f})")
     print(f"    mean gold reward   {metrics['mean_reward_policy']:+.3f} vs {metrics['mean_reward_pi0']:+.3f}")
-    print(f"    KL(pi || pi_0)     {metrics['kl_to_pi0']:.3f} +- {metrics['kl_to_pi0_stderr']:.3f} nats (Monte Carlo)")
+    print(f"    KL(pi || pi_0)     {kl:.3f} +- {kl_se:.3f} nats (Monte Carlo over the sampling process; "
+          f"standard error clustered by prompt)")
     return metrics
 
 

@@ -53,11 +53,13 @@ def run(cfg: MakePairsConfig) -> dict:
     import datasets
     import ray
 
-    out = Path(cfg.output_dir)
+    from actors.cluster import init_ray
+    from align.paths import resolve_output
+    from align.runstate import replace_dir
+
+    out = resolve_output(cfg.output_dir)
     best_worst, rand, metrics = {}, {}, {}
-    started = not ray.is_initialized()
-    if started:  # one Ray for all splits
-        ray.init(address=cfg.bon.ray_address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    started = init_ray(cfg.bon.ray_address)  # one Ray for all splits
     try:
         for split in cfg.splits:
             metrics[split], best_worst[split], rand[split] = sample_split(cfg, split, out)
@@ -68,8 +70,7 @@ def run(cfg: MakePairsConfig) -> dict:
         tmp, target = out / f".{name}.tmp", out / name
         shutil.rmtree(tmp, ignore_errors=True)
         datasets.DatasetDict(parts).save_to_disk(str(tmp))
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        replace_dir(tmp, target)
         print(f"  {target}: " + ", ".join(f"{s} {len(d)} pairs" for s, d in parts.items()))
     return metrics
 

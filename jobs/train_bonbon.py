@@ -1,6 +1,6 @@
 """BoNBoN alignment (Gui, Garbacea, Veitch 2406.00832): fine-tune pi_0 on best-of-n data so that one
 sample behaves like best-of-n, with alpha * SFT(best) + (1 - alpha) * IPO(best, worst) at beta*_n =
-1 / (2 (n - 1) H_{n-1}). Reference log-probs of pi_0 are computed once and stored with the data.
+1 / (2 (n - 1) H_{n-1}). Reference log-probs of pi_0 are computed once, by the workers, at step 0.
 
     python -m jobs.make_pairs --config configs/make_pairs.yaml      # best/worst of n samples per prompt
     python -m jobs.train_bonbon --config configs/train_bonbon.yaml
@@ -52,8 +52,7 @@ def run(cfg: BonbonJobConfig) -> dict:
 
     check_n_matches_data(cfg)
     return run_training(f"BoNBoN (n={cfg.bonbon.n}, alpha={cfg.bonbon.alpha})", "bonbon",
-                        {"n": cfg.bonbon.n, "alpha": cfg.bonbon.alpha}, cfg.model, cfg.data, cfg.train,
-                        cfg.output_dir, reference_logps=True)
+                        {"n": cfg.bonbon.n, "alpha": cfg.bonbon.alpha}, cfg)
 
 
 def main(argv=None) -> dict:

@@ -47,10 +47,8 @@ class DpoJobConfig:
 def run(cfg: DpoJobConfig) -> dict:
     from jobs.training import run_training
 
-    # A frozen reference's log-probs are computed once and stored with the data; TR-DPO runs it live.
-    stored = cfg.dpo.ref_update == "none" and cfg.dpo.precompute_reference
-    return run_training(f"{cfg.dpo.loss} (reference update: {cfg.dpo.ref_update})", "preference", asdict(cfg.dpo),
-                        cfg.model, cfg.data, cfg.train, cfg.output_dir, reference_logps=stored)
+    # A frozen reference's log-probs are computed once by the workers at step 0; TR-DPO runs it live.
+    return run_training(f"{cfg.dpo.loss} (reference update: {cfg.dpo.ref_update})", "preference", asdict(cfg.dpo), cfg)
 
 
 def main(argv=None) -> dict:

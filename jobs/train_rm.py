@@ -59,20 +59,23 @@ def heldout_agreement(model_dir: str, cfg: RmJobConfig) -> dict:
     except (ValueError, KeyError):
         return {}
     reward = SequenceClassifierReward(model_dir, device="cpu")
-    rc, rr = reward(ds["prompt"], ds["chosen"]), reward(ds["prompt"], ds["rejected"])
+    # Sampled token ids where the pairs carry them (scored as they were trained on), else text.
+    tok = ds["tokenizer"][0] if "tokenizer" in ds.column_names else None
+    ids = {side: [p + c for p, c in zip(ds["prompt_ids"], ds[f"{side}_ids"])] if tok else None for side in ("chosen", "rejected")}
+    rc = reward(ds["prompt"], ds["chosen"], ids["chosen"], tok)
+    rr = reward(ds["prompt"], ds["rejected"], ids["rejected"], tok)
     return {"heldout_agreement": win_rate(rc, rr), "heldout_pairs": len(ds)}
 
 
 def run(cfg: RmJobConfig) -> dict:
     from dataclasses import asdict
-    from pathlib import Path
 
+    from align.paths import resolve_output
     from jobs.training import run_training
 
     lora = {k: v for k, v in asdict(cfg.lora).items() if k != "enabled"} if cfg.lora.enabled else None
-    metrics = run_training("reward model (Bradley-Terry)", "bradley_terry", {}, cfg.model, cfg.data, cfg.train,
-                           cfg.output_dir, reference_logps=False, lora=lora)
-    agreement = heldout_agreement(str(Path(cfg.output_dir) / "model"), cfg)
+    metrics = run_training("reward model (Bradley-Terry)", "bradley_terry", {}, cfg, lora=lora)
+    agreement = heldout_agreement(str(resolve_output(cfg.output_dir) / "model"), cfg)
     if agreement:
         print(f"  held-out agreement with the labels: {agreement['heldout_agreement']:.3f} on {agreement['heldout_pairs']} pairs")
     return {**metrics, **agreement}

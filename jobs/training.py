@@ -1,6 +1,6 @@
 """What the three trainer jobs share: the pair-data section of their configs, turning a pair dataset
-into the tokenized dataset the workers read (with frozen-reference log-probs computed once and stored),
-and the end-of-run summary. Not an entry point."""
+into the tokenized pairs the workers read (through the object store), the run key that decides
+whether a checkpoint may be resumed, and the end-of-run summary. Not an entry point."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from align.config import ConfigError, require
 
@@ -31,7 +30,9 @@ def load_pair_dataset(cfg: PairDataConfig):
 
     from align.pairs import check_pair_columns
 
-    path = Path(cfg.source)
+    from align.paths import resolve_input
+
+    path = resolve_input(cfg.source)
     if not path.exists():
         raise ConfigError("data.source", "an existing pair dataset (run `python -m jobs.make_pairs` first, or give "
                           "a .jsonl / datasets directory with prompt, chosen, rejected columns)", cfg.source)
@@ -51,49 +52,39 @@ def load_pair_dataset(cfg: PairDataConfig):
     return ds
 
 
-@torch.no_grad()
-def add_reference_logps(ds, model_path: str, tokenizer, batch_size: int = 32):
-    """Store log pi_ref(chosen|x) and log pi_ref(rejected|x) of the frozen reference with the data."""
-    from actors.objectives import pair_logps
-    from align.models import build_model_for
-    from align.pairs import collate_pairs
-
-    ref = build_model_for("causal_lm", model_path, tokenizer).eval()
-    chosen, rejected = [], []
-    for i in range(0, len(ds), batch_size):
-        batch = collate_pairs([ds[j] for j in range(i, min(i + batch_size, len(ds)))], tokenizer.pad_token_id)
-        c, r, _ = pair_logps(ref, batch)
-        chosen += c.tolist()
-        rejected += r.tolist()
-    return ds.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
-
-
-def prepare_training_data(data: PairDataConfig, model_path: str, max_length: int, out_dir: Path,
-                          with_reference_logps: bool) -> Path:
-    """Tokenize the pairs (and add frozen-reference log-probs) once; saved under out_dir/data and
-    reused when the run is resumed."""
-    from align.models import load_tokenizer
+def tokenize_pairs(ds, tokenizer, max_length: int):
+    """The pairs with the token ids the workers train on (the sampled ids when the tokenizer matches)."""
+    from align.models import tokenizer_fingerprint
     from align.pairs import tokenize_pair_batch
 
-    target = out_dir / "data"
-    if (target / "dataset_info.json").exists():
-        log.info("reusing tokenized data in %s", target)
-        return target
-    tokenizer = load_tokenizer(model_path)
-    ds = load_pair_dataset(data)
-    ds = ds.map(lambda b: tokenize_pair_batch(tokenizer, b["prompt"], b["chosen"], b["rejected"], max_length),
-                batched=True, desc="tokenizing pairs")
-    if with_reference_logps:
-        log.info("computing frozen-reference log-probs for %d pairs", len(ds))
-        ds = add_reference_logps(ds, model_path, tokenizer)
-    tmp = out_dir / ".data.tmp"
-    ds.save_to_disk(str(tmp))
-    tmp.rename(target)
-    return target
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    ds = ds.map(lambda b: tokenize_pair_batch(tokenizer, b, max_length, fingerprint), batched=True,
+                desc="tokenizing pairs", load_from_cache_file=False)
+    reused = "tokenizer" in ds.column_names and all(t == fingerprint for t in ds["tokenizer"])
+    log.info("%d pairs: %s", len(ds), "the sampled token ids, as they were drawn" if reused else "tokenized from text")
+    return ds
+
+
+def run_key(objective: str, params: dict, model_path: str, data: PairDataConfig, train, lora: dict | None) -> dict:
+    """What shapes a training run's result: a checkpoint resumes only under the same key."""
+    from dataclasses import asdict
+
+    from align.paths import resolve_input
+    from align.runstate import drop_keys, path_fingerprint
+
+    source = resolve_input(data.source)
+    model_dir = Path(model_path)
+    return {"objective": objective, "params": params, "lora": lora,
+            "model": {"path": model_path, "files": path_fingerprint(model_dir) if model_dir.is_dir() else None},
+            "data": {"source": str(source), "split": data.split, "limit": data.limit, "files": path_fingerprint(source)},
+            "train": drop_keys(asdict(train), ("run.", "workers.collective_timeout_s", "workers.cpus_per_worker",
+                                                "fail_once_at_step"))}
 
 
 def finish(name: str, metrics: dict, output_dir: Path, seconds: float) -> dict:
     """Print the run summary (with trainer throughput) and write metrics.json."""
+    from align.runstate import write_atomic
+
     rows = [(k, metrics[k]) for k in sorted(metrics) if isinstance(metrics[k], (int, float))]
     print(f"\n  {name}: final metrics")
     for k, v in rows:
@@ -101,31 +92,45 @@ def finish(name: str, metrics: dict, output_dir: Path, seconds: float) -> dict:
     print(f"    {'wall seconds':<24} {seconds:.1f}")
     print(f"  trainer throughput: {metrics.get('tokens_per_s', float('nan')):.0f} tokens/s")
     print(f"  model saved to {output_dir / 'model'}")
-    (output_dir / "metrics.json").write_text(json.dumps({**metrics, "wall_seconds": seconds}, indent=2))
+    write_atomic(output_dir / "metrics.json", json.dumps({**metrics, "wall_seconds": seconds}, indent=2))
     return metrics
 
 
-def run_training(title: str, objective: str, params: dict, model: str, data: PairDataConfig, train,
-                 output_dir: str, reference_logps: bool, lora: dict | None = None) -> dict:
-    """Prepare the data, start (or join) Ray, run the worker group, print the summary."""
+def run_training(title: str, objective: str, params: dict, cfg, lora: dict | None = None) -> dict:
+    """Tokenize the pairs, start (or join) Ray, hand the data and the model to the worker group through
+    the object store, run it (resuming when the run key matches), print the summary.
+
+    cfg: the job's config, with model, data (PairDataConfig), train (TrainConfig) and output_dir.
+    """
     import time
 
     import ray
+    import yaml
 
-    from actors.train_launcher import launch_training
-    from align.models import resolve_model_path
+    from actors.cluster import init_ray, ship_dir
+    from actors.train_launcher import check_resources, launch_training, prepare_run
+    from align.config import to_dict
+    from align.models import load_tokenizer, resolve_model_path
+    from align.paths import resolve_output
+    from align.runstate import write_atomic
 
     start = time.perf_counter()
-    out = Path(output_dir)
-    if not (out / "data" / "dataset_info.json").exists():
-        load_pair_dataset(data)  # data errors stop here, before a model is built or Ray starts
-    model_path = resolve_model_path(model)
-    data_dir = prepare_training_data(data, model_path, train.max_length, out, with_reference_logps=reference_logps)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, logging_level="ERROR")
+    out = resolve_output(cfg.output_dir)
+    storage = cfg.train.run.storage_path
+    storage = storage if "://" in storage else str(resolve_output(storage))
+    ds = load_pair_dataset(cfg.data)  # data errors stop here, before a model is loaded or Ray starts
+    model_path = resolve_model_path(cfg.model)
+    key = run_key(objective, params, model_path, cfg.data, cfg.train, lora)
+    ds = tokenize_pairs(ds, load_tokenizer(model_path), cfg.train.max_length)
+    started = init_ray(log_to_driver=True)  # the workers' [train] lines are the progress report
     try:
-        metrics = launch_training(objective, params, model_path, str(data_dir), train, out, lora=lora)
+        check_resources(cfg.train)
+        resumed = prepare_run(cfg.train, storage, out, key)
+        write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(f"  {title}: outputs in {out}, checkpoints in {storage}/{cfg.train.run.name}"
+              f"{' (resuming)' if resumed else ''}")
+        data_ref = ray.put(ds.flatten_indices().data.table)
+        metrics = launch_training(objective, params, ship_dir(model_path), data_ref, cfg.train, out, storage, lora=lora)
     finally:
         if started:
             ray.shutdown()

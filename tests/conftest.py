@@ -47,13 +47,71 @@ def tiny_lm_dir(tmp_path_factory):
     return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
+def free_ports(k: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(k)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole session: small object store, quiet logs."""
+def ray_cluster():
+    """One local Ray cluster for the whole session, started as a real one is (`ray start --head`, with
+    the job server on loopback, every port chosen here so it cannot clash with another Ray on the
+    machine): 4 CPUs, a 100 MB object store. Stopped by SIGTERM to its `ray start --block` process,
+    which takes down this cluster only. Yields (GCS address, job server URL)."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    gcs, dash, *more = free_ports(11)
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port"]
+    cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+           *[f"{f}={p}" for f, p in zip(flags, more)], f"--min-worker-port={more[-2] + 1000}",
+           f"--max-worker-port={more[-2] + 1100}", "--num-cpus=4", f"--object-store-memory={100 * 1024**2}",
+           f"--temp-dir={temp}", "--disable-usage-stats"]
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = open(Path(temp) / "ray_start.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{dash}", time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("ray start failed: " + (Path(temp) / "ray_start.log").read_text()[-3000:])
+            time.sleep(0.5)
+    yield f"127.0.0.1:{gcs}", url
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    """This test process joined to the session's cluster, with quiet logs."""
     import ray
 
-    ray.init(num_cpus=4, object_store_memory=100 * 1024**2, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR", configure_logging=False)
+    ray.init(address=ray_cluster[0], log_to_driver=False, logging_level="ERROR", configure_logging=False,
+             logging_config=ray.LoggingConfig(log_level="ERROR"))
     yield ray
     ray.shutdown()
 

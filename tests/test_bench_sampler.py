@@ -15,9 +15,10 @@ def test_bench_sampler_smoke(tmp_path):
     assert [(r["model"], r["prompt_len"], r["n"]) for r in rows] == [("tiny", 4, 2), ("tiny", 8, 2)]
     for r in rows:
         assert r["new_tokens"] == 2 * 2 * 3
-        for m in METHODS:
-            assert r[f"{m}_tokens_per_s"] > 0
-        assert r["shared_over_hf"] > 0 and r["shared_over_repeated"] > 0
+        # The ratios are the table's arithmetic on the measured speeds (speeds themselves are not asserted).
+        assert r["shared_over_hf"] == r["shared_tokens_per_s"] / r["hf_tokens_per_s"]
+        assert r["shared_over_repeated"] == r["shared_tokens_per_s"] / r["repeated_tokens_per_s"]
+        assert set(METHODS) == {"shared", "repeated", "hf"}
     saved = json.loads((tmp_path / "bench/results.json").read_text())
     assert len(saved["rows"]) == 2
     assert (tmp_path / "bench/results.md").read_text().count("| tiny |") == 2

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from align.config import ConfigError, load_config
 from jobs.bon import BonConfig, run
@@ -24,19 +25,26 @@ def test_bon_job_end_to_end(ray_session, tiny_lm_dir, tmp_path):
     ])
     metrics = run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in rows] == prompts
+    assert [r["prompt"] for r in rows] == prompts and [r["index"] for r in rows] == list(range(6))
+    tok = AutoTokenizer.from_pretrained(str(tiny_lm_dir))
     for r in rows:
-        assert len(r["completions"]) == len(r["rewards"]) == 4
+        assert len(r["completions"]) == len(r["rewards"]) == len(r["completion_ids"]) == 4
         assert r["chosen"] == int(torch.tensor(r["rewards"]).argmax())  # lowest index among ties
-        assert all(n == 6 for n in r["num_tokens"])
+        assert all(len(ids) == 6 for ids in r["completion_ids"]) and len(r["pi0_completion_ids"]) == 6
+        assert r["prompt_ids"] == tok(r["prompt"])["input_ids"]
+        assert tok.batch_decode(r["completion_ids"], skip_special_tokens=True) == r["completions"]
+        assert r["temperature"] == 1.0 and r["min_new_tokens"] == 6
     bon = torch.tensor([r["rewards"][r["chosen"]] for r in rows])
     pi0 = torch.tensor([r["pi0_reward"] for r in rows])
     assert metrics["mean_reward_bon"] == pytest.approx(bon.mean().item())
     assert metrics["mean_reward_pi0"] == pytest.approx(pi0.mean().item())
-    assert (bon >= pi0).float().mean().item() >= metrics["win_rate_bon_vs_pi0"] - 1e-9
-    assert metrics["prompts"] == 6 and metrics["tokens_per_s"] > 0
+    wins = (bon > pi0).double() + 0.5 * (bon == pi0).double()
+    assert metrics["win_rate_bon_vs_pi0"] == pytest.approx(wins.mean().item(), abs=1e-12)
+    assert metrics["tie_rate"] == pytest.approx((bon == pi0).double().mean().item(), abs=1e-12)
+    assert metrics["prompts"] == 6 and metrics["new_tokens"] == 6 * 5 * 6  # every row runs to max_new_tokens
+    assert metrics["tokens_per_s"] == pytest.approx(metrics["new_tokens"] / metrics["sampling_seconds"])
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
-    assert not list((tmp_path / "out").glob(".*.tmp")), "no temporary file is left behind"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.yaml", "metrics.json", "samples.jsonl"]
     assert load_config(BonConfig, tmp_path / "out" / "config.yaml") == cfg, "the saved config round-trips"
 
 

@@ -247,7 +247,7 @@ def test_soft_update_endpoints_and_hard_update_are_exact():
         hard_update_(list(ref_model.parameters())[:1], model.parameters())
 
 
-# --- The one-step problem (ALGORITHMS.md section 2) ------------------------------------------
+# --- The one-step problem (docs/algorithms.md, BoNBoN) -----------------------------------------
 # One prompt, V single-token completions, pi_theta = softmax(w) free, pi_0 the reference. The
 # exact expected BoNBoN loss is a sum over (worst i, best j) weighted by worst_best_joint; it is
 # convex in w, so a deterministic optimizer finds its minimizer pi_star. "Training" then runs Adam
@@ -332,7 +332,7 @@ def test_bonbon_one_step_optimum(one_step_problem, n, alpha):
 
 
 def test_ipo_bon_optimum_is_not_pi_bon(one_step_problem):
-    # alpha = 0, n = 4: KL(pi_star || pi_bon) = .053 here (ALGORITHMS.md: .054 on V = 50). IPO's
+    # alpha = 0, n = 4: KL(pi_star || pi_bon) = .053 (docs/algorithms.md: .054 on V = 50). IPO's
     # constant target shrinks pi_bon's random gap, so the optimum is a different distribution.
     logp0, rewards = one_step_problem
     p0 = logp0.exp()

@@ -137,3 +137,75 @@ def test_soft_update_with_alpha_zero_is_plain_dpo(ray_session, tmp_path, tiny_lm
     run_dpo(soft0)
     run_dpo(plain)
     assert_same(weights(soft0), weights(plain))
+
+
+def checkpoint_dirs(cfg):
+    from pathlib import Path
+
+    run = Path(cfg.train.run.storage_path) / cfg.train.run.name
+    return sorted((p.name, (p / ".complete").exists()) for p in run.glob("checkpoint_*") if p.is_dir())
+
+
+def test_rerun_under_another_config_stops_naming_the_keys(ray_session, tmp_path, tiny_lm_dir, pairs_file):
+    from align.runstate import StaleStateError
+
+    common = ["train.workers.num_workers=1", "train.steps=2", "train.run.checkpoint_every=1", "dpo.ref_update=none"]
+    first = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "stale", *common, "dpo.beta=0.1")
+    run_dpo(first)
+    before = (tmp_path / "stale" / "train_log.jsonl").read_text()
+    changed = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "stale", *common, "dpo.beta=0.5", "train.steps=3")
+    with pytest.raises(StaleStateError) as err:
+        run_dpo(changed)
+    assert "params.beta: 0.1 -> 0.5" in str(err.value) and "train.steps: 2 -> 3" in str(err.value)
+    assert "resume=never" in str(err.value)
+    assert (tmp_path / "stale" / "train_log.jsonl").read_text() == before, "nothing was touched"
+    assert checkpoint_dirs(first) == [("checkpoint_000001", True), ("checkpoint_000002", True)]
+    # The same command with resume=never starts over: one run's rows, one run's checkpoints.
+    fresh = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "stale", *common, "dpo.beta=0.5", "train.steps=3", "train.run.resume=never")
+    run_dpo(fresh)
+    assert [r["step"] for r in history(fresh)] == [1, 2, 3]
+    assert checkpoint_dirs(fresh) == [("checkpoint_000002", True), ("checkpoint_000003", True)]
+    with pytest.raises(StaleStateError, match="nothing to resume"):
+        run_dpo(dpo_config(tmp_path, tiny_lm_dir, pairs_file, "never_ran", *common, "train.run.resume=must"))
+
+
+def test_resumes_from_the_newest_complete_checkpoint_not_the_registered_one(baseline, tmp_path, tiny_lm_dir, pairs_file):
+    """Ray Train's controller may know only an older checkpoint than the newest complete one (a worker
+    killed after writing, before the controller registered it). The run resumes from the newest
+    complete one, clears a half-written one, and keeps no more than keep_checkpoints."""
+    from pathlib import Path
+
+    failing = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "orphan", "train.fail_once_at_step=3", "train.run.max_failures=0",
+                         "train.run.checkpoint_every=1")
+    with pytest.raises(Exception, match="injected failure"):
+        run_dpo(failing)
+    run = Path(failing.train.run.storage_path) / "orphan"
+    assert checkpoint_dirs(failing) == [("checkpoint_000001", True), ("checkpoint_000002", True)]
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    state = json.loads(snapshot.read_text())  # make the controller forget checkpoint 2
+    state["checkpoint_results"] = state["checkpoint_results"][:1]
+    state["checkpoint_report_indices"] = state["checkpoint_report_indices"][:1]
+    state["latest_checkpoint_result"] = state["checkpoint_results"][0]
+    snapshot.write_text(json.dumps(state))
+    (run / "checkpoint_000009").mkdir()  # half-written by a rank that died: no marker
+    (run / "checkpoint_000009" / "junk").write_text("x")
+    again = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "orphan", "train.run.checkpoint_every=1")
+    run_dpo(again)
+    assert [r["step"] for r in history(again)] == [1, 2, 3, 4], "step 2 was not redone"
+    assert_same(weights(again), weights(baseline))
+    assert checkpoint_dirs(again) == [("checkpoint_000003", True), ("checkpoint_000004", True)]
+
+
+def test_bf16_training_saves_the_fp32_master_weights(ray_session, tmp_path, tiny_lm_dir, pairs_file):
+    common = ["train.workers.num_workers=1", "train.steps=3", "train.deepspeed.bf16=true", "dpo.ref_update=none",
+              "train.deepspeed.zero_stage=1"]
+    cfg = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "bf16", *common)
+    run_dpo(cfg)
+    w = weights(cfg)
+    assert all(v.dtype == torch.float32 for v in w.values())
+    moved = w["transformer.h.0.attn.c_attn.weight"]
+    assert (moved != moved.bfloat16().float()).any(), "fp32 master weights, not the bf16 module copy"
+    half = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "bf16_saved", *common, "train.save_dtype=bfloat16")
+    run_dpo(half)
+    assert all(v.dtype == torch.bfloat16 for v in weights(half).values())
+    torch.testing.assert_close(weights(half)["transformer.h.0.attn.c_attn.weight"], moved.bfloat16(), atol=0, rtol=0)

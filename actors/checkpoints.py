@@ -1,0 +1,115 @@
+"""A training run's directory, storage_path/name, as this project uses it: one checkpoint_<step>
+directory per checkpoint, a `.complete` marker once every rank has written its part, resume from
+the newest complete checkpoint, and no more than `keep` of them left on disk.
+
+Ray Train's controller remembers the last checkpoint *it registered*, which after a hard worker
+failure can be one older than the newest complete one; and its own retention leaves behind any
+directory it never registered. So the workers pick the checkpoint and prune the directory
+themselves, and Ray's retention stays off (CheckpointConfig(num_to_keep=None)).
+Paths may be local or storage URIs (s3://, gs://, ...), through pyarrow's filesystems, as Ray's are.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MARKER = ".complete"
+RUN_FILE = "sweetspot_run.json"  # the config the run's checkpoints were made under
+_NAME = re.compile(r"^checkpoint_(\d{6,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:06d}"
+
+
+@dataclass
+class RunDir:
+    """storage_path/name of one training run."""
+
+    storage_path: str
+    name: str
+
+    def __post_init__(self):
+        import pyarrow.fs as pafs
+
+        if "://" in self.storage_path:
+            self.fs, base = pafs.FileSystem.from_uri(self.storage_path)
+        else:
+            self.fs, base = pafs.LocalFileSystem(), self.storage_path
+        self.path = f"{base.rstrip('/')}/{self.name}"
+
+    def _info(self, path: str):
+        return self.fs.get_file_info(path)
+
+    def exists(self) -> bool:
+        import pyarrow.fs as pafs
+
+        return self._info(self.path).type != pafs.FileType.NotFound
+
+    def checkpoints(self) -> list[tuple[int, str, bool]]:
+        """(step, directory, complete) for every checkpoint directory, oldest first."""
+        import pyarrow.fs as pafs
+
+        if not self.exists():
+            return []
+        out = []
+        for info in self.fs.get_file_info(pafs.FileSelector(self.path)):
+            m = _NAME.match(info.base_name)
+            if info.type == pafs.FileType.Directory and m:
+                complete = self._info(f"{info.path}/{MARKER}").type == pafs.FileType.File
+                out.append((int(m.group(1)), info.path, complete))
+        return sorted(out)
+
+    def newest_complete(self) -> tuple[int, str] | None:
+        done = [(s, p) for s, p, c in self.checkpoints() if c]
+        return done[-1] if done else None
+
+    def mark_complete(self, step: int) -> None:
+        with self.fs.open_output_stream(f"{self.path}/{checkpoint_name(step)}/{MARKER}") as f:
+            f.write(b"")
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete every checkpoint but the newest `keep` complete ones, except directories newer than
+        those (a checkpoint other ranks may still be writing); returns what was deleted."""
+        ckpts = self.checkpoints()
+        kept = [p for _, p, c in ckpts if c][-keep:]
+        if not kept:
+            return []
+        newest = max(s for s, p, _ in ckpts if p in kept)
+        doomed = [p for s, p, _ in ckpts if p not in kept and s < newest]
+        for p in doomed:
+            self.fs.delete_dir(p)
+        return doomed
+
+    def remove_incomplete(self) -> list[str]:
+        """Delete checkpoint directories without the marker (call only while no rank is writing)."""
+        doomed = [p for _, p, c in self.checkpoints() if not c]
+        for p in doomed:
+            self.fs.delete_dir(p)
+        return doomed
+
+    def read_text(self, filename: str) -> str | None:
+        import pyarrow.fs as pafs
+
+        path = f"{self.path}/{filename}"
+        if self._info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            return f.read().decode()
+
+    def write_text(self, filename: str, text: str) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+        tmp = f"{self.path}/.{filename}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(text.encode())
+        self.fs.move(tmp, f"{self.path}/{filename}")
+
+    def remove(self) -> None:
+        if self.exists():
+            self.fs.delete_dir(self.path)
+
+    def local_copy(self, path: str):
+        """A context manager giving a local directory with the checkpoint's files."""
+        from ray.train import Checkpoint
+
+        return Checkpoint(path=path, filesystem=self.fs).as_directory()

@@ -1,0 +1,56 @@
+"""Jobs submitted to a Ray cluster with `ray job submit --working-dir .`, as a user does: the upload
+leaves out the virtual environment and caches, the job finishes, and its outputs land under the
+output root (~/sweetspot for a submitted job), not in Ray's temporary copy of the working directory."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def submit(ray_cluster, home: Path, *entrypoint: str) -> str:
+    """Submit and wait; returns the job's log. The job's HOME is a temporary directory, so its
+    default output root ~/sweetspot lands there."""
+    ray = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster[1]}
+    runtime = {"env_vars": {"HOME": str(home)}}
+    done = subprocess.run([ray, "job", "submit", "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime),
+                           "--", *entrypoint], capture_output=True, text=True, env=env, timeout=540, cwd=REPO)
+    assert done.returncode == 0 and "succeeded" in done.stdout.lower(), done.stdout[-4000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def test_submitted_bon_job_writes_where_it_outlives_the_job(ray_cluster, small_task, tmp_path):
+    log = submit(ray_cluster, tmp_path, "bash", "-c",
+                 "ls -a; python -m jobs.bon --config configs/bon.yaml "
+                 f"model.path={small_task.policy_dir} prompts.source={small_task.root / 'prompts'} prompts.limit=4 "
+                 "prompts.repeats=1 sampling.n=2 sampling.max_new_tokens=8 sampling.min_new_tokens=8 pool.num_actors=1 "
+                 "output_dir=outputs/submitted_bon")
+    listing = log.split("default task")[0] if "default task" in log else log
+    for left_out in (".venv", ".sweetspot_cache", ".cache", ".git", "outputs"):
+        assert f"\n{left_out}\n" not in listing, f"{left_out} was uploaded with the working directory"
+    out = tmp_path / "sweetspot" / "outputs" / "submitted_bon"
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(len(r["completion_ids"]) == 2 for r in rows)
+    assert f"wrote {out / 'samples.jsonl'}" in log, "the job says where its outputs are"
+
+
+def test_submitted_training_job_reads_its_data_through_ray(ray_cluster, tiny_lm_dir, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": " good .", "rejected": " bad ."}) + "\n"
+                             for p in ("the movie", "a film", "the plot", "the cast")))
+    log = submit(ray_cluster, tmp_path, "python", "-m", "jobs.train_dpo", "--config", "configs/train_dpo.yaml",
+                 f"model={tiny_lm_dir}", f"data.source={pairs}", "train.steps=2", "train.batch_size=2",
+                 "train.workers.num_workers=1", "train.run.log_every=1", "train.workers.collective_timeout_s=30",
+                 "output_dir=outputs/submitted_dpo")
+    root = tmp_path / "sweetspot" / "outputs"
+    assert (root / "submitted_dpo" / "model" / "model.safetensors").exists()
+    assert (root / "runs" / "dpo" / "checkpoint_000002" / ".complete").exists()
+    assert [json.loads(line)["step"] for line in (root / "submitted_dpo" / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    assert f"outputs in {root / 'submitted_dpo'}" in log
