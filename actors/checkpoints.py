@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 MARKER = ".complete"
 RUN_FILE = "sweetspot_run.json"  # the config the run's checkpoints were made under
+LOG_FILE = "train_log.jsonl"  # rank 0's per-step metrics (one run's rows only)
+MODEL_DIR = "model"  # the final model, in Hugging Face format
 _NAME = re.compile(r"^checkpoint_(\d{6,})$")
 
 
@@ -103,6 +105,30 @@ class RunDir:
         with self.fs.open_output_stream(tmp) as f:
             f.write(text.encode())
         self.fs.move(tmp, f"{self.path}/{filename}")
+
+    def upload_dir(self, local: str, name: str) -> None:
+        """Copy a local directory to <run>/<name>, replacing what was there (as a whole, via a
+        temporary name, where the filesystem can move directories)."""
+        import pyarrow.fs as pafs
+
+        tmp, target = f"{self.path}/.{name}.tmp", f"{self.path}/{name}"
+        if self._info(tmp).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(tmp)
+        self.fs.create_dir(tmp, recursive=True)
+        pafs.copy_files(local, tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        if self._info(target).type != pafs.FileType.NotFound:
+            self.fs.delete_dir(target)
+        self.fs.move(tmp, target)
+
+    def download_dir(self, name: str, local: str) -> bool:
+        """Copy <run>/<name> to the local directory `local` (which must not exist); False if absent."""
+        import pyarrow.fs as pafs
+
+        if self._info(f"{self.path}/{name}").type != pafs.FileType.Directory:
+            return False
+        pafs.LocalFileSystem().create_dir(local, recursive=True)
+        pafs.copy_files(f"{self.path}/{name}", local, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+        return True
 
     def remove(self) -> None:
         if self.exists():

@@ -69,7 +69,8 @@ def local_dir(source: str | ShippedDir) -> str:
 
     target = Path(tempfile.gettempdir()) / "sweetspot_shipped" / source.digest
     if not (target / source.name).is_dir():
-        tmp = Path(tempfile.mkdtemp(dir=target.parent if target.parent.exists() else _mkdir(target.parent)))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent))
         with tarfile.open(fileobj=io.BytesIO(ray.get(source.ref)), mode="r") as tar:
             tar.extractall(tmp, filter="data")
         try:
@@ -79,10 +80,5 @@ def local_dir(source: str | ShippedDir) -> str:
 
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target / source.name)
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 

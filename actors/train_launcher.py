@@ -13,7 +13,9 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from actors.checkpoints import LOG_FILE, MODEL_DIR, RUN_FILE, RunDir
 from actors.train_config import TrainConfig
+from align.runstate import replace_dir, write_atomic
 
 log = logging.getLogger("sweetspot.train")
 
@@ -51,7 +53,6 @@ def prepare_run(train: TrainConfig, storage_path: str, output_dir: Path, run_key
     result); a different one stops here with an error naming the differing keys. Starting over
     removes the old checkpoints, train log, metrics and model of this run name and output directory.
     """
-    from actors.checkpoints import RUN_FILE, RunDir
     from align.runstate import check_resume
 
     run_dir = RunDir(storage_path, train.run.name)
@@ -60,9 +61,9 @@ def prepare_run(train: TrainConfig, storage_path: str, output_dir: Path, run_key
                           run_dir.newest_complete() is not None)
     if not resume:
         run_dir.remove()
-        for name in ("train_log.jsonl", "metrics.json", ".failed_once"):
+        for name in (LOG_FILE, "metrics.json", ".failed_once"):
             (output_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(output_dir / "model", ignore_errors=True)
+        shutil.rmtree(output_dir / MODEL_DIR, ignore_errors=True)
     run_dir.write_text(RUN_FILE, json.dumps(run_key, indent=1, sort_keys=True, default=str))
     return resume
 
@@ -98,6 +99,56 @@ def launch_training(objective: str, objective_params: dict, model, data_ref, tra
     )
     log.info("training %s on %d worker(s), ZeRO-%d, run %r in %s", objective, w.num_workers,
              train.deepspeed.zero_stage, train.run.name, storage_path)
-    trainer.fit()
+    run_dir = RunDir(storage_path, train.run.name)
+    progress = ProgressPrinter(run_dir, train.steps)
+    progress.start()
+    try:
+        trainer.fit()
+    finally:
+        progress.stop()
+        write_atomic(output_dir / LOG_FILE, run_dir.read_text(LOG_FILE) or "")
+    tmp = output_dir / f".{MODEL_DIR}.download"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if run_dir.download_dir(MODEL_DIR, str(tmp)):
+        replace_dir(tmp, output_dir / MODEL_DIR)
     history = read_history(output_dir)
     return history[-1] if history else {}
+
+
+class ProgressPrinter:
+    """Prints rank 0's per-step rows as they reach the run's storage directory (the workers' own
+    output stays in their log files), every `interval` seconds, from a thread of the driver."""
+
+    KEYS = ("loss", "rewards/accuracies", "accuracy", "loss/sft", "loss/ipo", "lr", "tokens_per_s")
+
+    def __init__(self, run_dir, total_steps: int, interval: float = 2.0):
+        import threading
+
+        self.run_dir, self.total, self.interval = run_dir, total_steps, interval
+        self.printed = 0  # the last step printed
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="train-progress")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            text = self.run_dir.read_text(LOG_FILE) or ""
+        except OSError:  # mid-rename; next time
+            return
+        for line in text.splitlines():
+            row = json.loads(line)
+            if row["step"] > self.printed:
+                shown = " ".join(f"{k} {row[k]:.4g}" for k in self.KEYS if k in row)
+                print(f"  [train] step {row['step']}/{self.total} {shown}", flush=True)
+                self.printed = row["step"]

@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -128,21 +127,14 @@ def mean_over_ranks(metrics: dict, device) -> dict[str, float]:
     return dict(zip(keys, vals.tolist()))
 
 
-def log_progress(output_dir: str, report: dict, total_steps: int) -> None:
-    """Rank 0: one line to stdout (forwarded by Ray) and one JSON line added to train_log.jsonl."""
-    shown = " ".join(f"{k} {report[k]:.4g}" for k in ("loss", "rewards/accuracies", "accuracy", "loss/sft", "loss/ipo",
-                                                      "lr", "tokens_per_s") if k in report)
-    print(f"[train] step {report['step']}/{total_steps} {shown}", flush=True)
-    rewrite_log(output_dir, lambda rows: rows + [report])
+def rewrite_log(run_dir, edit) -> None:
+    """Replace the run's train_log.jsonl (in its storage directory, where the driver reads it) by
+    edit(rows), through a temporary file and a rename."""
+    from actors.checkpoints import LOG_FILE
 
-
-def rewrite_log(output_dir: str, edit) -> None:
-    """Replace train_log.jsonl by edit(rows), through a temporary file and a rename."""
-    from align.runstate import write_atomic
-
-    path = Path(output_dir) / "train_log.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in edit(rows)))
+    text = run_dir.read_text(LOG_FILE) or ""
+    rows = edit([json.loads(line) for line in text.splitlines()])
+    run_dir.write_text(LOG_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 @torch.no_grad()
@@ -195,7 +187,7 @@ def train_worker(config: dict) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from actors.checkpoints import RunDir, checkpoint_name
+    from actors.checkpoints import MODEL_DIR, RunDir, checkpoint_name
     from actors.cluster import local_dir
     from actors.objectives import make_objective
     from align.models import build_model_for, load_tokenizer
@@ -249,7 +241,7 @@ def train_worker(config: dict) -> None:
                 ref_logps = load_file(os.path.join(d, REF_LOGPS_FILE))["logps"]
         log.info("rank %d resumed from %s at step %d", rank, path, step)
     if rank == 0:  # rows of steps that will run again go, and so do checkpoints a dead rank left half-written
-        rewrite_log(config["output_dir"], lambda rows: [r for r in rows if r["step"] <= step])
+        rewrite_log(run_dir, lambda rows: [r for r in rows if r["step"] <= step])
         run_dir.remove_incomplete()
     if objective.stored_reference and ref_logps is None:
         ref_logps = reference_table(engine.module, data, micro, tokenizer.pad_token_id, tokenizer.eos_token_id, rank,
@@ -286,7 +278,7 @@ def train_worker(config: dict) -> None:
             report["tokens_per_s"] *= world  # throughput of the whole group
             report.update(step=step, lr=lr)
             if rank == 0:
-                log_progress(config["output_dir"], report, train["steps"])
+                rewrite_log(run_dir, lambda rows: rows + [report])  # the driver prints it from there
             if step % run["checkpoint_every"] == 0 or last:
                 with tempfile.TemporaryDirectory() as tmp:
                     engine.save_checkpoint(tmp, tag="ds", client_state={"step": step})
@@ -304,30 +296,27 @@ def train_worker(config: dict) -> None:
                 if rank == 0:
                     run_dir.mark_complete(step)
                     run_dir.prune(run["keep_checkpoints"])
-            else:
-                ray.train.report(report)
+            # Metrics reach the driver through the run directory: no ray.train.report without a
+            # checkpoint, as each call blocks on the controller's poll (about 1.7 s in Ray 2.60).
             tokens, t0 = 0, time.perf_counter()
 
     state = full_state_dict(engine, zero_stage)
     if rank == 0:
-        save_final_model(objective.kind, model_path, config, tokenizer, state, train.get("save_dtype", "float32"))
+        with tempfile.TemporaryDirectory() as tmp:
+            save_final_model(objective.kind, model_path, config, tokenizer, state, train.get("save_dtype", "float32"), tmp)
+            run_dir.upload_dir(tmp, MODEL_DIR)  # storage every node reaches; the driver copies it to output_dir
 
 
-def save_final_model(kind: str, model_path: str, config: dict, tokenizer, state: dict, dtype: str) -> None:
-    """Save the trained weights in HF format (safetensors, LoRA merged, in `dtype`) via a temporary
-    directory and a swap, so the generator pool and scorers load the result by path like any model."""
+def save_final_model(kind: str, model_path: str, config: dict, tokenizer, state: dict, dtype: str, out: str) -> None:
+    """Save the trained weights in HF format (safetensors, LoRA merged, in `dtype`) into `out`, so the
+    generator pool and scorers load the result by path like any model."""
     from align.models import build_model_for
-    from align.runstate import replace_dir
 
     model = build_model_for(kind, model_path, tokenizer, config.get("lora"))
     model.load_state_dict(state)
     if config.get("lora"):
         model = model.merge_and_unload()
     model = model.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
-    out = Path(config["output_dir"]) / "model"
-    tmp = out.with_name(".model.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "sweetspot.json").write_text(json.dumps({"objective": config["objective"], **config["objective_params"]}))
-    replace_dir(tmp, out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (Path(out) / "sweetspot.json").write_text(json.dumps({"objective": config["objective"], **config["objective_params"]}))

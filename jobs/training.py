@@ -122,7 +122,7 @@ def run_training(title: str, objective: str, params: dict, cfg, lora: dict | Non
     model_path = resolve_model_path(cfg.model)
     key = run_key(objective, params, model_path, cfg.data, cfg.train, lora)
     ds = tokenize_pairs(ds, load_tokenizer(model_path), cfg.train.max_length)
-    started = init_ray(log_to_driver=True)  # the workers' [train] lines are the progress report
+    started = init_ray()  # quiet workers: the driver prints their progress (actors.train_launcher.ProgressPrinter)
     try:
         check_resources(cfg.train)
         resumed = prepare_run(cfg.train, storage, out, key)

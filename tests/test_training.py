@@ -209,3 +209,17 @@ def test_bf16_training_saves_the_fp32_master_weights(ray_session, tmp_path, tiny
     run_dpo(half)
     assert all(v.dtype == torch.bfloat16 for v in weights(half).values())
     torch.testing.assert_close(weights(half)["transformer.h.0.attn.c_attn.weight"], moved.bfloat16(), atol=0, rtol=0)
+
+
+def test_frozen_reference_log_probs_computed_on_the_workers_under_zero3(ray_session, tmp_path, tiny_lm_dir, pairs_file):
+    """DPO against a frozen reference: its log-probs are computed by the workers at step 0 (each rank
+    a share, then gathered), and ZeRO-3 with two workers gives what one ZeRO-0 worker gives."""
+    common = ["dpo.ref_update=none", "dpo.precompute_reference=true", "train.steps=3"]
+    z3 = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "frozen_z3", *common, "train.deepspeed.zero_stage=3")
+    z0 = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "frozen_z0", *common, "train.workers.num_workers=1")
+    run_dpo(z3)
+    run_dpo(z0)
+    assert history(z3)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), "reference = policy at step 1"
+    for a, b in zip(history(z3), history(z0)):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert_same(weights(z3), weights(z0), atol=1e-5)
