@@ -162,3 +162,20 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, description: str
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied after the file")
     args = parser.parse_args(argv)
     return load_config(cls, args.config, args.overrides)
+
+
+def run_job(cls: type[T], run, argv: Sequence[str] | None = None, description: str = ""):
+    """The body of every job's main(): log to the console, build the config from the command line,
+    run it. A bad config, bad input data or outputs made under another config end the process with
+    the message and exit status 2, not a traceback."""
+    import logging
+    import sys
+
+    from align.runstate import StaleStateError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return run(parse_args(cls, argv, description=description))
+    except (ConfigError, StaleStateError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -30,7 +30,7 @@ from typing import Callable, Literal
 
 import torch
 
-from align.config import parse_args, require, to_dict
+from align.config import require, run_job, to_dict
 from align.runstate import write_atomic
 
 log = logging.getLogger("sweetspot.bench_sampler")
@@ -226,9 +226,7 @@ def run(cfg: BenchSamplerConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    cfg = parse_args(BenchSamplerConfig, argv, description=__doc__)
-    return run(cfg)
+    return run_job(BenchSamplerConfig, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":

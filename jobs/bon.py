@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 import yaml
 
-from align.config import ConfigError, parse_args, require, to_dict
+from align.config import ConfigError, require, run_job, to_dict
 
 log = logging.getLogger("sweetspot.bon")
 
@@ -307,9 +307,7 @@ def run(cfg: BonConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    cfg = parse_args(BonConfig, argv, description=__doc__)
-    return run(cfg)
+    return run_job(BonConfig, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from align.config import parse_args, require
+from align.config import require, run_job
 from align.runstate import write_atomic
 from jobs.bon import PromptsConfig, RewardConfig, SamplingConfig
 
@@ -117,8 +117,7 @@ def run(cfg: EvalConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run(parse_args(EvalConfig, argv, description=__doc__))
+    return run_job(EvalConfig, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":

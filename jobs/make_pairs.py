@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from align.config import parse_args, require
+from align.config import require, run_job
 from jobs.bon import BonConfig
 
 log = logging.getLogger("sweetspot.pairs")
@@ -76,8 +76,7 @@ def run(cfg: MakePairsConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run(parse_args(MakePairsConfig, argv, description=__doc__))
+    return run_job(MakePairsConfig, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,10 @@ sample behaves like best-of-n, with alpha * SFT(best) + (1 - alpha) * IPO(best, 
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from actors.train_config import TrainConfig
-from align.config import parse_args, require
+from align.config import require, run_job
 from jobs.training import PairDataConfig
 
 
@@ -56,8 +55,7 @@ def run(cfg: BonbonJobConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run(parse_args(BonbonJobConfig, argv, description=__doc__))
+    return run_job(BonbonJobConfig, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":

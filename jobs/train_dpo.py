@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from actors.train_config import TrainConfig
-from align.config import parse_args, require
+from align.config import require, run_job
 from jobs.training import PairDataConfig
 
 log = logging.getLogger("sweetspot.dpo")
@@ -52,8 +52,7 @@ def run(cfg: DpoJobConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run(parse_args(DpoJobConfig, argv, description=__doc__))
+    return run_job(DpoJobConfig, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ reward.kind=classifier.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from actors.train_config import TrainConfig
-from align.config import parse_args, require
+from align.config import require, run_job
 from jobs.training import PairDataConfig
 
 
@@ -82,8 +81,7 @@ def run(cfg: RmJobConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return run(parse_args(RmJobConfig, argv, description=__doc__))
+    return run_job(RmJobConfig, run, argv, description=__doc__)
 
 
 if __name__ == "__main__":

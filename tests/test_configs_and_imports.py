@@ -72,3 +72,13 @@ def test_override_parsing_and_errors():
     assert cfg.sampling.n == 16 and cfg.prompts.limit is None and cfg.sampling.temperature == 0.7
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(BonConfig, None, ["sampling.n"])
+
+
+def test_job_main_ends_a_config_error_with_its_message_and_status_2(capsys):
+    from jobs.train_dpo import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(ROOT / "configs/train_dpo.yaml"), "dpo.beta=-1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config field 'dpo.beta': expected a number > 0") and "Traceback" not in err
