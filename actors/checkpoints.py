@@ -5,7 +5,9 @@ the newest complete checkpoint, and no more than `keep` of them left on disk.
 Ray Train's controller remembers the last checkpoint *it registered*, which after a hard worker
 failure can be one older than the newest complete one; and its own retention leaves behind any
 directory it never registered. So the workers pick the checkpoint and prune the directory
-themselves, and Ray's retention stays off (CheckpointConfig(num_to_keep=None)).
+themselves, and Ray's retention stays off (CheckpointConfig(num_to_keep=None)). Ray Train refuses to
+start a run whose snapshot names a checkpoint that no longer exists, so the launcher removes Ray's
+snapshot before resuming: which checkpoint to resume from is decided here, not there.
 Paths may be local or storage URIs (s3://, gs://, ...), through pyarrow's filesystems, as Ray's are.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ MARKER = ".complete"
 RUN_FILE = "sweetspot_run.json"  # the config the run's checkpoints were made under
 LOG_FILE = "train_log.jsonl"  # rank 0's per-step metrics (one run's rows only)
 MODEL_DIR = "model"  # the final model, in Hugging Face format
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it registered
 _NAME = re.compile(r"^checkpoint_(\d{6,})$")
 
 
@@ -89,6 +92,12 @@ class RunDir:
         for p in doomed:
             self.fs.delete_dir(p)
         return doomed
+
+    def remove_file(self, filename: str) -> None:
+        import pyarrow.fs as pafs
+
+        if self._info(f"{self.path}/{filename}").type == pafs.FileType.File:
+            self.fs.delete_file(f"{self.path}/{filename}")
 
     def read_text(self, filename: str) -> str | None:
         import pyarrow.fs as pafs

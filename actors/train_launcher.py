@@ -13,7 +13,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from actors.checkpoints import LOG_FILE, MODEL_DIR, RUN_FILE, RunDir
+from actors.checkpoints import LOG_FILE, MODEL_DIR, RAY_SNAPSHOT, RUN_FILE, RunDir
 from actors.train_config import TrainConfig
 from align.runstate import replace_dir, write_atomic
 
@@ -64,6 +64,8 @@ def prepare_run(train: TrainConfig, storage_path: str, output_dir: Path, run_key
         for name in (LOG_FILE, "metrics.json", ".failed_once"):
             (output_dir / name).unlink(missing_ok=True)
         shutil.rmtree(output_dir / MODEL_DIR, ignore_errors=True)
+    else:  # it may name checkpoints pruned since; the workers pick the newest complete one themselves
+        run_dir.remove_file(RAY_SNAPSHOT)
     run_dir.write_text(RUN_FILE, json.dumps(run_key, indent=1, sort_keys=True, default=str))
     return resume
 
@@ -125,7 +127,8 @@ class ProgressPrinter:
         import threading
 
         self.run_dir, self.total, self.interval = run_dir, total_steps, interval
-        self.printed = 0  # the last step printed
+        text = run_dir.read_text(LOG_FILE) or ""  # a resumed run's earlier rows are not printed again
+        self.printed = max((json.loads(line)["step"] for line in text.splitlines()), default=0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="train-progress")
 

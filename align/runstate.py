@@ -80,9 +80,10 @@ def digest(obj: Any) -> str:
 
 def path_fingerprint(path: str | Path) -> str:
     """A hash of the names, sizes and modification times of every file under `path` (or of the file):
-    changes when the data does, without reading it."""
+    changes when the data does, without reading it. The cache files `datasets` may add next to a saved
+    dataset (cache-*.arrow) are not the data and are left out."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("cache-"))
     return digest([[str(p.relative_to(path) if p != path else p.name), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
 
 

@@ -58,8 +58,9 @@ def tokenize_pairs(ds, tokenizer, max_length: int):
     from align.pairs import tokenize_pair_batch
 
     fingerprint = tokenizer_fingerprint(tokenizer)
+    # In memory: a map over a saved dataset would otherwise write cache files into the source directory.
     ds = ds.map(lambda b: tokenize_pair_batch(tokenizer, b, max_length, fingerprint), batched=True,
-                desc="tokenizing pairs", load_from_cache_file=False)
+                desc="tokenizing pairs", load_from_cache_file=False, keep_in_memory=True)
     reused = "tokenizer" in ds.column_names and all(t == fingerprint for t in ds["tokenizer"])
     log.info("%d pairs: %s", len(ds), "the sampled token ids, as they were drawn" if reused else "tokenized from text")
     return ds

@@ -69,6 +69,11 @@ def test_train_bonbon_end_to_end_and_bon_loads_both(small_task, small_pairs, rew
     assert {"loss/sft", "loss/ipo", "beta"} <= set(metrics)
     bon = bon_over(out / "model", small_task, tmp_path / "bon", "reward.kind=classifier", f"reward.path={reward_model[0] / 'model'}")
     assert bon["prompts"] == 4
+    # The same command again: the saved-dataset source is unchanged (nothing was written into it), so
+    # the finished run is resumed at its last step, not refused as stale and not trained again.
+    assert not list(small_pairs.rglob("cache-*"))
+    again = run(job_config(BonbonJobConfig, "configs/train_bonbon.yaml", out, small_task, small_pairs / "bonbon", "bonbon.n=4"))
+    assert steps_logged(out) == [1, 2, 3] and again["loss"] == metrics["loss"]
 
 
 def test_train_dpo_soft_trdpo_end_to_end(small_task, small_pairs, tmp_path):

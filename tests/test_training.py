@@ -182,9 +182,10 @@ def test_resumes_from_the_newest_complete_checkpoint_not_the_registered_one(base
     run = Path(failing.train.run.storage_path) / "orphan"
     assert checkpoint_dirs(failing) == [("checkpoint_000001", True), ("checkpoint_000002", True)]
     snapshot = run / "checkpoint_manager_snapshot.json"
-    state = json.loads(snapshot.read_text())  # make the controller forget checkpoint 2
+    state = json.loads(snapshot.read_text())  # make the controller forget checkpoint 2 ...
     state["checkpoint_results"] = state["checkpoint_results"][:1]
     state["checkpoint_report_indices"] = state["checkpoint_report_indices"][:1]
+    state["checkpoint_results"][0]["checkpoint_dir_name"] = "checkpoint_000000"  # ... and know one pruned since
     state["latest_checkpoint_result"] = state["checkpoint_results"][0]
     snapshot.write_text(json.dumps(state))
     (run / "checkpoint_000009").mkdir()  # half-written by a rank that died: no marker
