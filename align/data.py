@@ -4,7 +4,6 @@ plain list of strings."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 DEFAULT = "default"
 

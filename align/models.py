@@ -6,7 +6,6 @@ AutoModel path as a real model; "default" only resolves to its directory (buildi
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 

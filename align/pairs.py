@@ -11,12 +11,10 @@ rejected_reward and n.
 """
 from __future__ import annotations
 
-import logging
 import random
 
 import torch
 
-log = logging.getLogger("sweetspot.pairs")
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "tokenizer", "temperature", "min_new_tokens")

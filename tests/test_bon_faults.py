@@ -1,7 +1,6 @@
 """Best-of-n survives dead actors and a dead driver: killed generators and scorers are replaced and
 their batches redrawn with the same seeds, and a rerun after the driver is killed finishes the same
 file an undisturbed run writes."""
-import json
 import os
 import signal
 import subprocess
