@@ -33,6 +33,7 @@ class PromptSamples:
     logprobs: list[float]  # log-prob of each completion under the sampling process that drew it
     tokenizer: str = ""  # fingerprint of the tokenizer the ids belong to (align.models.tokenizer_fingerprint)
     rewards: list[float] = field(default_factory=list)
+    drawn_tokens: int = 0  # tokens drawn for this prompt, continuations dropped on the way included
 
     @property
     def num_tokens(self) -> list[int]:
@@ -42,8 +43,11 @@ class PromptSamples:
 class Generator:
     """Owns a causal LM and its tokenizer on one device; `sample` draws n completions per prompt."""
 
-    def __init__(self, model_path, device: str = "auto", dtype: str = "auto", num_threads: int | None = None):
-        """model_path: an HF name, a directory, or an actors.cluster.ShippedDir (unpacked on this node)."""
+    def __init__(self, model_path, device: str = "auto", dtype: str = "auto", num_threads: int | None = None,
+                 cache: str = "auto", compile: bool = False):
+        """model_path: an HF name, a directory, or an actors.cluster.ShippedDir (unpacked on this node).
+        cache, compile: how decoding holds the shared prompt and whether its step is compiled
+        (`align.decoding.prefill`)."""
         from actors.cluster import local_dir
         from align.models import load_causal_lm, tokenizer_fingerprint
 
@@ -52,6 +56,7 @@ class Generator:
         self.model, self.tokenizer = load_causal_lm(local_dir(model_path), device=device, dtype=dtype)
         self.device = next(self.model.parameters()).device
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.cache, self.compile = cache, compile
 
     def sample(
         self,
@@ -62,36 +67,69 @@ class Generator:
         min_new_tokens: int = 0,
         stop_at_eos: bool = True,
         seed: int = 0,
+        rejection: dict | None = None,
     ) -> dict:
-        """n completions for each prompt (shared prefill). Returns {"samples": [PromptSamples], "seconds", "new_tokens"}."""
+        """n completions for each prompt (shared prefill). Returns {"samples": [PromptSamples], "seconds",
+        "new_tokens"}; new_tokens counts every token drawn, those of rejected continuations included.
+
+        rejection: speculative rejection (`align.speculative`), a dict with `rejection_rate`,
+        `decision_tokens` and `reward` (make_reward's kind, path, device). The last of the n rows is
+        an independent sample that is never rejected; each prompt ends with the survivors plus it.
+        """
         from align.models import encode_prompts
-        from align.sampling import sample_n
+        from align.sampling import NSampler
 
         start = time.perf_counter()
         ids, mask = encode_prompts(self.tokenizer, prompts, self.device)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        out = sample_n(
-            self.model,
-            ids,
-            mask,
-            n=n,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            min_new_tokens=min_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id if stop_at_eos else None,
-            pad_token_id=self.tokenizer.pad_token_id,
-            generator=gen,
-        )
+        with torch.no_grad():
+            sampler = NSampler(self.model, ids, mask, n, max_new_tokens, temperature, min_new_tokens,
+                               eos_token_id=self.tokenizer.eos_token_id if stop_at_eos else None,
+                               pad_token_id=self.tokenizer.pad_token_id, generator=gen, cache=self.cache,
+                               compile=self.compile)
+            if rejection:
+                self._reject(sampler, prompts, ids, mask, rejection)
+            out = sampler.run().samples()
         completion_ids = out.completion_ids()
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        logprobs = out.logprobs.tolist()
+        logprobs, m = out.logprobs.tolist(), out.n
+        drawn = sampler.drawn.view(len(prompts), n).sum(-1).tolist()  # per prompt, rows dropped on the way included
         samples = [
-            PromptSamples(p, ids[i][mask[i].bool()].tolist(), texts[i * n : (i + 1) * n],
-                          completion_ids[i * n : (i + 1) * n], logprobs[i * n : (i + 1) * n], self.fingerprint)
+            PromptSamples(p, ids[i][mask[i].bool()].tolist(), texts[i * m : (i + 1) * m],
+                          completion_ids[i * m : (i + 1) * m], logprobs[i * m : (i + 1) * m], self.fingerprint,
+                          drawn_tokens=drawn[i])
             for i, p in enumerate(prompts)
         ]
-        new_tokens = int(out.lengths.sum())
-        return {"samples": samples, "seconds": time.perf_counter() - start, "new_tokens": new_tokens}
+        return {"samples": samples, "seconds": time.perf_counter() - start, "new_tokens": int(sampler.drawn.sum())}
+
+    def _reject(self, sampler, prompts: list[str], ids: torch.Tensor, mask: torch.Tensor, rejection: dict) -> None:
+        """Run `sampler` to each decision point, score the partial completions with the configured
+        reward, and keep the best of every prompt's candidates (align.speculative)."""
+        from align.speculative import rows_to_keep, survivors
+
+        scorer = self._partial_scorer(**rejection["reward"])
+        points = rejection["decision_tokens"]
+        counts = survivors(sampler.n - 1, rejection["rejection_rate"], len(points))
+        for t, keep in zip(points, counts):
+            sampler.run(until=t)
+            if sampler.done:
+                break
+            m = sampler.n
+            partial = [row[k].tolist() for row, k in zip(sampler.tokens, sampler.mask)]
+            prompt_ids = [ids[i][mask[i].bool()].tolist() for i in range(len(prompts))]
+            rewards = scorer.score([p for p in prompts for _ in range(m)],
+                                   self.tokenizer.batch_decode(partial, skip_special_tokens=True),
+                                   [prompt_ids[j // m] + c for j, c in enumerate(partial)], self.fingerprint)
+            sampler.keep(rows_to_keep(torch.tensor(rewards).view(len(prompts), m), keep, exempt_last=True).to(self.device))
+
+    def _partial_scorer(self, kind: str, path=None, device: str = "auto"):
+        """The reward used on partial completions, built in this actor once per (kind, path)."""
+        from actors.scorer import RewardScorer
+
+        key = (kind, getattr(path, "digest", path), device)
+        if getattr(self, "_scorer_key", None) != key:
+            self._scorer, self._scorer_key = RewardScorer(kind, path, device), key
+        return self._scorer
 
 
 class GeneratorPool:
@@ -107,13 +145,15 @@ class GeneratorPool:
         device: str = "auto",
         dtype: str = "auto",
         max_retries: int = 3,
+        cache: str = "auto",
+        compile: bool = False,
     ):
         from actors.cluster import ship_dir
         from actors.resilient import ResilientActors
 
         threads = max(1, int(num_cpus_per_actor))
         # A local model directory travels through the object store: actors on any node can load it.
-        self.group = ResilientActors(Generator, num_actors, (ship_dir(model_path), device, dtype, threads),
+        self.group = ResilientActors(Generator, num_actors, (ship_dir(model_path), device, dtype, threads, cache, compile),
                                      options={"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor},
                                      max_retries=max_retries, name="Generator")
 

@@ -1,8 +1,8 @@
 """Training objectives as small objects: which model to build, whether a reference model runs live,
 and how a collated batch of pairs becomes (loss, metrics) through the pure losses in align/losses.
 
-A batch holds chosen rows then rejected rows (2B rows, align.pairs.collate_pairs), so one forward pass
-scores both sides. The trainer loop knows nothing about any particular loss.
+A batch holds one prefix-shared row per pair (align.pairs.collate_packed_pairs: the prompt computed once)
+or chosen rows then rejected rows (2B rows, collate_pairs); one forward pass scores both sides. The trainer loop knows nothing about any particular loss.
 """
 from __future__ import annotations
 
@@ -14,13 +14,30 @@ from align import losses
 
 
 def pair_logps(model, batch, eos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen logps, rejected logps, chosen lengths), each (B,), from one forward over 2B rows,
-    under the sampling process the pairs were drawn with (temperature, eos blocked early)."""
+    """(chosen logps, rejected logps, chosen lengths), each (B,), under the sampling process the pairs
+    were drawn with (temperature, eos blocked early): from one forward over B prefix-shared rows
+    (align.pairs.collate_packed_pairs) or over 2B rows (collate_pairs)."""
+    if "packed" in batch:
+        return packed_pair_logps(model, batch, eos_token_id)
     logps, lengths = losses.model_sequence_logps(
         model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
         temperature=batch["temperature"], eos_token_id=eos_token_id, eos_blocked=batch["eos_blocked"])
     b = logps.shape[0] // 2
     return logps[:b], logps[b:], lengths[:b]
+
+
+def packed_pair_logps(model, batch, eos_token_id: int | None = None):
+    """pair_logps of prefix-shared rows: the LM head runs only on the kept columns."""
+    allowed = batch["attention_4d"]
+    dtype = next(model.parameters()).dtype
+    # An additive mask: eager attention adds it, sdpa accepts it, and no softmax row is all -inf.
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                   logits_to_keep=int(batch["logits_to_keep"])).logits  # (B, keep, V)
+    process = dict(temperature=batch["temperature"], eos_token_id=eos_token_id, eos_blocked=batch["blocked"])
+    c, lengths = losses.gathered_logps(logits, batch["chosen_src"], batch["chosen_targets"], batch["chosen_mask"], **process)
+    r, _ = losses.gathered_logps(logits, batch["rejected_src"], batch["rejected_targets"], batch["rejected_mask"], **process)
+    return c, r, lengths
 
 
 @torch.no_grad()

@@ -76,6 +76,7 @@ class TrainConfig:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     run: RunConfig = field(default_factory=RunConfig)
     disable_dropout: bool = True  # as TRL: dropout makes policy and reference disagree at theta = theta_ref
+    prefix_sharing: bool = True  # policy objectives: one row per pair, the prompt computed once (align.pairs.collate_packed_pairs)
     save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the final model's weights (from fp32 masters)
     fail_once_at_step: int | None = None  # testing: the last rank raises once, during this (1-based) step
 

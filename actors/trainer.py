@@ -138,7 +138,8 @@ def rewrite_log(run_dir, edit) -> None:
 
 
 @torch.no_grad()
-def reference_table(model, data, micro: int, pad_id: int, eos_id: int | None, rank: int, world: int, device) -> torch.Tensor:
+def reference_table(model, data, micro: int, pad_id: int, eos_id: int | None, rank: int, world: int, device,
+                    collate) -> torch.Tensor:
     """(N, 2) log-probs of (chosen, rejected) for every pair under `model` at step 0, the frozen
     reference: each rank scores every world-th pair and an all-gather assembles the table, so the
     work is spread over the workers and no model runs on the driver. Every rank runs the same number
@@ -146,7 +147,6 @@ def reference_table(model, data, micro: int, pad_id: int, eos_id: int | None, ra
     import torch.distributed as dist
 
     from actors.objectives import pair_logps
-    from align.pairs import collate_pairs
 
     n = len(data)
     per_rank = -(-n // world)
@@ -157,7 +157,7 @@ def reference_table(model, data, micro: int, pad_id: int, eos_id: int | None, ra
     values = []
     for i in range(0, per_rank, micro):
         chunk = mine[i : i + micro]
-        batch = collate_pairs([data[max(j, 0)] for j in chunk], pad_id)
+        batch = collate([data[max(j, 0)] for j in chunk], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         c, r, _ = pair_logps(model, batch, eos_id)
         values.append(torch.stack([c, r], 1).float())
@@ -191,13 +191,15 @@ def train_worker(config: dict) -> None:
     from actors.cluster import local_dir
     from actors.objectives import make_objective
     from align.models import build_model_for, load_tokenizer
-    from align.pairs import collate_pairs
+    from align.pairs import collate_packed_pairs, collate_pairs
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed renames, inside DeepSpeed
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train = config["train"]
     objective = make_objective(config["objective"], config["objective_params"])
+    packed = train.get("prefix_sharing", True) and objective.kind == "causal_lm"
+    collate = collate_packed_pairs if packed else collate_pairs
     use_gpu = train["workers"]["use_gpu"] and torch.cuda.is_available()
     bf16 = use_gpu if train["deepspeed"]["bf16"] == "auto" else bool(train["deepspeed"]["bf16"])
     zero_stage = train["deepspeed"]["zero_stage"]
@@ -245,14 +247,14 @@ def train_worker(config: dict) -> None:
         run_dir.remove_incomplete()
     if objective.stored_reference and ref_logps is None:
         ref_logps = reference_table(engine.module, data, micro, tokenizer.pad_token_id, tokenizer.eos_token_id, rank,
-                                    world, engine.device)
+                                    world, engine.device, collate)
 
     fail_at = train.get("fail_once_at_step")
     marker = Path(config["output_dir"]) / ".failed_once"
     tokens, t0 = 0, time.perf_counter()
     while step < train["steps"]:
         idx = batch_indices(step, train["batch_size"], len(data), train["seed"])[rank * micro : (rank + 1) * micro]
-        batch = collate_pairs([data[int(i)] for i in idx], tokenizer.pad_token_id)
+        batch = collate([data[int(i)] for i in idx], tokenizer.pad_token_id)
         if ref_logps is not None:
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_logps[idx, 0], ref_logps[idx, 1]
         batch = {k: v.to(engine.device) for k, v in batch.items()}
@@ -266,7 +268,7 @@ def train_worker(config: dict) -> None:
         engine.backward(loss)
         engine.step()
         step += 1
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(batch["num_tokens"])  # prompt + completion of both sides, however they are laid out
         if objective.ref_update != "none" and step % objective.ref_tau == 0:
             update_reference(engine.module, ref_model, objective.ref_update, objective.ref_alpha, zero_stage)
 

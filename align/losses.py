@@ -316,6 +316,40 @@ def sequence_logps(
     return logps, mask.sum(-1)
 
 
+def gathered_logps(
+    logits: Tensor,
+    src: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    temperature: Tensor | float = 1.0,
+    eos_token_id: int | None = None,
+    eos_blocked: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sum of log-probs of `targets` where each is predicted by logits column `src`: the scoring of a
+    prefix-shared row (align.pairs.collate_packed_pairs), where one column can predict tokens of both
+    sides. Same process as ``sequence_logps`` (temperature, eos blocked per column).
+
+    Args:
+        logits: (B, K, V). src, targets: (B, T) int64 (column in K, token id); mask: (B, T) bool.
+        temperature: a float or (B,) per-row temperatures. eos_blocked: (B, K) bool per column.
+
+    Returns:
+        logps (B,) float32 (float64 for float64 logits) and lengths (B,) int64.
+    """
+    from align.sampling import process_logits
+
+    B, K, V = logits.shape
+    if torch.is_tensor(temperature):
+        temperature = temperature.to(logits.device, logits.dtype).view(-1, 1, 1)
+    logits = process_logits(logits, temperature, eos_token_id, eos_blocked.bool() if eos_blocked is not None else False)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    lse = torch.logsumexp(logits.to(dtype), dim=-1)  # (B, K), once per column whichever side uses it
+    src, targets = torch.where(mask, src, 0), torch.where(mask, targets, 0)
+    picked = logits.reshape(B, K * V).gather(1, src * V + targets).to(dtype)  # (B, T)
+    token_logps = picked - lse.gather(1, src)
+    return torch.where(mask, token_logps, 0.0).sum(-1), mask.sum(-1)
+
+
 def model_sequence_logps(
     model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, **process
 ) -> tuple[Tensor, Tensor]:

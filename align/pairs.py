@@ -141,7 +141,66 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
     batch = {k: torch.cat([widen(c[k], v), widen(r[k], v)])
              for k, v in (("input_ids", pad_id), ("attention_mask", 0), ("loss_mask", False), ("eos_blocked", False))}
     batch["temperature"] = torch.tensor([e.get("temperature", 1.0) for e in examples] * 2, dtype=torch.float32)
+    batch["num_tokens"] = batch["attention_mask"].sum()
     for k in ("ref_chosen_logps", "ref_rejected_logps"):
         if k in examples[0]:
             batch[k] = torch.tensor([e[k] for e in examples], dtype=torch.float32)
     return batch
+
+
+def collate_packed_pairs(examples: list[dict], pad_id: int) -> dict:
+    """Prefix sharing (Wang et al., "Accelerating Direct Preference Optimization with Prefix Sharing",
+    arXiv 2410.20305): each pair is one row [prompt | chosen | rejected], so the prompt is computed once
+    for both sides.
+
+    Prompts are left-padded to end at the same column P, so every position the loss needs is in the
+    last `logits_to_keep` = W - P + 1 columns and the LM head runs only there. Rejected tokens restart
+    their positions after the prompt and attend to the prompt and to earlier rejected tokens, never to
+    chosen ones (`attention_4d`, (B, 1, W, W), True where a query may attend a key), so each side sees
+    exactly what it would in its own sequence. For each side, `<side>_src` (B, T) says which kept
+    column predicts each of its tokens `<side>_targets`; `blocked` (B, keep) marks kept columns whose
+    prediction was drawn with end-of-sequence blocked (the first min_new_tokens of either side).
+    """
+    B = len(examples)
+    prompts = [e["chosen_input_ids"][: e["chosen_prompt_len"]] for e in examples]
+    sides = {side: [e[f"{side}_input_ids"][e[f"{side}_prompt_len"] :] for e in examples] for side in ("chosen", "rejected")}
+    for e, p in zip(examples, prompts):
+        if e["rejected_input_ids"][: e["rejected_prompt_len"]] != p:
+            raise ValueError("prefix sharing needs chosen and rejected to share their prompt tokens")
+    P = max(len(p) for p in prompts)
+    W = P + max(len(c) + len(r) for c, r in zip(sides["chosen"], sides["rejected"]))
+    keep = W - P + 1
+    ids = torch.full((B, W), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, W), dtype=torch.long)
+    seg = torch.full((B, W), -1, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, -1 padding
+    widths = {side: max(1, max(len(c) for c in sides[side])) for side in sides}
+    out = {f"{side}_{k}": torch.zeros((B, widths[side]), dtype=dt) for side in sides
+           for k, dt in (("src", torch.long), ("targets", torch.long), ("mask", torch.bool))}
+    blocked = torch.zeros((B, keep), dtype=torch.bool)
+    for i, (p, e) in enumerate(zip(prompts, examples)):
+        c, r, lp = sides["chosen"][i], sides["rejected"][i], len(p)
+        ids[i, P - lp : P], pos[i, P - lp : P], seg[i, P - lp : P] = torch.tensor(p, dtype=torch.long), torch.arange(lp), 0
+        for side, toks, start, label in (("chosen", c, P, 1), ("rejected", r, P + len(c), 2)):
+            n = len(toks)
+            if n == 0:
+                continue
+            ids[i, start : start + n] = torch.tensor(toks, dtype=torch.long)
+            pos[i, start : start + n] = lp + torch.arange(n)
+            seg[i, start : start + n] = label
+            # Token j of a side is predicted at column P - 1 (the prompt's last) for j = 0, else at the
+            # side's own column start + j - 1; kept columns are counted from P - 1.
+            src = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start, start + n - 1) - (P - 1)])
+            out[f"{side}_src"][i, :n], out[f"{side}_targets"][i, :n], out[f"{side}_mask"][i, :n] = src, torch.tensor(toks), True
+            blocked[i, src[: e.get("min_new_tokens", 0)]] = True
+    q, k = seg[:, :, None], seg[:, None, :]  # (B, W, 1), (B, 1, W)
+    causal = torch.ones(W, W, dtype=torch.bool).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(W, dtype=torch.bool) & (q < 0)  # padding attends to itself: no empty softmax row
+    out.update(input_ids=ids, position_ids=pos, attention_4d=allowed[:, None], blocked=blocked,
+               logits_to_keep=torch.tensor(keep), packed=torch.tensor(True),
+               num_tokens=torch.tensor(sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in examples)))
+    out["temperature"] = torch.tensor([e.get("temperature", 1.0) for e in examples], dtype=torch.float32)
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        if key in examples[0]:
+            out[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+    return out

@@ -1,12 +1,11 @@
-"""n completions per prompt from one prefill: the prompt's KV cache is computed once and shared.
+"""n completions per prompt from one prefill, and the one decode loop every sampler shares.
 
 The naive way to draw n samples repeats every prompt n times and pays the prefill n times (HF
-`generate(num_return_sequences=n)` does this). Here the prompts are prefilled once, the cache is
-expanded in place to n adjacent copies per prompt (`DynamicCache.batch_repeat_interleave`), and the
-decode loop runs on P*n rows. Left padding needs explicit position ids (the cumsum of the attention
-mask) at prefill and at every step; the mask is expanded with repeat_interleave, never repeat, so the
-n copies of prompt p sit in rows p*n .. p*n+n-1 (.repeat would silently mix prompts; dropping the
-position ids in decode misaligns positions).
+`generate(num_return_sequences=n)` does this). Here the prompts are prefilled once and the decode loop
+runs on P*n rows (rows p*n .. p*n+n-1 belong to prompt p); how each model's cache holds the shared
+prompt is `align.decoding`'s business (by default its keys and values are kept once per prompt).
+`NSampler` is the loop: plain sampling, DeRa (several models, logits mixed per row) and speculative
+rejection (drop rows between steps) are variations of its models, `mix` and `keep`, not copies of it.
 
 Tokens are drawn by inverse CDF (cumsum, then searchsorted on one uniform per row), which is exact
 and much cheaper than torch.multinomial over a large vocabulary.
@@ -16,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 
 @dataclass
@@ -62,12 +60,193 @@ def process_logits(logits: torch.Tensor, temperature=1.0, eos_token_id: int | No
     return out
 
 
-def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one index per row of `probs` (B, V) (rows need not be normalised); returns (B,)."""
-    cdf = probs.cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, generator=generator, dtype=cdf.dtype)
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    return idx.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+def draw_tokens(logits: torch.Tensor, temperature=1.0, eos_token_id: int | None = None, eos_blocked: bool = False,
+                generator: torch.Generator | None = None, chunk_rows: int | None = None,
+                block: int = 256, u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of logits (B, V) from softmax(`process_logits`), and its log-prob under that
+    distribution: (B,) ids and (B,) float32.
+
+    Exact inverse-CDF sampling in two levels: the unnormalised probabilities are summed in blocks of
+    `block` tokens, a block is picked by searching the running sum of the block sums, and a token
+    inside it by searching that block's own running sum. This replaces a sequential scan over the
+    whole vocabulary with a vectorised reduction. One uniform per row is drawn up front (the same stream
+    whatever the chunking), or passed as u (B, 1); rows are processed in chunks so the (rows, V)
+    temporaries stay small.
+    """
+    B, V = logits.shape
+    nb = -(-V // block)
+    if u is None:
+        u = torch.rand(B, 1, device=logits.device, generator=generator, dtype=torch.float32)
+    chunk = chunk_rows or max(1, (1 << 22) // V)  # about 16 MB of float32 per temporary
+    tokens = torch.empty(B, dtype=torch.long, device=logits.device)
+    logps = torch.empty(B, dtype=torch.float32, device=logits.device)
+    for i in range(0, B, chunk):
+        scaled = process_logits(logits[i : i + chunk], temperature, eos_token_id, eos_blocked)  # (c, V)
+        c = scaled.shape[0]
+        top = scaled.amax(-1, keepdim=True)  # (c, 1)
+        probs = scaled.new_empty(c, nb * block)  # unnormalised; the padding past V has probability 0
+        probs[:, V:] = 0.0
+        torch.sub(scaled, top, out=probs[:, :V]).exp_()
+        blocks = probs.view(c, nb, block)
+        block_cdf = blocks.sum(-1).cumsum_(-1)  # (c, nb)
+        total = block_cdf[:, -1:]  # (c, 1)
+        target = u[i : i + chunk] * total
+        b = torch.searchsorted(block_cdf, target, right=True)  # first block whose running sum exceeds target
+        last_block = torch.where(block_cdf > torch.cat([torch.zeros_like(total), block_cdf[:, :-1]], 1),
+                                 torch.arange(nb, device=b.device), 0).amax(-1, keepdim=True)
+        b = torch.minimum(b, last_block)  # u * total rounding up to total must not land past the last mass
+        inside = blocks.gather(1, b[:, :, None].expand(c, 1, block))[:, 0]  # (c, block)
+        before = torch.where(b > 0, block_cdf.gather(1, (b - 1).clamp(min=0)), 0.0)
+        j = torch.searchsorted(inside.cumsum(-1), target - before, right=True)
+        last = torch.where(inside > 0, torch.arange(block, device=b.device), 0).amax(-1, keepdim=True)
+        tok = b * block + torch.minimum(j, last)  # (c, 1), never a token of probability 0
+        tokens[i : i + chunk] = tok[:, 0]
+        logps[i : i + chunk] = (scaled.gather(-1, tok) - top - total.log())[:, 0]
+    return tokens, logps
+
+
+@torch.no_grad()
+def draw_from_hidden(weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor, u: torch.Tensor,
+                     temperature=1.0, eos_token_id: int | None = None, eos_blocked: bool = False, block: int = 256,
+                     chunk: int = 4096, buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draw_tokens` fused with the LM head: one token per row from softmax((hidden @ W^T + b) / T)
+    without materialising the (B, V) logits. Exact, and on a CPU much cheaper for a large vocabulary.
+
+    The head runs over chunks of the vocabulary (W_c @ h^T, (chunk, B), written into `buffer`, a
+    (ceil(V/block)*block, B) tensor whose padding rows are 0); while a chunk is in cache it is
+    exponentiated against its own maximum m_c and summed in blocks. The block sums are then rescaled
+    by exp(m_c - m) to the global maximum m, a block is picked by inverse CDF over them, and a token
+    inside it from its stored values. The chosen token's logit is recomputed as one dot product per row
+    for its log-prob: logit/T - m - log(sum exp(logit/T - m)).
+    weight (V, d), bias (V,) or None, hidden (B, d), u (B, 1) uniforms. Returns (B,) ids and log-probs.
+    """
+    V, B = weight.shape[0], hidden.shape[0]
+    nb = -(-V // block)
+    chunk = max(block, chunk // block * block)  # chunks hold whole blocks
+    if buffer is None or buffer.shape != (nb * block, B):
+        buffer = hidden.new_zeros(nb * block, B)
+    hT = hidden.t()
+    sums = hidden.new_empty(nb, B)
+    maxes, spans = [], []
+    for c0 in range(0, V, chunk):
+        c1 = min(c0 + chunk, V)
+        x = torch.mm(weight[c0:c1], hT, out=buffer[c0:c1])  # (c, B) logits of this chunk
+        if bias is not None:
+            x.add_(bias[c0:c1, None])
+        if temperature != 1.0:
+            x.div_(temperature)
+        if eos_blocked and eos_token_id is not None and c0 <= eos_token_id < c1:
+            x[eos_token_id - c0].fill_(float("-inf"))
+        m = x.amax(0)  # (B,)
+        x.sub_(m.nan_to_num(neginf=0.0)).exp_()
+        b0, b1 = c0 // block, -(-c1 // block)
+        sums[b0:b1] = buffer[c0 : b1 * block].view(b1 - b0, block, B).sum(1)  # the padding rows add 0
+        maxes.append(m)
+        spans.append(b1 - b0)
+    M = torch.stack(maxes)  # (chunks, B)
+    top = M.amax(0)  # (B,)
+    scale = torch.where(torch.isneginf(M), 0.0, torch.exp(M - top))  # a chunk with no mass scales to 0
+    block_scale = scale.repeat_interleave(torch.tensor(spans, device=scale.device), 0)  # (nb, B)
+    block_cdf = (sums * block_scale).cumsum_(0)  # (nb, B)
+    total = block_cdf[-1]  # (B,)
+    target = u[:, 0] * total
+    blocks = torch.arange(nb, device=hidden.device)[:, None]
+    b = (block_cdf <= target).sum(0)  # the first block whose running sum exceeds the target
+    has_mass = torch.cat([block_cdf[:1], block_cdf[1:] - block_cdf[:-1]]) > 0
+    b = torch.minimum(b, torch.where(has_mass, blocks, 0).amax(0))  # rounding must not land past the last mass
+    offsets = torch.arange(block, device=hidden.device)[:, None]
+    inside = buffer.gather(0, b[None] * block + offsets) * block_scale.gather(0, b[None])  # (block, B)
+    before = torch.where(b > 0, block_cdf.gather(0, (b - 1).clamp(min=0)[None])[0], 0.0)
+    j = (inside.cumsum(0) <= (target - before)[None]).sum(0)
+    j = torch.minimum(j, torch.where(inside > 0, offsets, 0).amax(0))  # never a token of probability 0
+    tok = b * block + j
+    logit = (weight[tok] * hidden).sum(-1)
+    if bias is not None:
+        logit = logit + bias[tok]
+    return tok, logit / temperature - top - total.log()
+
+
+class NSampler:
+    """The decode loop every sampler shares: n continuations per prompt from one prefill of each model.
+
+    models: one causal LM, or several decoding the same rows in lockstep (DeRa mixes a reference and an
+    aligned model); `mix(logits_list, rows)` turns their (B, V) logits into the logits drawn from,
+    `rows` being the original row index of each current row (default: the first model's logits).
+    Tokens are drawn by `draw_tokens`; log-probs are those of the process (`process_logits`). A row
+    that emits EOS is finished (later tokens are pad and masked out); finished rows stay in the batch
+    until `keep` drops them or every row is done. `run(until)` decodes up to `until` tokens, so a
+    caller can look at partial completions and `keep` some rows (speculative rejection) in between.
+    """
+
+    def __init__(self, models, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, max_new_tokens: int,
+                 temperature: float = 1.0, min_new_tokens: int = 0, eos_token_id: int | None = None,
+                 pad_token_id: int = 0, generator: torch.Generator | None = None, mix=None, cache: str = "auto",
+                 compile: bool = False):
+        if n < 1 or max_new_tokens < 1 or temperature <= 0:
+            raise ValueError(f"need n >= 1, max_new_tokens >= 1, temperature > 0; got {n}, {max_new_tokens}, {temperature}")
+        from align.decoding import prefill
+
+        models = list(models) if isinstance(models, (list, tuple)) else [models]
+        self.states = [prefill(m, input_ids, attention_mask, n, max_new_tokens - 1, cache, compile) for m in models]
+        self.num_prompts, self.n, self.max_new_tokens = input_ids.shape[0], n, max_new_tokens
+        self.temperature, self.min_new_tokens = temperature, min_new_tokens
+        self.eos_token_id, self.pad_token_id, self.generator, self.mix = eos_token_id, pad_token_id, generator, mix
+        rows, device = self.num_prompts * n, input_ids.device
+        self.tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        self.mask = torch.zeros((rows, max_new_tokens), dtype=torch.bool, device=device)
+        self.logprobs = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.alive = torch.ones(rows, dtype=torch.bool, device=device)
+        self.rows = torch.arange(rows, device=device)  # original row index of every current row
+        self.drawn = torch.zeros(rows, dtype=torch.long, device=device)  # tokens drawn per original row, dropped rows too
+        self.t = 0  # tokens drawn so far per row
+
+    @property
+    def done(self) -> bool:
+        return self.t >= self.max_new_tokens or not bool(self.alive.any())
+
+    def step(self) -> None:
+        """Draw token t for every row and feed it back (unless it was the last)."""
+        t, alive, blocked = self.t, self.alive, self.t < self.min_new_tokens
+        u = torch.rand(alive.shape[0], 1, device=alive.device, generator=self.generator, dtype=torch.float32)
+        drawn = None if self.mix else self.states[0].draw(u, self.temperature, self.eos_token_id, blocked)
+        if drawn is None:
+            logits = self.mix([s.logits for s in self.states], self.rows) if self.mix else self.states[0].logits
+            drawn = draw_tokens(logits, self.temperature, self.eos_token_id, blocked, u=u)
+        tok, logp = drawn
+        self.tokens[:, t] = torch.where(alive, tok, self.pad_token_id)
+        self.mask[:, t] = alive
+        self.drawn.index_add_(0, self.rows, alive.long())
+        self.logprobs += torch.where(alive, logp, 0.0)
+        if self.eos_token_id is not None:
+            alive &= tok != self.eos_token_id
+        self.t += 1
+        if not self.done:
+            for s in self.states:
+                s.step(tok)  # finished rows keep drawing; their tokens are dropped above
+
+    def run(self, until: int | None = None) -> "NSampler":
+        """Decode until `until` tokens per row (default max_new_tokens) or every row has finished."""
+        until = self.max_new_tokens if until is None else min(until, self.max_new_tokens)
+        while self.t < until and not self.done:
+            self.step()
+        return self
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the current rows `rows` (sorted, the same number for every prompt)."""
+        rows = torch.as_tensor(rows, device=self.tokens.device)
+        m = rows.numel() // self.num_prompts
+        prompt_of = rows // self.n
+        if rows.numel() != m * self.num_prompts or not torch.equal(prompt_of, torch.arange(self.num_prompts, device=rows.device).repeat_interleave(m)):
+            raise ValueError(f"keep needs the same number of rows for each of {self.num_prompts} prompts, sorted by prompt")
+        for name in ("tokens", "mask", "logprobs", "alive", "rows"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+        if not self.done:
+            for s in self.states:
+                s.keep_rows(rows)
+        self.n = m
+
+    def samples(self) -> "Samples":
+        return Samples(tokens=self.tokens, mask=self.mask, logprobs=self.logprobs, n=self.n)
 
 
 @torch.no_grad()
@@ -82,6 +261,8 @@ def sample_n(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     generator: torch.Generator | None = None,
+    cache: str = "auto",
+    compile: bool = False,
 ) -> Samples:
     """Sample n continuations for each of P left-padded prompts with a single prefill.
 
@@ -90,54 +271,10 @@ def sample_n(
     i.i.d. draws from pi_0 itself). eos is blocked for the first `min_new_tokens` tokens; a row that
     emits eos stops (later tokens are pad and masked out). eos_token_id=None never stops early.
     `logprobs` are those of this process (`process_logits`), the distribution each token came from.
+    cache: "auto" | "shared_prefix" | "expanded"; compile: torch.compile the decode step (`align.decoding`).
     """
-    if n < 1 or max_new_tokens < 1 or temperature <= 0:
-        raise ValueError(f"need n >= 1, max_new_tokens >= 1, temperature > 0; got {n}, {max_new_tokens}, {temperature}")
-    device = input_ids.device
-    attention_mask = attention_mask.to(device=device, dtype=torch.long)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp_(min=0)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        cache=DynamicCache(),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = out.cache
-    cache.batch_repeat_interleave(n)  # (P, ...) -> (P*n, ...), copies of a prompt adjacent
-    logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # (P*n, V)
-    attention_mask = attention_mask.repeat_interleave(n, 0)  # (P*n, L)
-    next_pos = attention_mask.sum(-1, keepdim=True)  # (P*n, 1) position of the first new token
-
-    rows = logits.shape[0]
-    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros((rows, max_new_tokens), dtype=torch.bool, device=device)
-    logprobs = torch.zeros(rows, dtype=torch.float32, device=device)
-    alive = torch.ones(rows, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        scaled = process_logits(logits, temperature, eos_token_id, t < min_new_tokens)  # (P*n, V)
-        logp = torch.log_softmax(scaled, -1)  # the distribution this token is drawn from
-        probs = logp.exp()
-        tok = inverse_cdf_sample(probs, generator)  # finished rows keep drawing; their tokens are dropped
-        tokens[:, t] = torch.where(alive, tok, torch.full_like(tok, pad_token_id))
-        mask[:, t] = alive
-        logprobs += torch.where(alive, logp.gather(-1, tok[:, None]).squeeze(-1), 0.0)
-        if eos_token_id is not None:
-            alive &= tok != eos_token_id
-        if t == max_new_tokens - 1 or not alive.any():
-            break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], -1)
-        out = model(
-            input_ids=tok[:, None],
-            attention_mask=attention_mask,
-            position_ids=next_pos + t,
-            cache=cache,
-            use_cache=True,
-        )
-        cache = out.cache
-        logits = out.logits[:, -1].float()
-    return Samples(tokens=tokens, mask=mask, logprobs=logprobs, n=n)
+    return NSampler(model, input_ids, attention_mask, n, max_new_tokens, temperature, min_new_tokens, eos_token_id,
+                    pad_token_id, generator, cache=cache, compile=compile).run().samples()
 
 
 @torch.no_grad()

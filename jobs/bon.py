@@ -88,11 +88,28 @@ class PoolConfig:
     num_cpus_per_actor: float = 1
     num_gpus_per_actor: float = 0
     batch_size: int = 16  # prompts per actor call (each yields batch_size * (n + 1) rows)
+    cache: Literal["auto", "shared_prefix", "expanded"] = "auto"  # how decoding holds the shared prompt
+    compile: bool = False  # torch.compile the decode step (pays a compilation in every actor)
 
     def __post_init__(self):
         require(self.num_actors >= 1, "num_actors", "an integer >= 1", self.num_actors)
         require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         require(self.num_cpus_per_actor > 0 or self.num_gpus_per_actor > 0, "num_cpus_per_actor", "> 0 (or num_gpus_per_actor > 0)", self.num_cpus_per_actor)
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative rejection (align.speculative): sampling.n continuations start, the partial ones are
+    scored with the configured reward at each decision point and the lowest rejection_rate dropped."""
+
+    rejection_rate: float = 0.5  # fraction of the running candidates dropped at each decision point
+    decision_tokens: list[int] = field(default_factory=lambda: [8])  # completion lengths of the decision points
+
+    def __post_init__(self):
+        require(0 <= self.rejection_rate < 1, "rejection_rate", "a number in [0, 1)", self.rejection_rate)
+        ok = len(self.decision_tokens) >= 1 and all(t >= 1 for t in self.decision_tokens)
+        ok = ok and all(a < b for a, b in zip(self.decision_tokens, self.decision_tokens[1:]))
+        require(ok, "decision_tokens", "a non-empty, strictly increasing list of integers >= 1", self.decision_tokens)
 
 
 @dataclass
@@ -102,27 +119,39 @@ class BonConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    selection: Literal["argmax", "speculative_rejection"] = "argmax"  # how the answer is picked from the n samples
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # used when selection is speculative_rejection
     seed: int = 0
     output_dir: str = "outputs/bon"
     num_examples: int = 3  # sample completions printed at the end
     ray_address: str | None = None  # null: connect to RAY_ADDRESS if set, else start a local Ray
     resume: Literal["auto", "never", "must"] = "auto"  # reuse samples of an interrupted run with the same config
 
+    def __post_init__(self):
+        last = self.speculative.decision_tokens[-1]
+        require(self.selection != "speculative_rejection" or last < self.sampling.max_new_tokens, "speculative.decision_tokens",
+                f"decision points below sampling.max_new_tokens ({self.sampling.max_new_tokens})", self.speculative.decision_tokens)
+        require(self.selection != "speculative_rejection" or self.sampling.n >= 2, "sampling.n",
+                "an integer >= 2 with speculative_rejection (there must be something to reject)", self.sampling.n)
+
 
 # Knobs that change where or how fast samples are drawn, not which: a run may resume under other values.
 NOT_IN_RESULT = ("output_dir", "num_examples", "ray_address", "resume", "model.device", "reward.device",
-                 "reward.num_cpus", "pool.num_actors", "pool.num_cpus_per_actor", "pool.num_gpus_per_actor")
+                 "reward.num_cpus", "pool.num_actors", "pool.num_cpus_per_actor", "pool.num_gpus_per_actor",
+                 "pool.cache", "pool.compile")
 
 
-def record(s, index: int, batch: int, n: int, cfg: BonConfig) -> dict:
-    """One samples.jsonl line: the n BoN samples of a prompt (token ids, text, process log-probs,
-    rewards), the chosen index, and the independent pi_0 sample drawn with them."""
+def record(s, index: int, batch: int, cfg: BonConfig) -> dict:
+    """One samples.jsonl line: the BoN candidates of a prompt (token ids, text, process log-probs,
+    rewards; all n, or the survivors of speculative rejection), the chosen index, the tokens drawn for
+    them, and the independent pi_0 sample drawn with them (always the last)."""
     from align.bon import bon_select
 
+    n = len(s.completions) - 1
     chosen = int(bon_select(torch.tensor([s.rewards[:n]], dtype=torch.float64))[0])
     return {"index": index, "batch": batch, "prompt": s.prompt, "prompt_ids": s.prompt_ids,
             "completions": s.completions[:n], "completion_ids": s.completion_ids[:n], "rewards": s.rewards[:n],
-            "logprobs": s.logprobs[:n], "chosen": chosen, "pi0_completion": s.completions[n],
+            "logprobs": s.logprobs[:n], "chosen": chosen, "drawn_tokens": s.drawn_tokens - len(s.completion_ids[n]), "pi0_completion": s.completions[n],
             "pi0_completion_ids": s.completion_ids[n], "pi0_reward": s.rewards[n], "pi0_logprob": s.logprobs[n],
             "temperature": cfg.sampling.temperature,
             "min_new_tokens": cfg.sampling.min_new_tokens if cfg.sampling.stop_at_eos else 0, "tokenizer": s.tokenizer}
@@ -145,8 +174,9 @@ def read_records(path: Path, batch_sizes: dict[int, int]) -> dict[int, dict]:
     return {r["index"]: r for b, rs in per_batch.items() if len(rs) == batch_sizes.get(b) for r in rs}
 
 
-def summarize(records: list[dict], n: int, seconds: float, new_tokens: int, vocabulary: set[str] | None) -> dict:
-    """BoN vs pi_0 metrics from samples.jsonl records (n scored samples plus one pi_0 sample each)."""
+def summarize(records: list[dict], n: int, seconds: float, new_tokens: int, vocabulary: set[str] | None,
+              selection: str = "argmax") -> dict:
+    """BoN vs pi_0 metrics from samples.jsonl records (scored candidates plus one pi_0 sample each)."""
     from align.bon import bon_win_rate_closed_form, tie_rate, win_rate
 
     bon_r = torch.tensor([r["rewards"][r["chosen"]] for r in records], dtype=torch.float64)
@@ -154,11 +184,13 @@ def summarize(records: list[dict], n: int, seconds: float, new_tokens: int, voca
     metrics = {
         "prompts": len(records),
         "n": n,
+        "selection": selection,
         "win_rate_bon_vs_pi0": float(win_rate(bon_r, base_r)),
-        "win_rate_closed_form": bon_win_rate_closed_form(n),
+        "win_rate_closed_form": bon_win_rate_closed_form(n) if selection == "argmax" else None,
         "tie_rate": float(tie_rate(bon_r, base_r)),
         "mean_reward_bon": bon_r.mean().item(),
         "mean_reward_pi0": base_r.mean().item(),
+        "drawn_tokens_per_prompt": sum(r["drawn_tokens"] for r in records) / len(records),  # candidates only
         "new_tokens": new_tokens,
         "tokens_per_s": new_tokens / seconds if seconds > 0 else None,
         "sampling_seconds": seconds,
@@ -176,10 +208,13 @@ def print_report(metrics: dict, records: list[dict], n: int, k: int, stride: int
              if metrics["tokens_per_s"] else "n/a (every prompt reused from the previous run)")
     rows = [
         ("prompts x samples", f"{metrics['prompts']} x {n + 1}"),
-        (f"win rate BoN(n={n}) vs pi_0", f"{metrics['win_rate_bon_vs_pi0']:.3f}  (closed form n/(n+1) = {metrics['win_rate_closed_form']:.3f}, no ties)"),
+        (f"win rate BoN(n={n}) vs pi_0", f"{metrics['win_rate_bon_vs_pi0']:.3f}" + (
+            f"  (closed form n/(n+1) = {metrics['win_rate_closed_form']:.3f}, no ties)" if metrics["win_rate_closed_form"] else
+            f"  ({metrics['selection']})")),
         ("tie rate", f"{metrics['tie_rate']:.3f}"),
         ("mean gold reward: BoN", f"{metrics['mean_reward_bon']:+.3f}"),
         ("mean gold reward: pi_0", f"{metrics['mean_reward_pi0']:+.3f}"),
+        ("tokens drawn per prompt", f"{metrics['drawn_tokens_per_prompt']:.1f} (the n candidates)"),
     ]
     if "fluency_bon" in metrics:
         rows.append(("fluency BoN / pi_0", f"{metrics['fluency_bon']:.3f} / {metrics['fluency_pi0']:.3f}"))
@@ -190,6 +225,16 @@ def print_report(metrics: dict, records: list[dict], n: int, k: int, stride: int
         print(f"\n  prompt: {r['prompt']!r}")
         print(f"    BoN  ({r['rewards'][r['chosen']]:+.3f}): {r['completions'][r['chosen']]!r}")
         print(f"    pi_0 ({r['pi0_reward']:+.3f}): {r['pi0_completion']!r}")
+
+
+def rejection_spec(cfg: BonConfig) -> dict | None:
+    """What the generators need for speculative rejection (the reward shipped to them), or None."""
+    if cfg.selection != "speculative_rejection":
+        return None
+    from actors.cluster import ship_dir
+
+    reward = {"kind": cfg.reward.kind, "path": ship_dir(cfg.reward.path) if cfg.reward.path else None, "device": cfg.reward.device}
+    return {"rejection_rate": cfg.speculative.rejection_rate, "decision_tokens": cfg.speculative.decision_tokens, "reward": reward}
 
 
 def check_resources(cfg: BonConfig) -> None:
@@ -271,17 +316,17 @@ def run(cfg: BonConfig) -> dict:
         if todo:
             log.info("starting %d generator actors on %s and one %s scorer", cfg.pool.num_actors, model_path, cfg.reward.kind)
             pool = GeneratorPool(model_path, cfg.pool.num_actors, cfg.pool.num_cpus_per_actor, cfg.pool.num_gpus_per_actor,
-                                 cfg.model.device, cfg.model.dtype)
+                                 cfg.model.device, cfg.model.dtype, cache=cfg.pool.cache, compile=cfg.pool.compile)
             scorers = make_scorers(cfg.reward.kind, cfg.reward.path, cfg.reward.device, cfg.reward.num_cpus)
             start = time.perf_counter()
             # n+1 draws: the first n for BoN, the last an independent pi_0 sample for the win rate.
             scored = sample_and_score(pool, scorers, todo, n + 1, cfg.sampling.max_new_tokens, cfg.seed,
                                       temperature=cfg.sampling.temperature, min_new_tokens=cfg.sampling.min_new_tokens,
-                                      stop_at_eos=cfg.sampling.stop_at_eos)
+                                      stop_at_eos=cfg.sampling.stop_at_eos, rejection=rejection_spec(cfg))
             with (out / "samples.partial.jsonl").open("a") as f, \
                     tqdm(total=len(prompts), initial=len(done), desc=f"best-of-{n}", unit="prompt") as bar:
                 for b, samples, tokens in scored:
-                    rows = [record(s, b * bs + j, b, n, cfg) for j, s in enumerate(samples)]
+                    rows = [record(s, b * bs + j, b, cfg) for j, s in enumerate(samples)]
                     f.write("".join(json.dumps(r) + "\n" for r in rows))  # one write per batch, then to disk
                     f.flush()
                     os.fsync(f.fileno())
@@ -297,7 +342,7 @@ def run(cfg: BonConfig) -> dict:
             ray.shutdown()
 
     records = [done[i] for i in range(len(prompts))]
-    metrics = summarize(records, n, seconds, new_tokens, vocabulary)
+    metrics = summarize(records, n, seconds, new_tokens, vocabulary, cfg.selection)
     write_atomic(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     (out / "samples.partial.jsonl").unlink(missing_ok=True)
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))

@@ -31,6 +31,7 @@ class MakePairsConfig:
     def __post_init__(self):
         require(len(self.splits) > 0, "splits", "a non-empty list of prompt splits", self.splits)
         require(self.bon.sampling.n >= 2, "bon.sampling.n", "an integer >= 2 (pairs need two samples)", self.bon.sampling.n)
+        require(self.bon.selection == "argmax", "bon.selection", "argmax (pairs need all n samples scored)", self.bon.selection)
         require(self.random_pairs_per_prompt >= 1, "random_pairs_per_prompt", "an integer >= 1", self.random_pairs_per_prompt)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from align.sampling import inverse_cdf_sample, sample_n, sample_n_repeated
+from align.sampling import draw_tokens, sample_n, sample_n_repeated
 
 V = 6  # tiny vocabulary so the distribution over 2-token completions (36 outcomes) is enumerable
 
@@ -104,12 +104,25 @@ def test_min_new_tokens_and_eos(model):
     assert (s.lengths < 8).any(), "the likeliest token as eos should stop some rows early"
 
 
-def test_inverse_cdf_sample_frequencies():
-    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).repeat(50_000, 1)
-    idx = inverse_cdf_sample(probs, torch.Generator().manual_seed(0))
-    freq = torch.bincount(idx, minlength=4).double() / len(idx)
-    torch.testing.assert_close(freq, probs[0].double(), atol=0.01, rtol=0)
-    assert (idx != 1).all()  # a zero-probability token is never drawn
+@pytest.mark.parametrize("block", [1, 3, 4, 256])
+def test_draw_tokens_frequencies_and_log_probs(block):
+    """Two-level inverse CDF: frequencies match softmax (V = 7 is not a multiple of the block), a
+    zero-probability token (blocked EOS, and the block padding) is never drawn, log-probs are exact."""
+    p = torch.tensor([0.1, 0.0, 0.25, 0.3, 0.05, 0.0, 0.3])
+    logits = p.log().repeat(40_000, 1)  # log 0 = -inf: probability 0
+    logits[:, 4] = 3.0  # EOS, blocked below
+    tok, logp = draw_tokens(logits, eos_token_id=4, eos_blocked=True, generator=torch.Generator().manual_seed(0),
+                            chunk_rows=7_000, block=block)
+    expected = p.clone()
+    expected[4] = 0.0
+    expected /= expected.sum()
+    freq = torch.bincount(tok, minlength=7).double() / len(tok)
+    torch.testing.assert_close(freq, expected.double(), atol=0.01, rtol=0)
+    assert not torch.isin(tok, torch.tensor([1, 4, 5])).any()
+    torch.testing.assert_close(logp, expected.log()[tok])
+    # The same uniforms give the same tokens whatever the chunking and the block size.
+    again, _ = draw_tokens(logits, eos_token_id=4, eos_blocked=True, generator=torch.Generator().manual_seed(0), block=2)
+    assert torch.equal(tok, again)
 
 
 def test_bad_arguments(model):

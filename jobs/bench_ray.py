@@ -1,0 +1,150 @@
+"""What Ray's plumbing costs best-of-n: the same sampling and scoring in-process, through a
+GeneratorPool of 1 actor and of 2 actors (actors.best_of_n.sample_and_score), at the default task's
+sizes, timed in one run.
+
+    python -m jobs.bench_ray --config configs/bench_ray.yaml
+    python -m jobs.bench_ray --config configs/bench_ray.yaml quick=true   # smoke run
+
+in_process: a Generator and a RewardScorer built in this process, batch after batch, with as many
+threads as one actor gets. pool_k: k generator actors (one model copy each) and one scorer actor,
+sampling and scoring overlapped. Each method in turn is warmed up on one batch (model load, first
+call) and then timed `repeats` times over the whole prompt set; medians are reported. pool_1 / in_process is
+the overhead of the plumbing (object store, scheduling, the scorer hop); pool_2 / pool_1 is how
+throughput scales with a second actor on this machine. The Serve comparison joins when the Serve
+app lands. Writes results.json and results.md.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from align.config import require, run_job
+from jobs.benchmarking import format_table, machine, machine_line, write_results
+
+log = logging.getLogger("sweetspot.bench_ray")
+
+
+@dataclass
+class BenchRayConfig:
+    model: str = "default"  # "default" (the embedded task's pi_0), an HF name or a directory
+    prompts: str = "default"  # "default" (the task's test prompts) or a prompt file (jobs.bon's formats)
+    column: str = "prompt"
+    limit: int | None = None  # the first `limit` prompts
+    n: int = 8  # samples per prompt
+    max_new_tokens: int = 24
+    min_new_tokens: int = 16
+    batch_size: int = 16  # prompts per generator call
+    actors: list[int] = field(default_factory=lambda: [1, 2])  # pool sizes to time
+    threads_per_actor: int = 1  # torch threads of each actor and of the in-process run
+    repeats: int = 3
+    quick: bool = False  # 8 prompts, n 2, 4 new tokens, 1 repeat
+    seed: int = 0
+    ray_address: str | None = None
+    output_dir: str = "outputs/bench_ray"
+
+    def __post_init__(self):
+        require(self.n >= 1, "n", "an integer >= 1", self.n)
+        require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", f"0 <= min_new_tokens <= max_new_tokens ({self.max_new_tokens})", self.min_new_tokens)
+        require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        require(len(self.actors) >= 1 and all(k >= 1 for k in self.actors), "actors", "a non-empty list of integers >= 1", self.actors)
+        require(self.threads_per_actor >= 1, "threads_per_actor", "an integer >= 1", self.threads_per_actor)
+        require(self.repeats >= 1, "repeats", "an integer >= 1", self.repeats)
+
+
+def in_process(cfg: BenchRayConfig, model_path: str, batches: dict[int, list[str]]):
+    """f() -> new tokens for the whole prompt set, sampled and scored in this process."""
+    from actors.generator import Generator, batch_seed
+    from actors.scorer import RewardScorer
+
+    torch.set_num_threads(cfg.threads_per_actor)
+    gen, scorer = Generator(model_path, num_threads=cfg.threads_per_actor), RewardScorer("vader")
+
+    def f(which=None):
+        tokens = 0
+        for b in which or sorted(batches):
+            out = gen.sample(batches[b], cfg.n, cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, seed=batch_seed(cfg.seed, b))
+            scorer.score_samples(out["samples"])
+            tokens += out["new_tokens"]
+        return tokens
+    return f
+
+
+def through_pool(cfg: BenchRayConfig, model_path: str, batches: dict[int, list[str]], k: int):
+    from actors.best_of_n import make_scorers, sample_and_score
+    from actors.generator import GeneratorPool
+
+    pool = GeneratorPool(model_path, num_actors=k, num_cpus_per_actor=cfg.threads_per_actor)
+    scorers = make_scorers("vader", None)
+
+    def f(which=None):
+        todo = {b: batches[b] for b in (which or batches)}
+        return sum(t for _, _, t in sample_and_score(pool, scorers, todo, cfg.n, cfg.max_new_tokens, cfg.seed,
+                                                      min_new_tokens=cfg.min_new_tokens))
+    return f, [pool, scorers]
+
+
+def run(cfg: BenchRayConfig) -> dict:
+    import dataclasses
+
+    from actors.cluster import init_ray
+    from align.data import load_prompts
+    from align.models import resolve_model_path
+
+    if cfg.quick:
+        cfg = dataclasses.replace(cfg, limit=8, n=2, max_new_tokens=4, min_new_tokens=4, repeats=1, batch_size=4)
+    prompts = load_prompts(cfg.prompts, "test", cfg.column, cfg.limit)
+    batches = {b: prompts[i : i + cfg.batch_size] for b, i in enumerate(range(0, len(prompts), cfg.batch_size))}
+    model_path = str(resolve_model_path(cfg.model))
+    started = init_ray(cfg.ray_address)
+    rows = []
+    try:
+        # One method at a time: pools of 1 and 2 actors at once would not fit on a 2-core machine.
+        for m in ["in_process", *(f"pool_{k}" for k in cfg.actors)]:
+            groups = []
+            if m == "in_process":
+                f = in_process(cfg, model_path, batches)
+            else:
+                f, groups = through_pool(cfg, model_path, batches, int(m.removeprefix("pool_")))
+            try:
+                f([0])  # warm-up: model loaded, first call paid
+                seconds, tokens = [], 0
+                for _ in range(cfg.repeats):
+                    start = time.perf_counter()
+                    tokens = f()
+                    seconds.append(time.perf_counter() - start)
+            finally:
+                for g in groups:
+                    g.shutdown()
+            median = statistics.median(seconds)
+            rows.append({"method": m, "seconds": median, "seconds_all": seconds, "new_tokens": tokens,
+                         "tokens_per_s": tokens / median})
+            log.info("%-10s %.2f s (%s)", m, median, ", ".join(f"{s:.2f}" for s in seconds))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["vs_in_process"] = r["tokens_per_s"] / base
+    env = machine(torch.device("cpu"))
+    text, md = format_table(rows, [("method", "method", "{}"), ("seconds", "seconds", "{:.2f}"), ("new tokens", "new_tokens", "{}"),
+                                   ("tokens/s", "tokens_per_s", "{:.0f}"), ("vs in-process", "vs_in_process", "{:.2f}x")])
+    header = (f"Best-of-{cfg.n} over {len(prompts)} prompts ({cfg.max_new_tokens} new tokens, VADER scoring), "
+              f"{cfg.threads_per_actor} thread(s) per actor, median of {cfg.repeats}; {machine_line(env)}.")
+    result = {"rows": rows, "env": env}
+    out = write_results(cfg, result, f"{header}\n\n{md}\n")
+    print(f"\n  {header}\n\n{text}\n\n  wrote {out / 'results.md'}", flush=True)
+    return result
+
+
+def main(argv=None) -> dict:
+    return run_job(BenchRayConfig, run, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    main()

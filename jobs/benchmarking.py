@@ -1,0 +1,121 @@
+"""What every benchmark job shares: the machine it ran on, timing with the device synchronised, peak
+memory of one call, and a table printed for people and written as markdown."""
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict:
+    """The facts a reader needs to compare figures across runs."""
+    import os
+
+    import transformers
+
+    info = {"device": str(device), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def machine_line(info: dict) -> str:
+    where = info.get("gpu") or f"{info['cpu']}, {info['torch_threads']} threads"
+    versions = ", ".join(f"{k} {info[k]}" for k in ("torch", "transformers", "ray") if k in info)
+    return f"{info['device']} ({where}); {versions}"
+
+
+def time_call(f: Callable, device: torch.device, *args) -> tuple[float, object]:
+    """Seconds for f(*args), the device synchronised on both sides, and its result."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = f(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_memory_mb(f: Callable, device: torch.device) -> float | None:
+    """Peak memory f() adds while it runs, in MiB: allocated CUDA memory on a GPU; on Linux CPUs the
+    resident set's high-water mark (reset through /proc/self/clear_refs just before the call) minus
+    the resident set before it. Run it in a fresh process: memory a previous call freed to the
+    allocator but not to the OS would hide part of the peak. None where neither is available."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        f()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        before = _status_kb("VmRSS")
+    except (OSError, KeyError):
+        return None
+    f()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> tuple[str, str]:
+    """(aligned text, markdown) of rows; columns are (heading, key, format). Missing values print as -."""
+    cells = [[fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in columns] for r in rows]
+    heads = [h for h, _, _ in columns]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    text = "\n".join("  " + "  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in [heads, *cells])
+    md = "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)] + ["| " + " | ".join(c) + " |" for c in cells])
+    return text, md
+
+
+def write_results(cfg, result: dict, md: str) -> Path:
+    """results.json, results.md and the resolved config.yaml under cfg.output_dir (align.paths rules);
+    returns that directory."""
+    import json
+
+    import yaml
+
+    from align.config import to_dict
+    from align.paths import resolve_output
+    from align.runstate import write_atomic
+
+    out = resolve_output(cfg.output_dir)
+    write_atomic(out / "results.json", json.dumps(result, indent=2))
+    write_atomic(out / "results.md", md)
+    write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return out
