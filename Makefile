@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart test clean bench-env
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,10 @@ quickstart: install
 test: install
 	$(PY) -m pytest -q
 
+# A separate environment for baselines the project never depends on (TRL for jobs.bench_train).
+bench-env:
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q -e . trl==1.16.0
+
 clean:
-	rm -rf $(VENV) .sweetspot_cache outputs .cache
+	rm -rf $(VENV) .venv-bench .sweetspot_cache outputs .cache

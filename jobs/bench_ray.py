@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from align.config import require, run_job
-from jobs.benchmarking import format_table, machine, machine_line, write_results
+from jobs.benchmarking import machine, machine_line, publish
 
 log = logging.getLogger("sweetspot.bench_ray")
 
@@ -132,13 +132,12 @@ def run(cfg: BenchRayConfig) -> dict:
     for r in rows:
         r["vs_in_process"] = r["tokens_per_s"] / base
     env = machine(torch.device("cpu"))
-    text, md = format_table(rows, [("method", "method", "{}"), ("seconds", "seconds", "{:.2f}"), ("new tokens", "new_tokens", "{}"),
-                                   ("tokens/s", "tokens_per_s", "{:.0f}"), ("vs in-process", "vs_in_process", "{:.2f}x")])
+    columns = [("method", "method", "{}"), ("seconds", "seconds", "{:.2f}"), ("new tokens", "new_tokens", "{}"),
+               ("tokens/s", "tokens_per_s", "{:.0f}"), ("vs in-process", "vs_in_process", "{:.2f}x")]
     header = (f"Best-of-{cfg.n} over {len(prompts)} prompts ({cfg.max_new_tokens} new tokens, VADER scoring), "
               f"{cfg.threads_per_actor} thread(s) per actor, median of {cfg.repeats}; {machine_line(env)}.")
     result = {"rows": rows, "env": env}
-    out = write_results(cfg, result, f"{header}\n\n{md}\n")
-    print(f"\n  {header}\n\n{text}\n\n  wrote {out / 'results.md'}", flush=True)
+    publish(cfg, result, header, rows, columns)
     return result
 
 

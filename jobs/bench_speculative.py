@@ -131,7 +131,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def run(cfg: BenchSpeculativeConfig) -> dict:
     from actors.cluster import init_ray
     from align.paths import resolve_output
-    from jobs.benchmarking import format_table, write_results
+    from jobs.benchmarking import publish
     from jobs.bon import run as run_bon
 
     start = time.perf_counter()
@@ -153,13 +153,12 @@ def run(cfg: BenchSpeculativeConfig) -> dict:
     for r in rows:
         r["token_ratio"] = r["tokens_per_prompt"] / ref["tokens_per_prompt"]
         r["reward_gap"] = r["mean_reward"] - ref["mean_reward"]
-    text, md = format_table(rows, COLUMNS)
     header = (f"Gold reward of the chosen completion against tokens drawn per prompt, {ref['prompts']} prompts, "
               f"reference BoN n={ref_n}; max_new_tokens {cfg.bon.sampling.max_new_tokens}, reward {cfg.bon.reward.kind}.")
     result = {"rows": rows, "reference_n": ref_n, "wall_seconds": time.perf_counter() - start}
     plot(rows, out / "reward_vs_tokens.png")
-    write_results(cfg, result, f"{header}\n\n{md}\n\n![reward vs tokens](reward_vs_tokens.png)\n")
-    print(f"\n  {header}\n\n{text}\n\n  wrote {out / 'results.md'} and {out / 'reward_vs_tokens.png'}", flush=True)
+    publish(cfg, result, header, rows, COLUMNS, extra_md="\n![reward vs tokens](reward_vs_tokens.png)\n")
+    print(f"  plot: {out / 'reward_vs_tokens.png'}", flush=True)
     return result
 
 

@@ -119,3 +119,12 @@ def write_results(cfg, result: dict, md: str) -> Path:
     write_atomic(out / "results.md", md)
     write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return out
+
+
+def publish(cfg, result: dict, header: str, rows: list[dict], columns: list[tuple[str, str, str]], extra_md: str = "") -> Path:
+    """Write the results (`write_results`) with `rows` as a markdown table under `header`, print the
+    same table for the terminal, and return the output directory."""
+    text, md = format_table(rows, columns)
+    out = write_results(cfg, result, f"{header}\n\n{md}\n{extra_md}")
+    print(f"\n  {header}\n\n{text}\n\n  wrote {out / 'results.md'}", flush=True)
+    return out
