@@ -68,6 +68,22 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
+def fuse_gelu(model: torch.nn.Module) -> int:
+    """Swap the tanh-approximate GELU that GPT-2-style models compute in Python (NewGELU, FastGELU:
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), five elementwise passes) for the same function as
+    one fused kernel, F.gelu(approximate="tanh"). Equal to float rounding (~1e-7 relative); it was about
+    18% of a DPO step on the default task's 4x256 model. Returns how many modules were swapped."""
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(parent, name, GELUTanh())
+                swapped += 1
+    return swapped
+
+
 def load_causal_lm(name_or_path: str, device: str | torch.device = "auto", dtype: str = "auto"):
     """(model in eval mode on `device`, tokenizer) for a causal LM name or directory."""
     from transformers import AutoModelForCausalLM
@@ -75,6 +91,7 @@ def load_causal_lm(name_or_path: str, device: str | torch.device = "auto", dtype
     device = pick_device(device) if isinstance(device, str) else device
     path = resolve_model_path(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device))
+    fuse_gelu(model)
     return model.to(device).eval(), load_tokenizer(path)
 
 
@@ -93,10 +110,13 @@ def build_model_for(kind: str, path: str, tokenizer, lora: dict | None = None):
 
     path = resolve_model_path(path)
     if kind == "causal_lm":
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        fuse_gelu(model)
+        return model
     if kind != "reward_model":
         raise ValueError(f"unknown model kind {kind!r}")
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    fuse_gelu(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     if lora:
         from peft import LoraConfig, get_peft_model

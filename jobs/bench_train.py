@@ -121,7 +121,10 @@ def project_run(cfg_dict: dict, model_dir: str, pairs: list[dict], packed: bool)
 
     cfg = BenchTrainConfig(**cfg_dict)
     torch.set_num_threads(cfg.num_threads)
+    from align.models import fuse_gelu
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").train()
+    fuse_gelu(model)  # as align.models.build_model_for does for the trainers
     for m in model.modules():  # as the trainer (train.disable_dropout) and TRL (disable_dropout) do
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0

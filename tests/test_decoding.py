@@ -161,3 +161,13 @@ def test_sampler_log_probs_survive_dropped_rows(make):
     torch.testing.assert_close(samples.logprobs, expected, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="same number of rows"):
         s.keep(torch.tensor([0, 1, 2]))
+
+
+def test_fused_gelu_is_the_same_function():
+    from align.models import fuse_gelu
+
+    model, (ids, mask) = gpt2(), prompts()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        assert fuse_gelu(model) == 2 and fuse_gelu(model) == 0  # one per layer; idempotent
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, atol=1e-5, rtol=1e-5)
