@@ -61,13 +61,27 @@ def history(cfg):
     return read_history(cfg.output_dir)
 
 
+def key_bias_noise(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The entries of a GPT-2 c_attn bias that belong to the keys. A key bias adds q . b_k to every
+    score of a query alike, so softmax cancels it and its gradient is 0 in exact arithmetic: what it
+    receives is rounding noise, which Adam normalises into real steps. Runs that reduce gradients in
+    a different order (ZeRO-0 vs ZeRO-3, one worker vs two) drift apart there and nowhere else."""
+    mask = torch.zeros_like(t, dtype=torch.bool)
+    if name.endswith("attn.c_attn.bias"):
+        n = t.shape[0] // 3
+        mask[n : 2 * n] = True
+    return mask
+
+
 def assert_same(a: dict, b: dict, atol=0.0):
+    """Equal state dicts: bit for bit (atol 0), or to atol everywhere but the key biases (key_bias_noise)."""
     assert a.keys() == b.keys()
     for k in a:
         if atol == 0.0:
             assert torch.equal(a[k], b[k]), k
         else:
-            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+            keep = ~key_bias_noise(k, a[k])
+            torch.testing.assert_close(a[k][keep], b[k][keep], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +238,16 @@ def test_frozen_reference_log_probs_computed_on_the_workers_under_zero3(ray_sess
     for a, b in zip(history(z3), history(z0)):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert_same(weights(z3), weights(z0), atol=1e-5)
+
+
+def test_key_bias_gradient_is_zero_in_exact_arithmetic():
+    """Why assert_same leaves key biases out: in float64 their gradient vanishes (softmax cancels them)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_layer=1, n_embd=16, n_head=2, n_positions=16)).double()
+    ids = torch.randint(0, 40, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grad = model.transformer.h[0].attn.c_attn.bias.grad
+    mask = key_bias_noise("h.0.attn.c_attn.bias", grad)
+    assert grad[mask].abs().max() < 1e-15 < grad[~mask].abs().max()
