@@ -14,9 +14,14 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: install quickstart test clean bench-env
 
-$(STAMP): pyproject.toml
+# laplace-torch and its backends declare torchvision (unused; it cannot load beside the CPU torch and
+# would pull a CUDA build): installed without dependencies, which pyproject.toml lists instead.
+LAPLACE := laplace-torch==0.3 curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 asdfghjkl==0.1a4
+
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(LAPLACE)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,6 +36,7 @@ test: install
 bench-env:
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install -q -e . trl==1.16.0
+	.venv-bench/bin/python -m pip install -q --no-deps $(LAPLACE)
 
 clean:
 	rm -rf $(VENV) .venv-bench .sweetspot_cache outputs .cache

@@ -1,5 +1,5 @@
-"""Best-of-n as one reusable composition: a GeneratorPool samples prompt batches, a group of
-RewardScorer actors scores them, sampling and scoring overlap, and scored batches come out as they
+"""Best-of-n as one reusable composition: a GeneratorPool samples prompt batches, a ScorerPool
+(actors.scorer) scores them, sampling and scoring overlap, and scored batches come out as they
 finish. The batch job (jobs/bon) calls it; serving and sweeps call the same function.
 
 Both groups replace actors that die and rerun their lost batches with the same seeds, so the output
@@ -11,20 +11,10 @@ from collections import deque
 from typing import Iterator
 
 from actors.generator import GeneratorPool, PromptSamples
-from actors.resilient import ResilientActors
+from actors.scorer import ScorerPool
 
 
-def make_scorers(kind: str, path: str | None, device: str = "auto", num_cpus: float = 0, num_gpus: float = 0,
-                 num_actors: int = 1, max_retries: int = 3) -> ResilientActors:
-    """A group of RewardScorer actors (align.rewards.make_reward(kind, path, device) each)."""
-    from actors.cluster import ship_dir
-    from actors.scorer import RewardScorer
-
-    return ResilientActors(RewardScorer, num_actors, (kind, ship_dir(path) if path else None, device), options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-                           max_retries=max_retries, name="RewardScorer")
-
-
-def sample_and_score(pool: GeneratorPool, scorers: ResilientActors, batches: dict[int, list[str]], n: int,
+def sample_and_score(pool: GeneratorPool, scorers: ScorerPool, batches: dict[int, list[str]], n: int,
                      max_new_tokens: int, seed: int = 0, **sampling) -> Iterator[tuple[int, list[PromptSamples], int]]:
     """Yield (batch index, scored PromptSamples, new tokens) for every batch, in completion order.
 

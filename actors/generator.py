@@ -32,8 +32,11 @@ class PromptSamples:
     completion_ids: list[list[int]]  # the tokens drawn, end-of-sequence included when drawn
     logprobs: list[float]  # log-prob of each completion under the sampling process that drew it
     tokenizer: str = ""  # fingerprint of the tokenizer the ids belong to (align.models.tokenizer_fingerprint)
-    rewards: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)  # the scorer's mean reward per completion
     drawn_tokens: int = 0  # tokens drawn for this prompt, continuations dropped on the way included
+    reward_var: list[float] = field(default_factory=list)  # the scorer's variance (0: a point estimate)
+    reward_members: list[list[float]] | None = None  # per completion, each ensemble member's reward
+    embeddings: torch.Tensor | None = None  # (completions, d) sentence embeddings, when the scorer embeds
 
     @property
     def num_tokens(self) -> list[int]:
@@ -107,7 +110,7 @@ class Generator:
         reward, and keep the best of every prompt's candidates (align.speculative)."""
         from align.speculative import rows_to_keep, survivors
 
-        scorer = self._partial_scorer(**rejection["reward"])
+        scorer = self._partial_scorer(rejection["reward"])
         points = rejection["decision_tokens"]
         counts = survivors(sampler.n - 1, rejection["rejection_rate"], len(points))
         for t, keep in zip(points, counts):
@@ -119,16 +122,17 @@ class Generator:
             prompt_ids = [ids[i][mask[i].bool()].tolist() for i in range(len(prompts))]
             rewards = scorer.score([p for p in prompts for _ in range(m)],
                                    self.tokenizer.batch_decode(partial, skip_special_tokens=True),
-                                   [prompt_ids[j // m] + c for j, c in enumerate(partial)], self.fingerprint)
-            sampler.keep(rows_to_keep(torch.tensor(rewards).view(len(prompts), m), keep, exempt_last=True).to(self.device))
+                                   [prompt_ids[j // m] + c for j, c in enumerate(partial)], self.fingerprint).mean
+            sampler.keep(rows_to_keep(rewards.view(len(prompts), m), keep, exempt_last=True).to(self.device))
 
-    def _partial_scorer(self, kind: str, path=None, device: str = "auto"):
-        """The reward used on partial completions, built in this actor once per (kind, path)."""
-        from actors.scorer import RewardScorer
+    def _partial_scorer(self, spec: dict):
+        """The scorer used on partial completions (actors.scorer.make_scorer(spec)), built in this
+        actor once per spec."""
+        from actors.scorer import make_scorer
 
-        key = (kind, getattr(path, "digest", path), device)
+        key = repr(spec)  # a shipped directory's repr names its digest
         if getattr(self, "_scorer_key", None) != key:
-            self._scorer, self._scorer_key = RewardScorer(kind, path, device), key
+            self._scorer, self._scorer_key = make_scorer(spec), key
         return self._scorer
 
 

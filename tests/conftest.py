@@ -47,6 +47,37 @@ def tiny_lm_dir(tmp_path_factory):
     return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
+def save_tiny_rm(path, lm_dir, seed: int = 1):
+    """A random GPT2ForSequenceClassification (one label) on the tiny LM's tokenizer, saved at `path`;
+    its score head is large enough that different inputs score clearly apart."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    cfg = GPT2Config.from_pretrained(lm_dir)
+    cfg.num_labels = 1
+    torch.manual_seed(seed)
+    model = GPT2ForSequenceClassification(cfg)
+    model.config.pad_token_id = tok.pad_token_id
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 1.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ensemble_dir(tiny_lm_dir, tmp_path_factory):
+    """An ensemble directory as jobs.train_rm writes it: three tiny reward models (members 0 and 2
+    identical, seed 1; member 1 seed 2) and ensemble.json."""
+    import json
+
+    root = tmp_path_factory.mktemp("tiny_ensemble")
+    for i, seed in enumerate((1, 2, 1)):
+        save_tiny_rm(root / f"member_{i}" / "model", tiny_lm_dir, seed)
+    (root / "ensemble.json").write_text(json.dumps({"members": [f"member_{i}/model" for i in range(3)]}))
+    return root
+
+
 def free_ports(k: int) -> list[int]:
     import socket
 
@@ -75,13 +106,17 @@ def ray_cluster():
 
     bin_dir = Path(sys.executable).parent
     gcs, dash, *more = free_ports(11)
+    # Worker ports: a 101-port range clear of every port chosen above (Ray refuses overlaps).
+    low = 20000 + (more[-2] % 20000)
+    while any(low <= p <= low + 100 for p in (gcs, dash, *more)):
+        low += 101
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
     flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
              "--metrics-export-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port"]
     cmd = [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-           *[f"{f}={p}" for f, p in zip(flags, more)], f"--min-worker-port={more[-2] + 1000}",
-           f"--max-worker-port={more[-2] + 1100}", "--num-cpus=4", f"--object-store-memory={100 * 1024**2}",
+           *[f"{f}={p}" for f, p in zip(flags, more)], f"--min-worker-port={low}",
+           f"--max-worker-port={low + 100}", "--num-cpus=4", f"--object-store-memory={100 * 1024**2}",
            f"--temp-dir={temp}", "--disable-usage-stats"]
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = open(Path(temp) / "ray_start.log", "w")

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from actors.best_of_n import make_scorers, sample_and_score
+from actors.best_of_n import sample_and_score
 from actors.generator import GeneratorPool
+from actors.scorer import ScorerPool
 from align.config import load_config
 from align.runstate import StaleStateError
 from jobs.bon import BonConfig, run
@@ -42,7 +43,7 @@ def collect(pool, scorers, kill=None):
 
 @pytest.fixture(scope="module")
 def undisturbed(ray_session, tiny_lm_dir):
-    pool, scorers = GeneratorPool(str(tiny_lm_dir), num_actors=2), make_scorers("vader", None)
+    pool, scorers = GeneratorPool(str(tiny_lm_dir), num_actors=2), ScorerPool({"kind": "vader"})
     try:
         return collect(pool, scorers)
     finally:
@@ -55,7 +56,7 @@ def test_killed_actor_is_replaced_and_its_batches_redrawn(ray_session, tiny_lm_d
     import ray
 
     def kill(pool, scorers):
-        group = pool.group if "generator" in how else scorers
+        group = pool.group if "generator" in how else scorers.group
         actor = group.actors[0]
         if how.startswith("SIGKILL"):
             os.kill(pid_of(actor), signal.SIGKILL)
@@ -64,10 +65,10 @@ def test_killed_actor_is_replaced_and_its_batches_redrawn(ray_session, tiny_lm_d
 
     # One generator and one scorer, two batches in flight: the batches after the first all need the
     # killed actor, so it must be replaced. (The undisturbed run used two generators: same samples.)
-    pool, scorers = GeneratorPool(str(tiny_lm_dir), num_actors=1), make_scorers("vader", None)
+    pool, scorers = GeneratorPool(str(tiny_lm_dir), num_actors=1), ScorerPool({"kind": "vader"})
     try:
         got = collect(pool, scorers, kill)
-        replaced = (pool.group if "generator" in how else scorers).replacements
+        replaced = (pool.group if "generator" in how else scorers.group).replacements
     finally:
         pool.shutdown()
         scorers.shutdown()

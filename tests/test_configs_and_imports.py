@@ -59,9 +59,20 @@ def test_yaml_names_every_knob(path):
     assert list(undocumented_fields(config_class(path), yaml.safe_load(path.read_text()))) == []
 
 
+def test_laplace_installed_without_torchvision():
+    """laplace-torch and its backends import, and torchvision (which cannot load beside the CPU torch
+    and would pull a CUDA build) is not installed."""
+    import importlib.util
+
+    import laplace
+
+    assert laplace.Laplace is not None and importlib.util.find_spec("torchvision") is None
+
+
 def test_align_imports_without_ray_or_deepspeed():
     code = ("import sys; sys.modules['ray'] = None; sys.modules['deepspeed'] = None\n"
-            "import align.bon, align.losses, align.sampling, align.config, align.pairs, align.models, align.rewards\n")
+            "import align.bon, align.losses, align.sampling, align.config, align.pairs, align.models, align.rewards\n"
+            "import align.scoring, align.selection, align.embeddings, align.laplace_reward\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

@@ -37,7 +37,7 @@ def reward_model(small_task, small_pairs, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("rm")
     metrics = run(job_config(RmJobConfig, "configs/train_rm.yaml", out, small_task, small_pairs / "random",
-                             "lora.enabled=true", "train.optim.lr=1e-3"))
+                             "lora.enabled=true", "train.optim.lr=1e-3", "ensemble.members=2", "laplace.enabled=true"))
     return out, metrics
 
 
@@ -58,6 +58,43 @@ def test_train_rm_end_to_end(reward_model, small_pairs):
     assert metrics["heldout_pairs"] == len(test) > 0
     assert metrics["heldout_agreement"] == pytest.approx(win_rate(score["chosen"], score["rejected"]), abs=1e-12)
     assert metrics["step"] == 3
+
+
+def test_train_rm_ensemble_members_and_laplace_posterior(reward_model, small_pairs, small_task, tmp_path):
+    """ensemble.members=2: member 0 is the plain model, member 1 its own run (seed + 1, a bootstrap
+    resample, failed once and resumed); laplace.enabled: a posterior over member 0's LoRA weights whose
+    predictive mean is that model's reward, and which jobs.bon ranks by mu - k sigma."""
+    import datasets
+    import torch
+
+    from actors.scorer import make_scorer
+    from align.laplace_reward import LaplaceReward
+    from align.rewards import SequenceClassifierReward
+
+    out, metrics = reward_model
+    ens = out / "ensemble"
+    assert json.loads((ens / "ensemble.json").read_text()) == {"members": ["member_0/model", "member_1/model"]}
+    assert (ens / "member_0" / "model" / "model.safetensors").read_bytes() == (out / "model" / "model.safetensors").read_bytes()
+    assert steps_logged(ens / "member_1") == [1, 2, 3]
+    assert len(metrics["ensemble_heldout_agreement"]) == 2
+    test = datasets.load_from_disk(str(small_pairs / "random"))["test"]
+    prompts, texts = test["prompt"][:8], test["chosen"][:8]
+    scores = make_scorer({"kind": "ensemble", "path": str(ens), "device": "cpu"}).score(prompts, texts)
+    assert not torch.allclose(scores.members[0], scores.members[1]), "members differ (seed, bootstrap)"
+
+    la = LaplaceReward.load(out / "laplace")
+    assert la.num_pairs == metrics["laplace_pairs"] > 0
+    plain = SequenceClassifierReward(str(out / "model"), device="cpu")(prompts, texts)
+    laplace = make_scorer({"kind": "laplace", "path": str(out / "laplace"), "device": "cpu"}).score(prompts, texts)
+    torch.testing.assert_close(laplace.mean, plain, rtol=0, atol=1e-4)  # the GLM mean is the MAP reward (LoRA merged)
+    assert (laplace.var > 0).all()
+
+    bon_over(small_task.policy_dir, small_task, tmp_path / "bon", "reward.kind=laplace", f"reward.path={out / 'laplace'}",
+             "penalty.kind=laplace", "penalty.coef=2.0")
+    for r in map(json.loads, (tmp_path / "bon" / "samples.jsonl").read_text().splitlines()):
+        mu, var = torch.tensor(r["rewards"], dtype=torch.float64), torch.tensor(r["reward_var"], dtype=torch.float64)
+        torch.testing.assert_close(torch.tensor(r["ranking"], dtype=torch.float64), mu - 2.0 * var.sqrt())
+        assert r["chosen"] == int(torch.tensor(r["ranking"]).argmax())
 
 
 def test_train_bonbon_end_to_end_and_bon_loads_both(small_task, small_pairs, reward_model, tmp_path):
@@ -111,6 +148,18 @@ def test_bonbon_config_errors(override, field):
 
     with pytest.raises(ConfigError) as err:
         load_config(BonbonJobConfig, "configs/train_bonbon.yaml", [override])
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("override, field", [
+    ("ensemble.members=0", "ensemble.members"), ("laplace.enabled=true", "laplace.enabled"),
+    ("laplace.hessian_structure=full", "laplace.hessian_structure"), ("laplace.limit=0", "laplace.limit"),
+])
+def test_rm_config_errors(override, field):
+    from jobs.train_rm import RmJobConfig
+
+    with pytest.raises(ConfigError) as err:  # laplace.enabled without lora.enabled: no LoRA weights to put it on
+        load_config(RmJobConfig, "configs/train_rm.yaml", [override])
     assert err.value.field == field
 
 
