@@ -37,6 +37,7 @@ class PromptSamples:
     reward_var: list[float] = field(default_factory=list)  # the scorer's variance (0: a point estimate)
     reward_members: list[list[float]] | None = None  # per completion, each ensemble member's reward
     embeddings: torch.Tensor | None = None  # (completions, d) sentence embeddings, when the scorer embeds
+    ref_logprobs: list[float] | None = None  # DeRa: log-prob of each completion under the reference, same process
 
     @property
     def num_tokens(self) -> list[int]:
@@ -47,10 +48,11 @@ class Generator:
     """Owns a causal LM and its tokenizer on one device; `sample` draws n completions per prompt."""
 
     def __init__(self, model_path, device: str = "auto", dtype: str = "auto", num_threads: int | None = None,
-                 cache: str = "auto", compile: bool = False):
+                 cache: str = "auto", compile: bool = False, aligned_path=None):
         """model_path: an HF name, a directory, or an actors.cluster.ShippedDir (unpacked on this node).
         cache, compile: how decoding holds the shared prompt and whether its step is compiled
-        (`align.decoding.prefill`)."""
+        (`align.decoding.prefill`). aligned_path: an aligned model sharing the tokenizer, for DeRa
+        (`sample(..., lam=...)`); model_path is then the reference pi_0."""
         from actors.cluster import local_dir
         from align.models import load_causal_lm, tokenizer_fingerprint
 
@@ -60,6 +62,11 @@ class Generator:
         self.device = next(self.model.parameters()).device
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.cache, self.compile = cache, compile
+        self.aligned = None
+        if aligned_path is not None:
+            self.aligned, aligned_tok = load_causal_lm(local_dir(aligned_path), device=self.device, dtype=dtype)
+            if tokenizer_fingerprint(aligned_tok) != self.fingerprint:
+                raise ValueError("DeRa needs the aligned model to share the reference model's tokenizer")
 
     def sample(
         self,
@@ -71,9 +78,14 @@ class Generator:
         stop_at_eos: bool = True,
         seed: int = 0,
         rejection: dict | None = None,
+        lam: float | list[float] | None = None,
     ) -> dict:
         """n completions for each prompt (shared prefill). Returns {"samples": [PromptSamples], "seconds",
         "new_tokens"}; new_tokens counts every token drawn, those of rejected continuations included.
+
+        lam: DeRa (`align.dera`), one lambda or one per prompt: tokens come from lam * aligned + (1 - lam)
+        * reference logits, both models decoding in the same loop, each with its own cache; each
+        sample's `ref_logprob` is then its log-prob under the reference run as the same process.
 
         rejection: speculative rejection (`align.speculative`), a dict with `rejection_rate`,
         `decision_tokens` and `reward` (make_reward's kind, path, device). The last of the n rows is
@@ -85,14 +97,31 @@ class Generator:
         start = time.perf_counter()
         ids, mask = encode_prompts(self.tokenizer, prompts, self.device)
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        models, mix = self.model, None
+        if lam is not None:
+            from align.dera import dera_mix
+
+            if self.aligned is None:
+                raise ValueError("lam (DeRa) needs a Generator built with aligned_path")
+            lams = [float(lam)] * len(prompts) if isinstance(lam, (int, float)) else [float(x) for x in lam]
+            if len(lams) != len(prompts):
+                raise ValueError(f"lam must be one float or one per prompt ({len(prompts)}), got {len(lams)}")
+            models, mix = [self.model, self.aligned], dera_mix(torch.tensor(lams).repeat_interleave(n))
+        eos = self.tokenizer.eos_token_id if stop_at_eos else None
         with torch.no_grad():
-            sampler = NSampler(self.model, ids, mask, n, max_new_tokens, temperature, min_new_tokens,
-                               eos_token_id=self.tokenizer.eos_token_id if stop_at_eos else None,
-                               pad_token_id=self.tokenizer.pad_token_id, generator=gen, cache=self.cache,
+            sampler = NSampler(models, ids, mask, n, max_new_tokens, temperature, min_new_tokens, eos_token_id=eos,
+                               pad_token_id=self.tokenizer.pad_token_id, generator=gen, mix=mix, cache=self.cache,
                                compile=self.compile)
             if rejection:
                 self._reject(sampler, prompts, ids, mask, rejection)
             out = sampler.run().samples()
+            ref_logprobs = None
+            if lam is not None:
+                from align.sampling import continuation_logprobs
+
+                rows = torch.arange(len(prompts), device=self.device).repeat_interleave(out.n)
+                ref_logprobs = continuation_logprobs(self.model, ids[rows], mask[rows], out.tokens, out.mask, temperature,
+                                                     min_new_tokens if eos is not None else 0, eos).tolist()
         completion_ids = out.completion_ids()
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         logprobs, m = out.logprobs.tolist(), out.n
@@ -100,7 +129,7 @@ class Generator:
         samples = [
             PromptSamples(p, ids[i][mask[i].bool()].tolist(), texts[i * m : (i + 1) * m],
                           completion_ids[i * m : (i + 1) * m], logprobs[i * m : (i + 1) * m], self.fingerprint,
-                          drawn_tokens=drawn[i])
+                          drawn_tokens=drawn[i], ref_logprobs=ref_logprobs[i * m : (i + 1) * m] if ref_logprobs else None)
             for i, p in enumerate(prompts)
         ]
         return {"samples": samples, "seconds": time.perf_counter() - start, "new_tokens": int(sampler.drawn.sum())}
@@ -151,13 +180,16 @@ class GeneratorPool:
         max_retries: int = 3,
         cache: str = "auto",
         compile: bool = False,
+        aligned_path: str | None = None,
     ):
+        """aligned_path: an aligned model beside model_path (the reference), for DeRa sampling."""
         from actors.cluster import ship_dir
         from actors.resilient import ResilientActors
 
         threads = max(1, int(num_cpus_per_actor))
+        aligned = ship_dir(aligned_path) if aligned_path else None
         # A local model directory travels through the object store: actors on any node can load it.
-        self.group = ResilientActors(Generator, num_actors, (ship_dir(model_path), device, dtype, threads, cache, compile),
+        self.group = ResilientActors(Generator, num_actors, (ship_dir(model_path), device, dtype, threads, cache, compile, aligned),
                                      options={"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor},
                                      max_retries=max_retries, name="Generator")
 

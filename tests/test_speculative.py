@@ -74,7 +74,7 @@ def test_bon_job_with_speculative_rejection(ray_session, tiny_lm_dir, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, field, allowed", [
-    (["selection=best"], "selection", "'argmax', 'speculative_rejection'"),
+    (["selection=best"], "selection", "'argmax', 'rbon_kl', 'rbon_wd', 'speculative_rejection'"),
     (["speculative.rejection_rate=1"], "speculative.rejection_rate", "[0, 1)"),
     (["speculative.decision_tokens=[8,4]"], "speculative.decision_tokens", "strictly increasing"),
     (["selection=speculative_rejection", "speculative.decision_tokens=[30]"], "speculative.decision_tokens", "below sampling.max_new_tokens"),
