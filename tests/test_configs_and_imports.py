@@ -33,7 +33,28 @@ def config_class(yaml_path: Path):
     return typing.get_type_hints(module.run)["cfg"]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+JOB_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "serve.yaml")  # serve.yaml: a Ray Serve file
+
+
+def test_serve_config_builds_the_app():
+    """configs/serve.yaml is a Ray Serve config file: its args build the application (validated), and
+    its deployment names are the app's."""
+    import yaml
+
+    from serve.app import build_app
+
+    cfg = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    (app,) = cfg["applications"]
+    assert app["import_path"] == "serve.app:build_app" and cfg["http_options"]["host"] == "127.0.0.1"
+    assert build_app(app["args"]) is not None
+    assert {d["name"] for d in app["deployments"]} == {"GeneratorDeployment", "ScorerDeployment", "Api"}
+    with pytest.raises(ValueError, match="max_n"):
+        build_app({**app["args"], "limits": {"max_n": 0}})
+    with pytest.raises(ValueError, match="reward.kind"):
+        build_app({**app["args"], "reward": {"kind": "bleu"}})
+
+
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
 def test_every_yaml_config_loads(path):
     cfg = load_config(config_class(path), path)
     assert cfg is not None
@@ -51,7 +72,7 @@ def undocumented_fields(cls, data: dict, prefix: str = ""):
             yield from undocumented_fields(tp, data[name], f"{prefix}{name}.")
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
 def test_yaml_names_every_knob(path):
     """The YAML is the documentation of every knob: it names every field of its dataclass tree."""
     import yaml

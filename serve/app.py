@@ -1,0 +1,282 @@
+"""The Sweetspot Serve application: best-of-n and DeRa over HTTP, with the code the batch jobs run.
+
+    GeneratorDeployment   a Generator (pi_0, and an aligned model for DeRa); sampling in a thread
+    ScorerDeployment      a scorer from actors.scorer.make_scorer; scoring in a thread
+    Api                   the FastAPI ingress: GET /healthz, POST /v1/bon, POST /v1/dera
+
+The ingress holds DeploymentHandles to the other two, so generation and scoring scale separately
+(replicas and autoscaling per deployment in configs/serve.yaml). Requests are validated by pydantic
+and by the configured limits: bad input is a 4xx naming the field, never a 5xx.
+
+    serve run configs/serve.yaml        # a Ray Serve config file
+    python -m serve                     # the default task on 127.0.0.1:8000
+"""
+# No `from __future__ import annotations`: FastAPI reads the request models from the handlers'
+# annotations inside the Serve replica, where string annotations do not resolve.
+import asyncio
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+
+class Limits(BaseModel):
+    """What one request may ask for (configs/serve.yaml `limits`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_n: int = Field(64, ge=1)
+    max_prompts: int = Field(16, ge=1)
+    max_tokens: int = Field(64, ge=1)
+    max_prompt_chars: int = Field(2000, ge=1)
+
+
+class SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    prompt: str | list[str] = Field(description="one prompt or a list of prompts")
+    n: int = Field(8, ge=1, description="samples per prompt")
+    temperature: float = Field(1.0, gt=0)
+    max_tokens: int = Field(24, ge=1)
+    min_tokens: int = Field(0, ge=0, description="end-of-sequence is blocked before this many tokens")
+    seed: int = 0
+    return_all: bool = Field(False, description="return every sample with its reward, not only the chosen one")
+
+
+class BonRequest(SamplingRequest):
+    selection: Literal["argmax", "rbon_kl"] = "argmax"
+    beta: float = Field(0.0, ge=0, description="RBoN-KL's weight on log pi_0(y|x)")
+    penalty: Literal["none", "ensemble", "laplace"] = "none"
+    ensemble_mode: Literal["mean", "worst", "uncertainty_weighted"] = "mean"
+    coef: float = Field(0.0, ge=0, description="uncertainty weight (ensemble) or k in mu - k sigma (laplace)")
+
+
+class DeraRequest(SamplingRequest):
+    lam: float = Field(1.0, ge=0, alias="lambda", description="lam * aligned + (1 - lam) * reference logits")
+    n: int = Field(1, ge=1, description="samples per prompt; with a scorer, the best of n DeRa samples is chosen")
+
+
+class CompletionRequest(BaseModel):
+    """The OpenAI completions request (the fields Sweetspot honours; others are refused by name), plus
+    `dera_lambda`. `best_of` samples are drawn per prompt and the `n` best by the server's reward are
+    returned, as OpenAI defines best_of."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: str | list[str]
+    n: int = Field(1, ge=1)
+    best_of: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    max_tokens: int = Field(16, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    dera_lambda: float | None = Field(None, ge=0)
+    user: str | None = None  # accepted and ignored, as OpenAI clients may send it
+
+
+class GeneratorDeployment:
+    """One Generator per replica (actors/generator.py); each request's sampling runs in a thread so the
+    replica's event loop keeps answering."""
+
+    def __init__(self, model: str, aligned: str | None = None, device: str = "auto", num_threads: int | None = None):
+        from actors.generator import Generator
+        from align.models import resolve_model_path
+
+        self.generator = Generator(resolve_model_path(model), device=device, num_threads=num_threads,
+                                   aligned_path=resolve_model_path(aligned) if aligned else None)
+        self.has_aligned = aligned is not None
+        self.lock = asyncio.Lock()  # one sampler call at a time per replica (the model is not re-entrant)
+
+    def eos_token_id(self) -> int | None:
+        return self.generator.tokenizer.eos_token_id
+
+    async def sample(self, prompts: list[str], n: int, max_tokens: int, **kwargs) -> dict:
+        async with self.lock:
+            return await asyncio.to_thread(self.generator.sample, prompts, n, max_tokens, **kwargs)
+
+
+class ScorerDeployment:
+    def __init__(self, spec: dict):
+        from actors.scorer import make_scorer
+
+        self.scorer = make_scorer(spec)
+        self.lock = asyncio.Lock()
+
+    async def score_samples(self, samples):
+        async with self.lock:
+            return await asyncio.to_thread(self.scorer.score_samples, samples)
+
+
+# Defined before the ingress class: serve.ingress captures the class and what it refers to when the
+# class is defined.
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` up to the first of the stop sequences (not included), and whether one was found."""
+    cut = min((i for i in (text.find(t) for t in stops if t) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+app = FastAPI(title="Sweetspot", description="Best-of-n and decoding-time realignment (DeRa) endpoints")
+
+
+def error_body(message: str, param: str | None) -> dict:
+    """FastAPI's `detail` and OpenAI's `error` object in one body, so plain HTTP clients and the
+    official `openai` client both show the message and the field."""
+    return {"detail": message, "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
+
+
+@app.exception_handler(HTTPException)
+async def http_error(request, exc: HTTPException):
+    from fastapi.responses import JSONResponse
+
+    message = str(exc.detail)
+    return JSONResponse(error_body(message, message.split(":")[0] if ":" in message else None), status_code=exc.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error(request, exc: RequestValidationError):
+    """422 naming each bad field (its location in the body) and what was wrong with it."""
+    from fastapi.responses import JSONResponse
+
+    parts = [(".".join(str(x) for x in e["loc"] if x != "body") or "body", e["msg"]) for e in exc.errors()]
+    message = "; ".join(f"{field}: {msg}" for field, msg in parts)
+    return JSONResponse(error_body(message, parts[0][0] if parts else None), status_code=422)
+
+
+@serve.ingress(app)
+class Api:
+    def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle, limits: dict | None = None,
+                 has_aligned: bool = False, reward_kind: str = "vader", model_name: str = "sweetspot"):
+        self.generator, self.scorer = generator, scorer
+        self.limits, self.has_aligned, self.reward_kind = Limits(**(limits or {})), has_aligned, reward_kind
+        self.model_name, self.eos_token_id = model_name, None
+
+    def check(self, req: SamplingRequest) -> list[str]:
+        """The request's prompts, or a 422 naming the field and the allowed range."""
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        lim = self.limits
+        for ok, field, allowed in (
+            (1 <= len(prompts) <= lim.max_prompts, "prompt", f"1 to {lim.max_prompts} prompts"),
+            (all(p.strip() for p in prompts), "prompt", "non-empty text"),
+            (all(len(p) <= lim.max_prompt_chars for p in prompts), "prompt", f"at most {lim.max_prompt_chars} characters"),
+            (req.n <= lim.max_n, "n", f"1 <= n <= {lim.max_n}"),
+            (req.max_tokens <= lim.max_tokens, "max_tokens", f"1 <= max_tokens <= {lim.max_tokens}"),
+            (req.min_tokens <= req.max_tokens, "min_tokens", "0 <= min_tokens <= max_tokens"),
+        ):
+            if not ok:
+                raise HTTPException(422, detail=f"{field}: expected {allowed}")
+        return prompts
+
+    async def sample_and_score(self, prompts: list[str], req: SamplingRequest, lam: float | None = None):
+        result = await self.generator.sample.remote(prompts, req.n, req.max_tokens, temperature=req.temperature,
+                                                    min_new_tokens=req.min_tokens, seed=req.seed, lam=lam)
+        return await self.scorer.score_samples.remote(result["samples"])
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    async def completions(self, req: CompletionRequest) -> dict:
+        """OpenAI-compatible completions; best_of is best-of-n ranked by the server's reward scorer."""
+        import time
+        import uuid
+
+        if req.model != self.model_name:
+            raise HTTPException(404, detail=f"model: this server serves {self.model_name!r}, got {req.model!r}")
+        best_of = req.best_of or req.n
+        if req.n > best_of:
+            raise HTTPException(422, detail=f"n: expected n <= best_of ({best_of}), got {req.n}")
+        if req.dera_lambda is not None and not self.has_aligned:
+            raise HTTPException(422, detail="dera_lambda: this server has no aligned model (start it with `aligned`)")
+        sampling = SamplingRequest(prompt=req.prompt, n=best_of, temperature=req.temperature, max_tokens=req.max_tokens,
+                                   seed=req.seed or 0)
+        prompts = self.check(sampling)
+        if self.eos_token_id is None:  # asked once: finish_reason is "stop" when a completion drew it
+            self.eos_token_id = await self.generator.eos_token_id.remote()
+        scored = await self.sample_and_score(prompts, sampling, req.dera_lambda)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        choices, completion_tokens = [], 0
+        for s in scored:
+            completion_tokens += sum(len(ids) for ids in s.completion_ids)
+            best = sorted(range(len(s.completions)), key=lambda i: -s.rewards[i])[: req.n]  # stable: ties keep order
+            for i in best:
+                text, finish = cut_at_stop(s.completions[i], stops)
+                ended = bool(s.completion_ids[i]) and s.completion_ids[i][-1] == self.eos_token_id
+                choices.append({"text": text, "index": len(choices), "logprobs": None,
+                                "finish_reason": "stop" if finish or ended else "length", "reward": s.rewards[i]})
+        prompt_tokens = sum(len(s.prompt_ids) for s in scored)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    @app.post("/v1/bon")
+    async def bon(self, req: BonRequest) -> dict:
+        """Best-of-n per prompt: n samples from pi_0, scored, one chosen by the selection rule."""
+        prompts = self.check(req)
+        if req.penalty != "none" and req.penalty != self.reward_kind:
+            raise HTTPException(422, detail=f"penalty: '{req.penalty}' needs the server's reward kind to be "
+                                            f"'{req.penalty}' (it is '{self.reward_kind}')")
+        return {"results": [self.answer(s, req) for s in await self.sample_and_score(prompts, req)]}
+
+    @app.post("/v1/dera")
+    async def dera(self, req: DeraRequest) -> dict:
+        """Samples at DeRa strength lambda; with n > 1 the best of them by the server's reward."""
+        prompts = self.check(req)
+        if not self.has_aligned:
+            raise HTTPException(422, detail="lambda: this server has no aligned model (start it with `aligned`)")
+        return {"results": [self.answer(s, req, lam=req.lam) for s in await self.sample_and_score(prompts, req, req.lam)]}
+
+    @staticmethod
+    def answer(s, req: SamplingRequest, lam: float | None = None) -> dict:
+        import torch
+
+        from align.selection import ranking_reward, select
+
+        f64 = dict(dtype=torch.float64)
+        mean = torch.tensor([s.rewards], **f64)
+        var = torch.tensor([s.reward_var], **f64) if s.reward_var else None
+        members = torch.tensor(s.reward_members, **f64).T.unsqueeze(1) if s.reward_members is not None else None
+        if isinstance(req, BonRequest):
+            ranking = ranking_reward(mean, var, members, req.penalty, req.ensemble_mode, req.coef)
+            chosen = int(select(ranking, req.selection, req.beta, torch.tensor([s.logprobs], **f64))[0])
+        else:
+            chosen = int(mean.argmax())
+        out = {"prompt": s.prompt, "completion": s.completions[chosen], "reward": s.rewards[chosen], "chosen": chosen,
+               "n": len(s.completions)}
+        if lam is not None:
+            out["lambda"] = lam
+        if req.return_all:
+            out["samples"] = [{"completion": c, "reward": r, "logprob": lp, "tokens": len(ids)}
+                              for c, r, lp, ids in zip(s.completions, s.rewards, s.logprobs, s.completion_ids)]
+        return out
+
+
+class AppArgs(BaseModel):
+    """The application's arguments (configs/serve.yaml `args`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = "default"
+    model_name: str = "sweetspot"  # the `model` OpenAI-style requests must name
+    aligned: str | None = None
+    device: str = "auto"
+    reward: dict = Field(default_factory=lambda: {"kind": "vader"})
+    limits: Limits = Field(default_factory=Limits)
+    generator_threads: int | None = Field(None, ge=1)
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """Generator and scorer deployments bound into the ingress (a typed builder Serve calls with the
+    config file's `args`)."""
+    from actors.scorer import SCORER_KINDS
+
+    a = AppArgs(**(args or {}))
+    if a.reward.get("kind") not in SCORER_KINDS:
+        raise ValueError(f"reward.kind must be one of {' | '.join(SCORER_KINDS)}, got {a.reward.get('kind')!r}")
+    # Default CPU reservations small enough for a 2-core machine; a Serve config file overrides them.
+    generator = serve.deployment(GeneratorDeployment, ray_actor_options={"num_cpus": 1}).bind(
+        a.model, a.aligned, a.device, a.generator_threads)
+    scorer = serve.deployment(ScorerDeployment, ray_actor_options={"num_cpus": 0}).bind({"device": a.device, **a.reward})
+    return serve.deployment(Api, ray_actor_options={"num_cpus": 0}).bind(
+        generator, scorer, a.limits.model_dump(), a.aligned is not None, a.reward["kind"], a.model_name)
