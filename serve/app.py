@@ -31,6 +31,7 @@ class Limits(BaseModel):
     max_prompts: int = Field(16, ge=1)
     max_tokens: int = Field(64, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1)
 
 
 class SamplingRequest(BaseModel):
@@ -125,6 +126,21 @@ def error_body(message: str, param: str | None) -> dict:
     return {"detail": message, "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
 
 
+@app.middleware("http")
+async def limit_body(request, call_next):
+    """413 for a body larger than the configured limit, before it is read (by its Content-Length;
+    a body sent without one is counted as it streams in)."""
+    from fastapi.responses import JSONResponse
+
+    limit = getattr(request.app.state, "max_body_bytes", None)
+    if limit is not None and request.method == "POST":
+        declared = request.headers.get("content-length")
+        size = int(declared) if declared and declared.isdigit() else len(await request.body())
+        if size > limit:
+            return JSONResponse(error_body(f"body: expected at most {limit} bytes, got {size}", "body"), status_code=413)
+    return await call_next(request)
+
+
 @app.exception_handler(HTTPException)
 async def http_error(request, exc: HTTPException):
     from fastapi.responses import JSONResponse
@@ -150,6 +166,7 @@ class Api:
         self.generator, self.scorer = generator, scorer
         self.limits, self.has_aligned, self.reward_kind = Limits(**(limits or {})), has_aligned, reward_kind
         self.model_name, self.eos_token_id = model_name, None
+        app.state.max_body_bytes = self.limits.max_body_bytes  # read by limit_body, in this replica
 
     def check(self, req: SamplingRequest) -> list[str]:
         """The request's prompts, or a 422 naming the field and the allowed range."""

@@ -19,7 +19,8 @@ def server(ray_session, tiny_lm_dir, tmp_path_factory):
     (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": str(tiny_lm_dir), "aligned": str(aligned), "device": "cpu",
-                         "limits": {"max_n": 8, "max_prompts": 4, "max_tokens": 16, "max_prompt_chars": 100}}),
+                         "limits": {"max_n": 8, "max_prompts": 4, "max_tokens": 16, "max_prompt_chars": 100,
+                                    "max_body_bytes": 2000}}),
               name="sweetspot", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -82,6 +83,7 @@ def test_dera_at_lambda_0_is_pi0(server, tiny_lm_dir):
     ("/v1/bon", {"prompt": "a", "top_p": 0.9}, None, "top_p"),
     ("/v1/dera", {"prompt": "a", "lambda": -1}, None, "lambda"),
     ("/v1/bon", None, b"{not json", None),
+    ("/v1/bon", None, b'{"prompt": "' + b"x" * 3000 + b'"}', "body"),
     ("/v1/bon", None, b"\xff\xfe\x00", None),
 ])
 def test_bad_input_is_a_4xx_naming_the_field_and_the_server_keeps_serving(server, route, body, raw, field):
