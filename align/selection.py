@@ -59,3 +59,15 @@ def select(rewards: Tensor, method: str = "argmax", beta: float = 0.0, logps: Te
             raise ValueError("selection 'rbon_wd' needs the cost between samples (cost)")
         return rbon_wd_select(rewards, cost, beta)
     raise ValueError(f"selection must be one of {' | '.join(SELECTIONS)}, got {method!r}")
+
+
+def prompt_ranking(rewards: list[float], reward_var: list[float] | None = None,
+                   reward_members: list[list[float]] | None = None, penalty: str = "none",
+                   ensemble_mode: str = "mean", coef: float = 0.0) -> Tensor:
+    """`ranking_reward` for one prompt's candidates as a scorer returns them (lists: rewards (n,),
+    variances (n,), members per candidate (n, k)): the ranking as a [1, n] float64 tensor."""
+    f64 = dict(dtype=torch.float64)
+    mean = torch.tensor([rewards], **f64)
+    var = torch.tensor([reward_var], **f64) if reward_var else None
+    members = torch.tensor(reward_members, **f64).T.unsqueeze(1) if reward_members is not None else None  # (k, 1, n)
+    return ranking_reward(mean, var, members, penalty, ensemble_mode, coef)

@@ -234,16 +234,13 @@ def record(s, index: int, batch: int, cfg: BonConfig) -> dict:
 def choose(s, n: int, cfg: BonConfig) -> tuple[int, dict]:
     """The chosen candidate of one prompt's n (align.selection) and what it was chosen by."""
     from align.scoring import cosine_cost
-    from align.selection import ranking_reward, select
+    from align.selection import prompt_ranking, select
 
-    f64 = dict(dtype=torch.float64)
-    mean = torch.tensor([s.rewards[:n]], **f64)
-    var = torch.tensor([s.reward_var[:n]], **f64) if s.reward_var else None
-    members = torch.tensor(s.reward_members[:n], **f64).T.unsqueeze(1) if s.reward_members is not None else None  # (k, 1, n)
-    ranking = ranking_reward(mean, var, members, cfg.penalty.kind, cfg.penalty.ensemble_mode, cfg.penalty.coef)
+    members = s.reward_members[:n] if s.reward_members is not None else None
+    ranking = prompt_ranking(s.rewards[:n], s.reward_var[:n], members, cfg.penalty.kind, cfg.penalty.ensemble_mode, cfg.penalty.coef)
     extra = {} if cfg.penalty.kind == "none" else {"ranking": ranking[0].tolist()}
     method = cfg.selection if cfg.selection in ("rbon_kl", "rbon_wd") else "argmax"
-    logps = torch.tensor([s.logprobs[:n]], **f64)
+    logps = torch.tensor([s.logprobs[:n]], dtype=torch.float64)
     cost = None
     if method == "rbon_wd":
         cost = cosine_cost(s.embeddings[:n].unsqueeze(0).double())  # (1, n, n)

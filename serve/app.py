@@ -249,17 +249,13 @@ class Api:
     def answer(s, req: SamplingRequest, lam: float | None = None) -> dict:
         import torch
 
-        from align.selection import ranking_reward, select
+        from align.selection import prompt_ranking, select
 
-        f64 = dict(dtype=torch.float64)
-        mean = torch.tensor([s.rewards], **f64)
-        var = torch.tensor([s.reward_var], **f64) if s.reward_var else None
-        members = torch.tensor(s.reward_members, **f64).T.unsqueeze(1) if s.reward_members is not None else None
         if isinstance(req, BonRequest):
-            ranking = ranking_reward(mean, var, members, req.penalty, req.ensemble_mode, req.coef)
-            chosen = int(select(ranking, req.selection, req.beta, torch.tensor([s.logprobs], **f64))[0])
+            ranking = prompt_ranking(s.rewards, s.reward_var, s.reward_members, req.penalty, req.ensemble_mode, req.coef)
+            chosen = int(select(ranking, req.selection, req.beta, torch.tensor([s.logprobs], dtype=torch.float64))[0])
         else:
-            chosen = int(mean.argmax())
+            chosen = int(torch.tensor(s.rewards, dtype=torch.float64).argmax())
         out = {"prompt": s.prompt, "completion": s.completions[chosen], "reward": s.rewards[chosen], "chosen": chosen,
                "n": len(s.completions)}
         if lam is not None:
