@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install quickstart test clean bench-env
+.PHONY: install quickstart test clean bench-env browser
 
 # laplace-torch and its backends declare torchvision (unused; it cannot load beside the CPU torch and
 # would pull a CUDA build): installed without dependencies, which pyproject.toml lists instead.
@@ -29,8 +29,18 @@ install: $(STAMP)
 quickstart: install
 	$(PY) -m jobs.bon --config configs/bon.yaml
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
+
+# The playground's test drives a real headless browser: Debian's chromium and its driver (a test
+# tool's own browser download does not work offline). Installed when missing and this is root with
+# apt; otherwise that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; }; } || \
+	  echo "chromium not installed (needs root and apt): the playground browser test will be skipped"
 
 # A separate environment for baselines the project never depends on (TRL for jobs.bench_train).
 bench-env:

@@ -40,6 +40,19 @@ class ShippedDir:
     ref: object  # ray.ObjectRef of the tar archive's bytes
 
 
+def free_ports(k: int) -> list[int]:
+    """k distinct free TCP ports on loopback (held together while chosen, so they differ)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(k)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 def ship_dir(path: str) -> str | ShippedDir:
     """A ShippedDir for a local directory under SHIP_LIMIT_BYTES; anything else (a hub name, a large
     directory) is returned as it is."""

@@ -72,13 +72,14 @@ class Generator:
         self,
         prompts: list[str],
         n: int,
-        max_new_tokens: int,
+        max_new_tokens: int | list[int],
         temperature: float = 1.0,
         min_new_tokens: int = 0,
         stop_at_eos: bool = True,
         seed: int = 0,
         rejection: dict | None = None,
         lam: float | list[float] | None = None,
+        seeds: list[int] | None = None,
     ) -> dict:
         """n completions for each prompt (shared prefill). Returns {"samples": [PromptSamples], "seconds",
         "new_tokens"}; new_tokens counts every token drawn, those of rejected continuations included.
@@ -90,13 +91,21 @@ class Generator:
         rejection: speculative rejection (`align.speculative`), a dict with `rejection_rate`,
         `decision_tokens` and `reward` (make_reward's kind, path, device). The last of the n rows is
         an independent sample that is never rejected; each prompt ends with the survivors plus it.
+
+        seeds, and max_new_tokens as a list: one per prompt, so prompts batched together from several
+        requests draw what each would draw alone (`NSampler`); `seed` is then unused.
         """
         from align.models import encode_prompts
         from align.sampling import NSampler
 
         start = time.perf_counter()
         ids, mask = encode_prompts(self.tokenizer, prompts, self.device)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+        if seeds is not None:
+            if len(seeds) != len(prompts):
+                raise ValueError(f"seeds needs one seed per prompt ({len(prompts)}), got {len(seeds)}")
+            gen = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        else:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
         models, mix = self.model, None
         if lam is not None:
             from align.dera import dera_mix

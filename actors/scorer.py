@@ -29,7 +29,9 @@ class Scorer:
 
     embedder = None
 
-    def score(self, prompts: list[str], completions: list[str], ids=None, tokenizer=None) -> RewardScores:
+    def score(self, prompts: list[str], completions: list[str], ids=None, tokenizer=None, groups=None) -> RewardScores:
+        """groups: per row, which prompt's samples it belongs to (default: rows with the same prompt
+        text); only scorers with a per-prompt reference (CombinedScorer) read it."""
         raise NotImplementedError
 
     def score_samples(self, samples: list[PromptSamples]) -> list[PromptSamples]:
@@ -39,7 +41,8 @@ class Scorer:
         prompts = [s.prompt for s in samples for _ in s.completions]
         completions = [c for s in samples for c in s.completions]
         ids = [s.prompt_ids + c for s in samples for c in s.completion_ids]
-        scores = self.score(prompts, completions, ids, samples[0].tokenizer if samples else None)
+        groups = [g for g, s in enumerate(samples) for _ in s.completions]  # two requests may share a prompt
+        scores = self.score(prompts, completions, ids, samples[0].tokenizer if samples else None, groups)
         embeddings = self.embedder.embed(completions) if self.embedder is not None else None
         i = 0
         for s in samples:
@@ -69,7 +72,7 @@ class RewardScorer(Scorer):
 
         self.reward = make_reward(kind, local_dir(path) if path else None, device, **params)
 
-    def score(self, prompts, completions, ids=None, tokenizer=None) -> RewardScores:
+    def score(self, prompts, completions, ids=None, tokenizer=None, groups=None) -> RewardScores:
         return RewardScores.point(self.reward(prompts, completions, ids, tokenizer))
 
 
@@ -86,7 +89,7 @@ class EnsembleScorer(Scorer):
             raise ValueError("an ensemble needs k >= 1 member reward models, got 0 paths")
         self.members = [SequenceClassifierReward(local_dir(p), device=device) for p in paths]
 
-    def score(self, prompts, completions, ids=None, tokenizer=None) -> RewardScores:
+    def score(self, prompts, completions, ids=None, tokenizer=None, groups=None) -> RewardScores:
         members = torch.stack([m(prompts, completions, ids, tokenizer) for m in self.members])  # (k, N)
         return RewardScores(members.mean(0), members.var(0, unbiased=False), members)
 
@@ -106,7 +109,7 @@ class LaplaceScorer(Scorer):
         self.fingerprint = tokenizer_fingerprint(self.laplace.tokenizer)
         self.chunk_size = chunk_size or (4 if self.laplace.device.type == "cpu" else 32)
 
-    def score(self, prompts, completions, ids=None, tokenizer=None) -> RewardScores:
+    def score(self, prompts, completions, ids=None, tokenizer=None, groups=None) -> RewardScores:
         from align.pairs import concat_token_ids
 
         if not completions:
@@ -121,7 +124,7 @@ class CombinedScorer(Scorer):
     log sigmoid(r_i - r_ref,i(x)), and the transforms summed (method sum_of_lsc: the log-probability
     that y is good on every property), or the raw rewards summed (sum_raw, the baseline).
 
-    r_ref,i(x) is the `quantile` of r_i over the completions of x in the same call. In best-of-n those
+    r_ref,i(x) is the `quantile` of r_i over the completions of x in the same call (its `groups`). In best-of-n those
     are the n samples from pi_0, which is the reference the transform asks for; callers scoring
     completions of another policy must score pi_0 samples with them."""
 
@@ -130,15 +133,16 @@ class CombinedScorer(Scorer):
             raise ValueError(f"combine must be 'sum_of_lsc' or 'sum_raw', got {method!r}")
         self.scorers, self.method, self.quantile = scorers, method, quantile
 
-    def score(self, prompts, completions, ids=None, tokenizer=None) -> RewardScores:
+    def score(self, prompts, completions, ids=None, tokenizer=None, groups=None) -> RewardScores:
         from align.scoring import combine_rewards, reference_reward
 
         parts = torch.stack([s.score(prompts, completions, ids, tokenizer).mean for s in self.scorers])  # (k, N)
         if self.method == "sum_raw":
             return RewardScores(parts.sum(0), torch.zeros(len(completions), dtype=torch.float64), parts)
         combined = torch.empty(len(completions), dtype=torch.float64)
-        for prompt in dict.fromkeys(prompts):  # one reference per distinct prompt
-            rows = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+        keys = groups if groups is not None else prompts
+        for key in dict.fromkeys(keys):  # one reference per prompt's group of samples
+            rows = torch.tensor([i for i, k in enumerate(keys) if k == key])
             group = parts[:, rows].unsqueeze(1)  # (k, 1, m)
             refs = torch.stack([reference_reward(g, self.quantile) for g in group])  # (k, 1)
             combined[rows] = combine_rewards(group, "sum_of_lsc", refs)[0]
@@ -188,8 +192,8 @@ class ScorerActor:
             torch.set_num_threads(num_threads)
         self.scorer = make_scorer(spec)
 
-    def score(self, prompts, completions, ids=None, tokenizer=None) -> RewardScores:
-        return self.scorer.score(prompts, completions, ids, tokenizer)
+    def score(self, prompts, completions, ids=None, tokenizer=None, groups=None) -> RewardScores:
+        return self.scorer.score(prompts, completions, ids, tokenizer, groups)
 
     def score_samples(self, samples: list[PromptSamples]) -> list[PromptSamples]:
         return self.scorer.score_samples(samples)

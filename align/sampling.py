@@ -176,22 +176,35 @@ class NSampler:
     that emits EOS is finished (later tokens are pad and masked out); finished rows stay in the batch
     until `keep` drops them or every row is done. `run(until)` decodes up to `until` tokens, so a
     caller can look at partial completions and `keep` some rows (speculative rejection) in between.
+
+    Prompts batched from different requests (the Serve app) keep their own draws: `generator` may be
+    one torch.Generator per prompt, each drawing the uniforms of that prompt's rows only, and
+    `max_new_tokens` one budget per prompt (a row stops at its budget as at end-of-sequence). A
+    prompt's samples then depend on its own seed, not on what it was batched with.
     """
 
-    def __init__(self, models, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, max_new_tokens: int,
-                 temperature: float = 1.0, min_new_tokens: int = 0, eos_token_id: int | None = None,
-                 pad_token_id: int = 0, generator: torch.Generator | None = None, mix=None, cache: str = "auto",
+    def __init__(self, models, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
+                 max_new_tokens: int | list[int], temperature: float = 1.0, min_new_tokens: int = 0,
+                 eos_token_id: int | None = None, pad_token_id: int = 0,
+                 generator: torch.Generator | list[torch.Generator] | None = None, mix=None, cache: str = "auto",
                  compile: bool = False):
-        if n < 1 or max_new_tokens < 1 or temperature <= 0:
+        num_prompts, device = input_ids.shape[0], input_ids.device
+        budgets = [max_new_tokens] * num_prompts if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if n < 1 or min(budgets, default=1) < 1 or temperature <= 0:
             raise ValueError(f"need n >= 1, max_new_tokens >= 1, temperature > 0; got {n}, {max_new_tokens}, {temperature}")
+        if len(budgets) != num_prompts or (isinstance(generator, (list, tuple)) and len(generator) != num_prompts):
+            raise ValueError(f"max_new_tokens and generator, when lists, need one entry per prompt ({num_prompts})")
         from align.decoding import prefill
 
+        max_new_tokens = max(budgets)
+        # None when every prompt has the same budget: the loop's own bound stops them
+        self.budget = None if len(set(budgets)) == 1 else torch.tensor(budgets, device=device).repeat_interleave(n)
         models = list(models) if isinstance(models, (list, tuple)) else [models]
         self.states = [prefill(m, input_ids, attention_mask, n, max_new_tokens - 1, cache, compile) for m in models]
-        self.num_prompts, self.n, self.max_new_tokens = input_ids.shape[0], n, max_new_tokens
+        self.num_prompts, self.n, self.max_new_tokens = num_prompts, n, max_new_tokens
         self.temperature, self.min_new_tokens = temperature, min_new_tokens
         self.eos_token_id, self.pad_token_id, self.generator, self.mix = eos_token_id, pad_token_id, generator, mix
-        rows, device = self.num_prompts * n, input_ids.device
+        rows = self.num_prompts * n
         self.tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         self.mask = torch.zeros((rows, max_new_tokens), dtype=torch.bool, device=device)
         self.logprobs = torch.zeros(rows, dtype=torch.float32, device=device)
@@ -207,7 +220,7 @@ class NSampler:
     def step(self) -> None:
         """Draw token t for every row and feed it back (unless it was the last)."""
         t, alive, blocked = self.t, self.alive, self.t < self.min_new_tokens
-        u = torch.rand(alive.shape[0], 1, device=alive.device, generator=self.generator, dtype=torch.float32)
+        u = self.uniforms()
         drawn = None if self.mix else self.states[0].draw(u, self.temperature, self.eos_token_id, blocked)
         if drawn is None:
             logits = self.mix([s.logits for s in self.states], self.rows) if self.mix else self.states[0].logits
@@ -219,10 +232,19 @@ class NSampler:
         self.logprobs += torch.where(alive, logp, 0.0)
         if self.eos_token_id is not None:
             alive &= tok != self.eos_token_id
+        if self.budget is not None:
+            alive &= self.budget[self.rows] > t + 1
         self.t += 1
         if not self.done:
             for s in self.states:
                 s.step(tok)  # finished rows keep drawing; their tokens are dropped above
+
+    def uniforms(self) -> torch.Tensor:
+        """One uniform per current row (B, 1): from the one generator, or each prompt's rows from its own."""
+        kw = dict(device=self.alive.device, dtype=torch.float32)
+        if isinstance(self.generator, (list, tuple)):
+            return torch.cat([torch.rand(self.n, 1, generator=g, **kw) for g in self.generator])
+        return torch.rand(self.alive.shape[0], 1, generator=self.generator, **kw)
 
     def run(self, until: int | None = None) -> "NSampler":
         """Decode until `until` tokens per row (default max_new_tokens) or every row has finished."""

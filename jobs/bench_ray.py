@@ -10,8 +10,13 @@ threads as one actor gets. pool_k: k generator actors (one model copy each) and 
 sampling and scoring overlapped. Each method in turn is warmed up on one batch (model load, first
 call) and then timed `repeats` times over the whole prompt set; medians are reported. pool_1 / in_process is
 the overhead of the plumbing (object store, scheduling, the scorer hop); pool_2 / pool_1 is how
-throughput scales with a second actor on this machine. The Serve comparison joins when the Serve
-app lands. Writes results.json and results.md.
+throughput scales with a second actor on this machine.
+
+serve_*: the Serve app (serve/app.py) answering one POST /v1/bon per prompt over HTTP on loopback,
+one generator replica with the same threads: `serve_sequential` sends the requests one after another,
+`serve_concurrent` all at once with batching on (up to batch_size requests per sampler call),
+`serve_unbatched` all at once with batching off. serve_concurrent / serve_sequential is what batching
+concurrent requests buys. Writes results.json and results.md.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ class BenchRayConfig:
     min_new_tokens: int = 16
     batch_size: int = 16  # prompts per generator call
     actors: list[int] = field(default_factory=lambda: [1, 2])  # pool sizes to time
+    serve: bool = True  # also time the Serve app: sequential, concurrent batched and concurrent unbatched requests
     threads_per_actor: int = 1  # torch threads of each actor and of the in-process run
     repeats: int = 3
     quick: bool = False  # 8 prompts, n 2, 4 new tokens, 1 repeat
@@ -88,6 +94,49 @@ def through_pool(cfg: BenchRayConfig, model_path: str, batches: dict[int, list[s
     return f, [pool, scorers]
 
 
+def through_serve(cfg: BenchRayConfig, model_path: str, prompts: list[str], mode: str):
+    """f() -> new tokens for the prompt set, one POST /v1/bon per prompt to a Serve app on loopback;
+    mode: sequential | concurrent | unbatched (concurrent, batching off)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    from ray import serve
+
+    from actors.cluster import free_ports
+    from serve.app import AppArgs, bind_app
+
+    (port,) = free_ports(1)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    batch = 1 if mode == "unbatched" else cfg.batch_size
+    args = AppArgs(model=model_path, device="cpu", generator_threads=cfg.threads_per_actor,
+                   limits={"max_n": cfg.n, "max_tokens": cfg.max_new_tokens},
+                   batching={"max_batch_size": batch, "batch_wait_timeout_s": 0.01})
+    generator = {"ray_actor_options": {"num_cpus": cfg.threads_per_actor}, "max_ongoing_requests": max(batch, 8),
+                 "max_queued_requests": -1}
+    serve.run(bind_app(args, {"GeneratorDeployment": generator}), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/bon"
+    session = requests.Session()
+
+    def one(i: int) -> int:
+        body = {"prompt": prompts[i], "n": cfg.n, "max_tokens": cfg.max_new_tokens, "min_tokens": cfg.min_new_tokens,
+                "seed": cfg.seed + i, "return_all": True}
+        r = (session if mode == "sequential" else requests).post(url, json=body, timeout=600)
+        r.raise_for_status()
+        return sum(s["tokens"] for s in r.json()["results"][0]["samples"])
+
+    def f(which=None):
+        rows = range(len(prompts)) if which is None else range(min(len(prompts), cfg.batch_size))
+        if mode == "sequential":
+            return sum(one(i) for i in rows)
+        with ThreadPoolExecutor(len(rows)) as pool:
+            return sum(pool.map(one, rows))
+
+    class Shutdown:
+        def shutdown(self):
+            serve.shutdown()
+    return f, [Shutdown()]
+
+
 def run(cfg: BenchRayConfig) -> dict:
     import dataclasses
 
@@ -104,10 +153,13 @@ def run(cfg: BenchRayConfig) -> dict:
     rows = []
     try:
         # One method at a time: pools of 1 and 2 actors at once would not fit on a 2-core machine.
-        for m in ["in_process", *(f"pool_{k}" for k in cfg.actors)]:
+        serve_modes = ["serve_sequential", "serve_concurrent", "serve_unbatched"] if cfg.serve else []
+        for m in ["in_process", *(f"pool_{k}" for k in cfg.actors), *serve_modes]:
             groups = []
             if m == "in_process":
                 f = in_process(cfg, model_path, batches)
+            elif m.startswith("serve_"):
+                f, groups = through_serve(cfg, model_path, prompts, m.removeprefix("serve_"))
             else:
                 f, groups = through_pool(cfg, model_path, batches, int(m.removeprefix("pool_")))
             try:
@@ -132,9 +184,16 @@ def run(cfg: BenchRayConfig) -> dict:
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["vs_in_process"] = r["tokens_per_s"] / base
+        r["requests_per_s"] = len(prompts) / r["seconds"]
+    by = {r["method"]: r for r in rows}
+    if cfg.serve:
+        log.info("Serve, %d requests: concurrent (batched) %.2fx sequential; unbatched %.2fx sequential", len(prompts),
+                 by["serve_concurrent"]["requests_per_s"] / by["serve_sequential"]["requests_per_s"],
+                 by["serve_unbatched"]["requests_per_s"] / by["serve_sequential"]["requests_per_s"])
     env = machine(torch.device("cpu"))
     columns = [("method", "method", "{}"), ("seconds", "seconds", "{:.2f}"), ("new tokens", "new_tokens", "{}"),
-               ("tokens/s", "tokens_per_s", "{:.0f}"), ("vs in-process", "vs_in_process", "{:.2f}x")]
+               ("tokens/s", "tokens_per_s", "{:.0f}"), ("prompts/s", "requests_per_s", "{:.2f}"),
+               ("vs in-process", "vs_in_process", "{:.2f}x")]
     header = (f"Best-of-{cfg.n} over {len(prompts)} prompts ({cfg.max_new_tokens} new tokens, VADER scoring), "
               f"{cfg.threads_per_actor} thread(s) per actor, median of {cfg.repeats}; {machine_line(env)}.")
     result = {"rows": rows, "env": env}

@@ -1,12 +1,15 @@
 """The Sweetspot Serve application: best-of-n and DeRa over HTTP, with the code the batch jobs run.
 
-    GeneratorDeployment   a Generator (pi_0, and an aligned model for DeRa); sampling in a thread
-    ScorerDeployment      a scorer from actors.scorer.make_scorer; scoring in a thread
-    Api                   the FastAPI ingress: GET /healthz, POST /v1/bon, POST /v1/dera
+    GeneratorDeployment   a Generator (pi_0, and an aligned model for DeRa); concurrent requests
+                          are batched into one sampler call (serve/batching.py), run in a thread
+    ScorerDeployment      a scorer from actors.scorer.make_scorer; batched the same way
+    Api                   the FastAPI ingress: GET / (the playground), GET /healthz, GET /v1/info,
+                          POST /v1/bon, POST /v1/dera, POST /v1/completions (OpenAI-compatible)
 
 The ingress holds DeploymentHandles to the other two, so generation and scoring scale separately
 (replicas and autoscaling per deployment in configs/serve.yaml). Requests are validated by pydantic
-and by the configured limits: bad input is a 4xx naming the field, never a 5xx.
+and by the configured limits: bad input is a 4xx naming the field, never a 5xx. A deployment whose
+queue is full (max_queued_requests) makes the request a 503 with a Retry-After header.
 
     serve run configs/serve.yaml        # a Ray Serve config file
     python -m serve                     # the default task on 127.0.0.1:8000
@@ -14,6 +17,8 @@ and by the configured limits: bad input is a 4xx naming the field, never a 5xx.
 # No `from __future__ import annotations`: FastAPI reads the request models from the handlers'
 # annotations inside the Serve replica, where string annotations do not resolve.
 import asyncio
+import math
+from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, HTTPException
@@ -21,6 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+
+PLAYGROUND = Path(__file__).with_name("playground.html")
 
 
 class Limits(BaseModel):
@@ -32,6 +39,14 @@ class Limits(BaseModel):
     max_tokens: int = Field(64, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1)
+
+
+class Batching(BaseModel):
+    """How the generator and scorer deployments batch concurrent requests (configs/serve.yaml `batching`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_batch_size: int = Field(16, ge=1, description="requests per sampler (and scorer) call")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill up")
 
 
 class SamplingRequest(BaseModel):
@@ -77,36 +92,66 @@ class CompletionRequest(BaseModel):
 
 
 class GeneratorDeployment:
-    """One Generator per replica (actors/generator.py); each request's sampling runs in a thread so the
-    replica's event loop keeps answering."""
+    """One Generator per replica (actors/generator.py). Requests that arrive together are sampled in
+    one call (`serve.batch`; serve/batching.py groups them), in a thread so the replica's event loop
+    keeps answering; each request's samples are what it would draw alone."""
 
-    def __init__(self, model: str, aligned: str | None = None, device: str = "auto", num_threads: int | None = None):
+    def __init__(self, model: str, aligned: str | None = None, device: str = "auto", num_threads: int | None = None,
+                 batching: dict | None = None):
         from actors.generator import Generator
         from align.models import resolve_model_path
 
         self.generator = Generator(resolve_model_path(model), device=device, num_threads=num_threads,
                                    aligned_path=resolve_model_path(aligned) if aligned else None)
         self.has_aligned = aligned is not None
-        self.lock = asyncio.Lock()  # one sampler call at a time per replica (the model is not re-entrant)
+        b = Batching(**(batching or {}))
+        self.sample_batch.set_max_batch_size(b.max_batch_size)
+        self.sample_batch.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
+        self.requests = self.sampler_calls = 0
 
     def eos_token_id(self) -> int | None:
         return self.generator.tokenizer.eos_token_id
 
-    async def sample(self, prompts: list[str], n: int, max_tokens: int, **kwargs) -> dict:
-        async with self.lock:
-            return await asyncio.to_thread(self.generator.sample, prompts, n, max_tokens, **kwargs)
+    def stats(self) -> dict:
+        """Requests answered and sampler calls made by this replica (their ratio is the batching)."""
+        return {"requests": self.requests, "sampler_calls": self.sampler_calls}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # overridden by `batching` in __init__
+    async def sample_batch(self, calls: list) -> list:
+        from serve.batching import sample_together
+
+        results = await asyncio.to_thread(sample_together, self.generator, calls)
+        self.requests += len(calls)
+        self.sampler_calls += len({c.group for c in calls})
+        return results
+
+    async def sample(self, call) -> dict:
+        """One request's samples (a serve.batching.SampleCall), batched with whatever arrives with it."""
+        out = await self.sample_batch(call)
+        if isinstance(out, Exception):
+            raise out
+        return out
 
 
 class ScorerDeployment:
-    def __init__(self, spec: dict):
+    """A scorer per replica; the samples of requests that arrive together are scored in one call."""
+
+    def __init__(self, spec: dict, batching: dict | None = None):
         from actors.scorer import make_scorer
 
         self.scorer = make_scorer(spec)
-        self.lock = asyncio.Lock()
+        b = Batching(**(batching or {}))
+        self.score_batch.set_max_batch_size(b.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def score_batch(self, sample_lists: list) -> list:
+        from serve.batching import score_together
+
+        return await asyncio.to_thread(score_together, self.scorer, sample_lists)
 
     async def score_samples(self, samples):
-        async with self.lock:
-            return await asyncio.to_thread(self.scorer.score_samples, samples)
+        return await self.score_batch(samples)
 
 
 # Defined before the ingress class: serve.ingress captures the class and what it refers to when the
@@ -146,7 +191,8 @@ async def http_error(request, exc: HTTPException):
     from fastapi.responses import JSONResponse
 
     message = str(exc.detail)
-    return JSONResponse(error_body(message, message.split(":")[0] if ":" in message else None), status_code=exc.status_code)
+    return JSONResponse(error_body(message, message.split(":")[0] if ":" in message else None),
+                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 @app.exception_handler(RequestValidationError)
@@ -162,10 +208,11 @@ async def validation_error(request, exc: RequestValidationError):
 @serve.ingress(app)
 class Api:
     def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle, limits: dict | None = None,
-                 has_aligned: bool = False, reward_kind: str = "vader", model_name: str = "sweetspot"):
+                 has_aligned: bool = False, reward_kind: str = "vader", model_name: str = "sweetspot",
+                 retry_after_s: float = 1.0):
         self.generator, self.scorer = generator, scorer
         self.limits, self.has_aligned, self.reward_kind = Limits(**(limits or {})), has_aligned, reward_kind
-        self.model_name, self.eos_token_id = model_name, None
+        self.model_name, self.eos_token_id, self.retry_after_s = model_name, None, retry_after_s
         app.state.max_body_bytes = self.limits.max_body_bytes  # read by limit_body, in this replica
 
     def check(self, req: SamplingRequest) -> list[str]:
@@ -184,18 +231,55 @@ class Api:
                 raise HTTPException(422, detail=f"{field}: expected {allowed}")
         return prompts
 
+    def check_dera(self, field: str) -> None:
+        """A 422 naming `field` when this server cannot answer DeRa requests."""
+        if not self.has_aligned:
+            raise HTTPException(422, detail=f"{field}: this server has no aligned model (start it with `aligned`)")
+        if self.reward_kind == "combined":  # its LSC reference is a quantile over pi_0's own samples
+            raise HTTPException(422, detail=f"{field}: the combined (LSC) reward ranks pi_0 samples against each "
+                                            "other; DeRa samples need another reward kind")
+
     async def sample_and_score(self, prompts: list[str], req: SamplingRequest, lam: float | None = None):
-        result = await self.generator.sample.remote(prompts, req.n, req.max_tokens, temperature=req.temperature,
-                                                    min_new_tokens=req.min_tokens, seed=req.seed, lam=lam)
-        return await self.scorer.score_samples.remote(result["samples"])
+        """Sample on the generator deployment, score on the scorer deployment; a full queue on either
+        is a 503 with Retry-After."""
+        from ray.serve.exceptions import BackPressureError
+
+        from serve.batching import SampleCall
+
+        call = SampleCall(tuple(prompts), req.n, req.max_tokens, req.temperature, req.min_tokens, req.seed, lam)
+        try:
+            result = await self.generator.sample.remote(call)
+            return await self.scorer.score_samples.remote(result["samples"])
+        except BackPressureError as e:
+            raise HTTPException(503, detail=f"overloaded: {e} Retry after {self.retry_after_s:g} s",
+                                headers={"Retry-After": str(math.ceil(self.retry_after_s))}) from None
+
+    @app.get("/", include_in_schema=False)
+    async def playground(self):
+        """A page to try the endpoints: a prompt, n, the ranking and a DeRa lambda; samples ranked."""
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse(PLAYGROUND.read_text())
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
+    @app.get("/v1/info")
+    async def info(self) -> dict:
+        """What this server offers: its model name, reward kind, whether DeRa is on, and the limits."""
+        return {"model": self.model_name, "reward": self.reward_kind, "dera": self.has_aligned,
+                "limits": self.limits.model_dump()}
+
+    @app.get("/v1/stats")
+    async def stats(self) -> dict:
+        """One generator replica's counts of requests and sampler calls (how much batching happens)."""
+        return {"generator": await self.generator.stats.remote()}
+
     @app.post("/v1/completions")
     async def completions(self, req: CompletionRequest) -> dict:
         """OpenAI-compatible completions; best_of is best-of-n ranked by the server's reward scorer."""
+        import secrets
         import time
         import uuid
 
@@ -204,10 +288,12 @@ class Api:
         best_of = req.best_of or req.n
         if req.n > best_of:
             raise HTTPException(422, detail=f"n: expected n <= best_of ({best_of}), got {req.n}")
-        if req.dera_lambda is not None and not self.has_aligned:
-            raise HTTPException(422, detail="dera_lambda: this server has no aligned model (start it with `aligned`)")
+        if req.dera_lambda is not None:
+            self.check_dera("dera_lambda")
+        # no seed: a fresh one per request, as OpenAI-compatible servers sample
+        seed = req.seed if req.seed is not None else secrets.randbits(62)
         sampling = SamplingRequest(prompt=req.prompt, n=best_of, temperature=req.temperature, max_tokens=req.max_tokens,
-                                   seed=req.seed or 0)
+                                   seed=seed)
         prompts = self.check(sampling)
         if self.eos_token_id is None:  # asked once: finish_reason is "stop" when a completion drew it
             self.eos_token_id = await self.generator.eos_token_id.remote()
@@ -241,8 +327,7 @@ class Api:
     async def dera(self, req: DeraRequest) -> dict:
         """Samples at DeRa strength lambda; with n > 1 the best of them by the server's reward."""
         prompts = self.check(req)
-        if not self.has_aligned:
-            raise HTTPException(422, detail="lambda: this server has no aligned model (start it with `aligned`)")
+        self.check_dera("lambda")
         return {"results": [self.answer(s, req, lam=req.lam) for s in await self.sample_and_score(prompts, req, req.lam)]}
 
     @staticmethod
@@ -276,20 +361,36 @@ class AppArgs(BaseModel):
     device: str = "auto"
     reward: dict = Field(default_factory=lambda: {"kind": "vader"})
     limits: Limits = Field(default_factory=Limits)
+    batching: Batching = Field(default_factory=Batching)
+    retry_after_s: float = Field(1.0, ge=0, description="the Retry-After of a 503 when a queue is full")
     generator_threads: int | None = Field(None, ge=1)
 
 
-def build_app(args: dict | None = None) -> serve.Application:
-    """Generator and scorer deployments bound into the ingress (a typed builder Serve calls with the
-    config file's `args`)."""
+# Defaults small enough for a 2-core machine; a Serve config file's `deployments` override them.
+DEPLOYMENT_OPTIONS = {
+    "GeneratorDeployment": {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 32, "max_queued_requests": 128},
+    "ScorerDeployment": {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 32, "max_queued_requests": 128},
+    "Api": {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 256, "max_queued_requests": 512,
+            "backpressure_config": {"status_code": 503, "retry_after_s": 1}},
+}
+
+
+def bind_app(a: AppArgs, options: dict[str, dict] | None = None) -> serve.Application:
+    """Generator and scorer deployments bound into the ingress; `options` replaces a deployment's
+    default options (DEPLOYMENT_OPTIONS) by its name."""
     from actors.scorer import SCORER_KINDS
 
-    a = AppArgs(**(args or {}))
     if a.reward.get("kind") not in SCORER_KINDS:
         raise ValueError(f"reward.kind must be one of {' | '.join(SCORER_KINDS)}, got {a.reward.get('kind')!r}")
-    # Default CPU reservations small enough for a 2-core machine; a Serve config file overrides them.
-    generator = serve.deployment(GeneratorDeployment, ray_actor_options={"num_cpus": 1}).bind(
-        a.model, a.aligned, a.device, a.generator_threads)
-    scorer = serve.deployment(ScorerDeployment, ray_actor_options={"num_cpus": 0}).bind({"device": a.device, **a.reward})
-    return serve.deployment(Api, ray_actor_options={"num_cpus": 0}).bind(
-        generator, scorer, a.limits.model_dump(), a.aligned is not None, a.reward["kind"], a.model_name)
+    opts = {**DEPLOYMENT_OPTIONS, **(options or {})}
+    batching = a.batching.model_dump()
+    generator = serve.deployment(GeneratorDeployment, **opts["GeneratorDeployment"]).bind(
+        a.model, a.aligned, a.device, a.generator_threads, batching)
+    scorer = serve.deployment(ScorerDeployment, **opts["ScorerDeployment"]).bind({"device": a.device, **a.reward}, batching)
+    return serve.deployment(Api, **opts["Api"]).bind(
+        generator, scorer, a.limits.model_dump(), a.aligned is not None, a.reward["kind"], a.model_name, a.retry_after_s)
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """The application from the config file's `args` (a typed builder Serve calls)."""
+    return bind_app(AppArgs(**(args or {})))

@@ -78,16 +78,7 @@ def tiny_ensemble_dir(tiny_lm_dir, tmp_path_factory):
     return root
 
 
-def free_ports(k: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+from actors.cluster import free_ports  # noqa: E402,F401 - the tests import it from here
 
 
 @pytest.fixture(scope="session")

@@ -37,13 +37,22 @@ JOB_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "
 
 
 def test_serve_config_builds_the_app():
-    """configs/serve.yaml is a Ray Serve config file: its args build the application (validated), and
-    its deployment names are the app's."""
+    """configs/serve.yaml is a Ray Serve config file that Serve's own schema accepts: its args build the
+    application (validated), its deployment names are the app's, and generation and scoring each
+    autoscale with a bounded queue."""
     import yaml
+    from ray.serve.schema import ServeDeploySchema
 
     from serve.app import build_app
 
     cfg = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    schema = ServeDeploySchema(**cfg)
+    deployments = {d.name: d for d in schema.applications[0].deployments}
+    for name in ("GeneratorDeployment", "ScorerDeployment"):
+        scaling = deployments[name].autoscaling_config
+        assert scaling["min_replicas"] >= 1 and scaling["max_replicas"] > scaling["min_replicas"], name
+        assert deployments[name].max_queued_requests > 0 and deployments[name].max_ongoing_requests >= \
+            cfg["applications"][0]["args"]["batching"]["max_batch_size"], name
     (app,) = cfg["applications"]
     assert app["import_path"] == "serve.app:build_app" and cfg["http_options"]["host"] == "127.0.0.1"
     assert build_app(app["args"]) is not None

@@ -1,7 +1,11 @@
 """The Serve app over real HTTP on loopback (a tiny reference and aligned model, VADER): each route,
 best-of-n equal to the argmax of the returned rewards, DeRa at lambda 0 equal to pi_0's own samples,
-and bad input answered with a 4xx naming the field while the server keeps serving."""
+concurrent requests batched yet answered as alone, overload answered 503 with Retry-After, bad input
+answered with a 4xx naming the field while the server keeps serving, and the playground page driven
+in a real headless chromium."""
 import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -9,7 +13,7 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, tiny_lm_dir, tmp_path_factory):
+def serving(ray_session, tiny_lm_dir, tmp_path_factory):
     from ray import serve
 
     from conftest import free_ports, save_tiny_lm
@@ -20,10 +24,34 @@ def server(ray_session, tiny_lm_dir, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": str(tiny_lm_dir), "aligned": str(aligned), "device": "cpu",
                          "limits": {"max_n": 8, "max_prompts": 4, "max_tokens": 16, "max_prompt_chars": 100,
-                                    "max_body_bytes": 2000}}),
+                                    "max_body_bytes": 2000}, "batching": {"batch_wait_timeout_s": 0.05}}),
               name="sweetspot", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", aligned
     serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(serving):
+    return serving[0]
+
+
+@pytest.fixture(scope="module")
+def tight_server(serving, tiny_lm_dir):
+    """A second app beside the first: one request at a time on the generator, one more queued, and
+    an LSC-combined reward; everything else is refused with a 503."""
+    from ray import serve
+
+    from serve.app import AppArgs, bind_app
+
+    url, aligned = serving
+    args = AppArgs(model=str(tiny_lm_dir), aligned=str(aligned), device="cpu", retry_after_s=2,
+                   reward={"kind": "combined", "components": [{"kind": "vader"}, {"kind": "brevity", "max_words": 4}]},
+                   limits={"max_n": 64, "max_tokens": 64}, batching={"max_batch_size": 1})
+    tight = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 1, "max_queued_requests": 1}
+    serve.run(bind_app(args, {"GeneratorDeployment": tight, "ScorerDeployment": {"ray_actor_options": {"num_cpus": 0}}}),
+              name="tight", route_prefix="/tight")
+    yield url + "/tight"
+    serve.delete("tight")
 
 
 def post(url, route, body, raw=None):
@@ -59,12 +87,14 @@ def test_bon_picks_the_best_returned_sample(server):
 
 def test_dera_at_lambda_0_is_pi0(server, tiny_lm_dir):
     from actors.generator import Generator
+    from serve.batching import prompt_seeds
 
     body = {"prompt": "the plot", "lambda": 0.0, "n": 3, "max_tokens": 6, "min_tokens": 6, "return_all": True, "seed": 2}
     r = post(server, "/v1/dera", body)
     assert r.status_code == 200, r.text
     got = [s["completion"] for s in r.json()["results"][0]["samples"]]
-    want = Generator(str(tiny_lm_dir), device="cpu").sample(["the plot"], 3, 6, min_new_tokens=6, seed=2)["samples"][0]
+    want = Generator(str(tiny_lm_dir), device="cpu").sample(["the plot"], 3, 6, min_new_tokens=6,
+                                                            seeds=prompt_seeds(2, 1))["samples"][0]
     assert got == want.completions and r.json()["results"][0]["lambda"] == 0.0
 
 
@@ -125,3 +155,109 @@ def test_cut_at_stop():
 
     assert cut_at_stop("good film. bad end", [".", " bad"]) == ("good film", True)
     assert cut_at_stop("good film", ["!"]) == ("good film", False) and cut_at_stop("abc", []) == ("abc", False)
+
+
+def test_concurrent_requests_are_batched_and_answered_as_alone(server):
+    """Eight requests at once (different prompts, seeds, n and max_tokens): fewer sampler calls than
+    requests, and each answer equal to the same request's answer when it ran alone."""
+    import requests
+
+    bodies = [{"prompt": ["the movie was", "a good film", "the plot"][i % 3], "n": 2 + i % 2, "max_tokens": 4 + i,
+               "seed": i, "return_all": True} for i in range(8)]
+    alone = [post(server, "/v1/bon", b).json()["results"] for b in bodies]
+    before = requests.get(server + "/v1/stats", timeout=10).json()["generator"]
+    with ThreadPoolExecutor(8) as pool:
+        together = [r.json()["results"] for r in pool.map(lambda b: post(server, "/v1/bon", b), bodies)]
+    after = requests.get(server + "/v1/stats", timeout=10).json()["generator"]
+    assert after["requests"] - before["requests"] == 8
+    assert after["sampler_calls"] - before["sampler_calls"] < 8, (before, after)
+    for a, t in zip(alone, together):
+        assert [s["completion"] for s in t[0]["samples"]] == [s["completion"] for s in a[0]["samples"]]
+        assert t[0]["chosen"] == a[0]["chosen"] and t[0]["reward"] == pytest.approx(a[0]["reward"], abs=1e-9)
+
+
+def test_info_and_playground_page(server):
+    import requests
+
+    info = requests.get(server + "/v1/info", timeout=10).json()
+    assert info == {"model": "sweetspot", "reward": "vader", "dera": True, "limits": {
+        "max_n": 8, "max_prompts": 4, "max_tokens": 16, "max_prompt_chars": 100, "max_body_bytes": 2000}}
+    page = requests.get(server + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="prompt"' in page.text and "/v1/bon" in page.text
+
+
+def test_overload_is_a_503_with_retry_after_and_the_server_recovers(tight_server):
+    body = {"prompt": "the movie was", "n": 64, "max_tokens": 64, "min_tokens": 64}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: post(tight_server, "/v1/bon", body), range(8)))
+    codes = sorted(r.status_code for r in answers)
+    assert set(codes) == {200, 503} and codes.count(200) >= 1, codes
+    busy = next(r for r in answers if r.status_code == 503)
+    assert busy.headers["Retry-After"] == "2" and "overloaded" in busy.json()["error"]["message"]
+    assert post(tight_server, "/v1/bon", {"prompt": "a good film", "n": 2, "max_tokens": 4}).status_code == 200
+
+
+def test_dera_with_the_combined_reward_is_refused_by_name(tight_server):
+    r = post(tight_server, "/v1/dera", {"prompt": "the plot", "lambda": 0.5, "max_tokens": 4})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "lambda" and "combined" in r.text
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium and chromium-driver are not installed "
+                                                            "(`make test` installs them as root)")
+def test_playground_in_headless_chromium(server):
+    """Type a prompt, pick n and a DeRa lambda, press Sample: the samples appear ranked by reward with
+    the chosen one (the best) marked; an n above the limit shows the server's message naming n."""
+    import tempfile
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(server + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: "reward vader" in d.find_element(By.ID, "server").text)
+
+        def fill(field, value):
+            box = driver.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+
+        def rows():
+            return driver.find_elements(By.CSS_SELECTOR, "#samples tr")
+
+        fill("prompt", "the movie was")
+        fill("n", "3")
+        fill("max_tokens", "6")
+        driver.find_element(By.ID, "run").click()
+        wait.until(lambda d: len(rows()) == 3)
+        rewards = [float(r.find_elements(By.TAG_NAME, "td")[1].text) for r in rows()]
+        assert rewards == sorted(rewards, reverse=True)
+        chosen = driver.find_elements(By.CSS_SELECTOR, "#samples tr.chosen")
+        assert len(chosen) == 1 and chosen[0] == rows()[0] and "chosen" in chosen[0].text
+
+        fill("lambda", "0.5")
+        fill("n", "2")
+        driver.find_element(By.ID, "run").click()
+        wait.until(lambda d: "at lambda 0.5" in d.find_element(By.ID, "status").text)
+        assert len(rows()) == 2
+
+        fill("n", "99")
+        driver.execute_script("document.getElementById('n').removeAttribute('max')")  # let the server refuse it
+        driver.find_element(By.ID, "run").click()
+        wait.until(lambda d: d.find_element(By.ID, "error").text)
+        assert driver.find_element(By.ID, "error").text.startswith("422: n:")
+    finally:
+        driver.quit()
