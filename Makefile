@@ -30,7 +30,7 @@ quickstart: install
 	$(PY) -m jobs.bon --config configs/bon.yaml
 
 test: install browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The playground's test drives a real headless browser: Debian's chromium and its driver (a test
 # tool's own browser download does not work offline). Installed when missing and this is root with

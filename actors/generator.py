@@ -22,6 +22,12 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def prompt_seeds(seed: int, count: int) -> list[int]:
+    """One seed per prompt of a request or sweep (independent streams from one seed), for
+    `Generator.sample(seeds=...)`: a prompt's samples then do not depend on what it is batched with."""
+    return [batch_seed(seed, j) for j in range(count)]
+
+
 @dataclass
 class PromptSamples:
     """The n completions drawn for one prompt."""
@@ -142,6 +148,19 @@ class Generator:
             for i, p in enumerate(prompts)
         ]
         return {"samples": samples, "seconds": time.perf_counter() - start, "new_tokens": int(sampler.drawn.sum())}
+
+    def set_weights(self, state: dict) -> None:
+        """Load new policy weights (a full state dict, e.g. from an on-policy trainer; in a Ray actor
+        it arrives from the object store), cast to this model's dtype and device."""
+        dtype = next(self.model.parameters()).dtype
+        self.model.load_state_dict({k: v.to(self.device, dtype if v.is_floating_point() else v.dtype)
+                                    for k, v in state.items()})
+
+    def weights_digest(self) -> str:
+        """A hash of the model's parameters and buffers (to check a weight sync landed exactly)."""
+        from align.vbon import state_digest
+
+        return state_digest(self.model.state_dict())
 
     def _reject(self, sampler, prompts: list[str], ids: torch.Tensor, mask: torch.Tensor, rejection: dict) -> None:
         """Run `sampler` to each decision point, score the partial completions with the configured

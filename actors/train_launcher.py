@@ -71,11 +71,14 @@ def prepare_run(train: TrainConfig, storage_path: str, output_dir: Path, run_key
 
 
 def launch_training(objective: str, objective_params: dict, model, data_ref, train: TrainConfig,
-                    output_dir: Path, storage_path: str, lora: dict | None = None) -> dict:
+                    output_dir: Path, storage_path: str, lora: dict | None = None, loop=None,
+                    extra: dict | None = None) -> dict:
     """Run the training worker group to completion (or resume it); returns the last logged metrics.
 
     model: a path, hub name or actors.cluster.ShippedDir; data_ref: an ObjectRef of the tokenized
-    pairs (a pyarrow Table), so workers on any node read it from the object store.
+    pairs (a pyarrow Table), so workers on any node read it from the object store. loop: the
+    per-worker function (default actors.trainer.train_worker, the offline loop; vBoN passes its
+    on-policy one), extra: more entries of its config (actor handles, say).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -83,10 +86,11 @@ def launch_training(objective: str, objective_params: dict, model, data_ref, tra
     from actors.trainer import train_worker
 
     config = {"objective": objective, "objective_params": objective_params, "model": model, "data": data_ref,
-              "output_dir": str(output_dir), "storage_path": storage_path, "train": asdict(train), "lora": lora}
+              "output_dir": str(output_dir), "storage_path": storage_path, "train": asdict(train), "lora": lora,
+              **(extra or {})}
     w = train.workers
     trainer = TorchTrainer(
-        train_worker,
+        loop or train_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu, resources_per_worker={"CPU": w.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if w.use_gpu else "gloo", timeout_s=w.collective_timeout_s),
@@ -121,7 +125,8 @@ class ProgressPrinter:
     """Prints rank 0's per-step rows as they reach the run's storage directory (the workers' own
     output stays in their log files), every `interval` seconds, from a thread of the driver."""
 
-    KEYS = ("loss", "rewards/accuracies", "accuracy", "loss/sft", "loss/ipo", "lr", "tokens_per_s")
+    KEYS = ("loss", "rewards/accuracies", "accuracy", "loss/sft", "loss/ipo", "reward", "log_f", "kl", "sync_s",
+            "lr", "tokens_per_s", "samples_per_s")
 
     def __init__(self, run_dir, total_steps: int, interval: float = 2.0):
         import threading

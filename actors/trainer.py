@@ -176,6 +176,18 @@ def reference_table(model, data, micro: int, pad_id: int, eos_id: int | None, ra
     return table
 
 
+def worker_setup(config: dict) -> tuple[int, int, bool, int]:
+    """This worker's (rank, world size, bf16 on, ZeRO stage), with torch seeded from train.seed."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    train = config["train"]
+    use_gpu = train["workers"]["use_gpu"] and torch.cuda.is_available()
+    bf16 = use_gpu if train["deepspeed"]["bf16"] == "auto" else bool(train["deepspeed"]["bf16"])
+    torch.manual_seed(train["seed"])
+    return ctx.get_world_rank(), ctx.get_world_size(), bf16, train["deepspeed"]["zero_stage"]
+
+
 def train_worker(config: dict) -> None:
     """Ray Train `train_loop_per_worker`. config: {"objective", "objective_params", "model" (a path, hub
     name or actors.cluster.ShippedDir), "data" (ObjectRef of the tokenized pairs' arrow table),
@@ -184,27 +196,19 @@ def train_worker(config: dict) -> None:
     import deepspeed
     import ray
     import ray.train
-    import torch.distributed as dist
-    from ray.train import Checkpoint
 
-    from actors.checkpoints import MODEL_DIR, RunDir, checkpoint_name
+    from actors.checkpoints import RunDir
     from actors.cluster import local_dir
     from actors.objectives import make_objective
     from align.models import build_model_for, load_tokenizer
     from align.pairs import collate_packed_pairs, collate_pairs
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed renames, inside DeepSpeed
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world, bf16, zero_stage = worker_setup(config)
     train = config["train"]
     objective = make_objective(config["objective"], config["objective_params"])
     packed = train.get("prefix_sharing", True) and objective.kind == "causal_lm"
     collate = collate_packed_pairs if packed else collate_pairs
-    use_gpu = train["workers"]["use_gpu"] and torch.cuda.is_available()
-    bf16 = use_gpu if train["deepspeed"]["bf16"] == "auto" else bool(train["deepspeed"]["bf16"])
-    zero_stage = train["deepspeed"]["zero_stage"]
-    torch.manual_seed(train["seed"])
-
     model_path = local_dir(config["model"])
     tokenizer = load_tokenizer(model_path)
     objective.eos_token_id = tokenizer.eos_token_id
@@ -228,23 +232,18 @@ def train_worker(config: dict) -> None:
 
     run = train["run"]
     run_dir = RunDir(config["storage_path"], run["name"])
-    step, ref_logps = 0, None
-    newest = run_dir.newest_complete()  # not ray.train.get_checkpoint(): see actors/checkpoints.py
-    if newest:
-        step, path = newest
-        with run_dir.local_copy(path) as d:
-            _, client = engine.load_checkpoint(d, tag="ds")
-            assert client["step"] == step, (client["step"], step)
-            from safetensors.torch import load_file, load_model
+    ref_logps = None
 
-            if ref_model is not None:
-                load_model(ref_model, os.path.join(d, REF_FILE), device=str(engine.device))
-            if os.path.exists(os.path.join(d, REF_LOGPS_FILE)):
-                ref_logps = load_file(os.path.join(d, REF_LOGPS_FILE))["logps"]
-        log.info("rank %d resumed from %s at step %d", rank, path, step)
-    if rank == 0:  # rows of steps that will run again go, and so do checkpoints a dead rank left half-written
-        rewrite_log(run_dir, lambda rows: [r for r in rows if r["step"] <= step])
-        run_dir.remove_incomplete()
+    def load_extra(d: str) -> None:
+        nonlocal ref_logps
+        from safetensors.torch import load_file, load_model
+
+        if ref_model is not None:
+            load_model(ref_model, os.path.join(d, REF_FILE), device=str(engine.device))
+        if os.path.exists(os.path.join(d, REF_LOGPS_FILE)):
+            ref_logps = load_file(os.path.join(d, REF_LOGPS_FILE))["logps"]
+
+    step = resume_newest(engine, run_dir, rank, load_extra)
     if objective.stored_reference and ref_logps is None:
         ref_logps = reference_table(engine.module, data, micro, tokenizer.pad_token_id, tokenizer.eos_token_id, rank,
                                     world, engine.device, collate)
@@ -282,31 +281,76 @@ def train_worker(config: dict) -> None:
             if rank == 0:
                 rewrite_log(run_dir, lambda rows: rows + [report])  # the driver prints it from there
             if step % run["checkpoint_every"] == 0 or last:
-                with tempfile.TemporaryDirectory() as tmp:
-                    engine.save_checkpoint(tmp, tag="ds", client_state={"step": step})
-                    if rank == 0:
-                        from safetensors.torch import save_file, save_model
+                def save_extra(tmp: str) -> None:
+                    from safetensors.torch import save_file, save_model
 
-                        if ref_model is not None:
-                            save_model(ref_model, os.path.join(tmp, REF_FILE))
-                        if ref_logps is not None:
-                            save_file({"logps": ref_logps.contiguous()}, os.path.join(tmp, REF_LOGPS_FILE))
-                    ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=checkpoint_name(step))
-                # report returns once this rank's files are stored; after the barrier, every rank's are.
-                if dist.is_initialized():
-                    dist.barrier()
-                if rank == 0:
-                    run_dir.mark_complete(step)
-                    run_dir.prune(run["keep_checkpoints"])
+                    if ref_model is not None:
+                        save_model(ref_model, os.path.join(tmp, REF_FILE))
+                    if ref_logps is not None:
+                        save_file({"logps": ref_logps.contiguous()}, os.path.join(tmp, REF_LOGPS_FILE))
+
+                save_checkpoint(engine, run_dir, step, report, rank, run["keep_checkpoints"], save_extra)
             # Metrics reach the driver through the run directory: no ray.train.report without a
             # checkpoint, as each call blocks on the controller's poll (about 1.7 s in Ray 2.60).
             tokens, t0 = 0, time.perf_counter()
 
+    upload_final_model(engine, zero_stage, rank, objective.kind, model_path, config, tokenizer, run_dir)
+
+
+def resume_newest(engine, run_dir, rank: int, load_extra=None) -> int:
+    """Load the run's newest complete checkpoint into `engine` (and its extra files, through
+    load_extra(directory)); returns its step, 0 when there is none. Rank 0 then drops the log rows of
+    steps that will run again and checkpoints a dead rank left half-written."""
+    step = 0
+    newest = run_dir.newest_complete()  # not ray.train.get_checkpoint(): see actors/checkpoints.py
+    if newest:
+        step, path = newest
+        with run_dir.local_copy(path) as d:
+            _, client = engine.load_checkpoint(d, tag="ds")
+            assert client["step"] == step, (client["step"], step)
+            if load_extra is not None:
+                load_extra(d)
+        log.info("rank %d resumed from %s at step %d", rank, path, step)
+    if rank == 0:
+        rewrite_log(run_dir, lambda rows: [r for r in rows if r["step"] <= step])
+        run_dir.remove_incomplete()
+    return step
+
+
+def save_checkpoint(engine, run_dir, step: int, report: dict, rank: int, keep: int, save_extra=None) -> None:
+    """Every rank saves its DeepSpeed shard (rank 0 also save_extra(directory)) and reports it to Ray
+    Train; once every rank's files are stored, rank 0 marks the checkpoint complete and prunes old ones."""
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from actors.checkpoints import checkpoint_name
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag="ds", client_state={"step": step})
+        if rank == 0 and save_extra is not None:
+            save_extra(tmp)
+        ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=checkpoint_name(step))
+    # report returns once this rank's files are stored; after the barrier, every rank's are.
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        run_dir.mark_complete(step)
+        run_dir.prune(keep)
+
+
+def upload_final_model(engine, zero_stage: int, rank: int, kind: str, model_path: str, config: dict, tokenizer,
+                       run_dir) -> dict[str, torch.Tensor]:
+    """Gather the trained weights (all ranks), save them in HF format and upload them to the run's
+    storage (rank 0), where the driver copies them to output_dir/model. Returns the state dict."""
+    from actors.checkpoints import MODEL_DIR
+
     state = full_state_dict(engine, zero_stage)
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            save_final_model(objective.kind, model_path, config, tokenizer, state, train.get("save_dtype", "float32"), tmp)
+            save_final_model(kind, model_path, config, tokenizer, state, config["train"].get("save_dtype", "float32"), tmp)
             run_dir.upload_dir(tmp, MODEL_DIR)  # storage every node reaches; the driver copies it to output_dir
+    return state
 
 
 LORA_DIR = "lora"  # inside the saved model: the unmerged adapter (LoRA weights and the head)

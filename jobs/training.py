@@ -91,10 +91,29 @@ def finish(name: str, metrics: dict, output_dir: Path, seconds: float) -> dict:
     for k, v in rows:
         print(f"    {k:<24} {v:.4g}")
     print(f"    {'wall seconds':<24} {seconds:.1f}")
-    print(f"  trainer throughput: {metrics.get('tokens_per_s', float('nan')):.0f} tokens/s")
+    if "tokens_per_s" in metrics:
+        print(f"  trainer throughput: {metrics['tokens_per_s']:.0f} tokens/s")
+    if "samples_per_s" in metrics:  # on-policy: sampled, scored and trained on
+        print(f"  on-policy throughput: {metrics['samples_per_s']:.1f} samples/s")
     print(f"  model saved to {output_dir / 'model'}")
     write_atomic(output_dir / "metrics.json", json.dumps({**metrics, "wall_seconds": seconds}, indent=2))
     return metrics
+
+
+def start_run(title: str, cfg, out: Path, storage: str, key: dict) -> bool:
+    """Before the workers start: the group fits the cluster, the run resumes or starts over (by its
+    key), the resolved config is saved; says which. Returns whether it resumes."""
+    import yaml
+
+    from actors.train_launcher import check_resources, prepare_run
+    from align.config import to_dict
+    from align.runstate import write_atomic
+
+    check_resources(cfg.train)
+    resumed = prepare_run(cfg.train, storage, out, key)
+    write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    print(f"  {title}: outputs in {out}, checkpoints in {storage}/{cfg.train.run.name}{' (resuming)' if resumed else ''}")
+    return resumed
 
 
 def run_training(title: str, objective: str, params: dict, cfg, lora: dict | None = None,
@@ -109,14 +128,11 @@ def run_training(title: str, objective: str, params: dict, cfg, lora: dict | Non
     import time
 
     import ray
-    import yaml
 
     from actors.cluster import init_ray, ship_dir
-    from actors.train_launcher import check_resources, launch_training, prepare_run
-    from align.config import to_dict
+    from actors.train_launcher import launch_training
     from align.models import load_tokenizer, resolve_model_path
     from align.paths import resolve_output
-    from align.runstate import write_atomic
 
     start = time.perf_counter()
     out = resolve_output(cfg.output_dir)
@@ -133,11 +149,7 @@ def run_training(title: str, objective: str, params: dict, cfg, lora: dict | Non
     ds = tokenize_pairs(ds, load_tokenizer(model_path), cfg.train.max_length)
     started = init_ray()  # quiet workers: the driver prints their progress (actors.train_launcher.ProgressPrinter)
     try:
-        check_resources(cfg.train)
-        resumed = prepare_run(cfg.train, storage, out, key)
-        write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        print(f"  {title}: outputs in {out}, checkpoints in {storage}/{cfg.train.run.name}"
-              f"{' (resuming)' if resumed else ''}")
+        start_run(title, cfg, out, storage, key)
         data_ref = ray.put(ds.flatten_indices().data.table)
         metrics = launch_training(objective, params, ship_dir(model_path), data_ref, cfg.train, out, storage, lora=lora)
     finally:

@@ -32,17 +32,12 @@ class SampleCall:
         return (self.n, self.temperature, self.min_tokens, self.lam is None)
 
 
-def prompt_seeds(seed: int, count: int) -> list[int]:
-    """The seed of each of a request's prompts (independent streams derived from the request's seed)."""
-    from actors.generator import batch_seed
-
-    return [batch_seed(seed, j) for j in range(count)]
-
-
 def sample_together(generator, calls: list[SampleCall]) -> list[dict | Exception]:
     """Run `calls` on `generator` (actors.generator.Generator), one sampler call per group; returns,
     per call, its {"samples", "seconds", "new_tokens", "batched_requests"} or the exception its group
     raised (the other groups still answer)."""
+    from actors.generator import prompt_seeds
+
     groups: dict[tuple, list[int]] = {}
     for i, call in enumerate(calls):
         groups.setdefault(call.group, []).append(i)

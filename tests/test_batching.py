@@ -14,7 +14,7 @@ def generators(tiny_lm_dir, tmp_path_factory):
 
 
 def alone(generator, call):
-    from serve.batching import prompt_seeds
+    from actors.generator import prompt_seeds
 
     return generator.sample(list(call.prompts), call.n, call.max_tokens, temperature=call.temperature,
                             min_new_tokens=call.min_tokens, seeds=prompt_seeds(call.seed, len(call.prompts)),

@@ -26,10 +26,12 @@ def test_module_imports(name):
 
 
 def config_class(yaml_path: Path):
-    """configs/X.yaml documents jobs/X.py; the job's config class is the dataclass `run` takes."""
+    """configs/X.yaml documents jobs/X.py (configs/tune_X.yaml: tune/X.py); the job's config class is
+    the dataclass `run` takes."""
     import typing
 
-    module = importlib.import_module(f"jobs.{yaml_path.stem}")
+    stem = yaml_path.stem
+    module = importlib.import_module(f"tune.{stem.removeprefix('tune_')}" if stem.startswith("tune_") else f"jobs.{stem}")
     return typing.get_type_hints(module.run)["cfg"]
 
 

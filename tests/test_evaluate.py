@@ -120,3 +120,26 @@ def test_kl_zero_against_itself_and_positive_otherwise(tiny_lm_dir, tmp_path):
     assert other["process"] == {"temperature": 1.0, "min_new_tokens": 3, "eos_token_id": 0}
 
 
+
+
+def test_compare_policies_against_one_set_of_pi0_samples(tiny_lm_dir, tmp_path):
+    """`compare`: each policy's row equals its own single evaluation (the same pi_0 samples, seeds),
+    and the table and plot carry BoN's closed forms."""
+    from align.bon import bon_kl_closed_form, bon_win_rate_closed_form
+    from conftest import save_tiny_lm
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the movie was\na good film\n")
+    other = save_tiny_lm(tmp_path / "other", seed=1)
+    common = [f"reference={tiny_lm_dir}", f"prompts.source={prompts}", "sampling.n=4", "sampling.max_new_tokens=4",
+              "sampling.min_new_tokens=4", "device=cpu", "reward.kind=brevity", "reward.max_words=3", "bon_n=[2, 8]"]
+    alone = run(load_config(EvalConfig, "configs/evaluate.yaml", [f"policy={other}", f"output_dir={tmp_path / 'a'}", *common]))
+    run(load_config(EvalConfig, "configs/evaluate.yaml", [f"policy={tiny_lm_dir}", f"output_dir={tmp_path / 'b'}",
+                                                          f"compare=[{{name: other, path: {other}}}]", *common]))
+    table = json.loads((tmp_path / "b" / "comparison.json").read_text())
+    rows = {r["name"]: r for r in table["policies"]}
+    assert rows["other"]["kl_to_pi0"] == alone["kl_to_pi0"] and rows["other"]["win_rate_vs_pi0"] == alone["win_rate_vs_pi0"]
+    assert rows[str(tiny_lm_dir)]["kl_to_pi0"] == 0.0
+    assert [b["kl_to_pi0"] for b in table["bon_closed_form"]] == [bon_kl_closed_form(2), bon_kl_closed_form(8)]
+    assert table["bon_closed_form"][1]["win_rate_vs_pi0"] == bon_win_rate_closed_form(8)
+    assert (tmp_path / "b" / "pareto.png").stat().st_size > 0 and "BoN n=8" in (tmp_path / "b" / "comparison.md").read_text()

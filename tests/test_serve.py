@@ -87,7 +87,7 @@ def test_bon_picks_the_best_returned_sample(server):
 
 def test_dera_at_lambda_0_is_pi0(server, tiny_lm_dir):
     from actors.generator import Generator
-    from serve.batching import prompt_seeds
+    from actors.generator import prompt_seeds
 
     body = {"prompt": "the plot", "lambda": 0.0, "n": 3, "max_tokens": 6, "min_tokens": 6, "return_all": True, "seed": 2}
     r = post(server, "/v1/dera", body)

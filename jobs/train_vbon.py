@@ -1,0 +1,211 @@
+"""Variational best-of-n (Amini, Vieira, Cotterell 2407.06057; align/vbon.py): fine-tune pi_0 on its
+own samples so that one sample behaves like best-of-n, minimising KL(pi_theta || pi_bon), i.e.
+maximising E[log F_x(r)] - KL(pi_theta || pi_0) / (n - 1).
+
+    python -m jobs.train_vbon --config configs/train_vbon.yaml
+    python -m jobs.train_vbon --config configs/train_vbon.yaml vbon.mode=kl_rl vbon.beta=0.1   # the KL-regularised RL baseline
+    ray job submit --working-dir . -- python -m jobs.train_vbon --config configs/train_vbon.yaml
+
+1. F_x: M = vbon.reference_samples samples of pi_0 per training prompt, scored once (a generator and
+   a scorer pool) and kept in reference_rewards.pt, reused while the config that made them holds.
+2. The on-policy loop (actors/vbon_trainer.py): DeepSpeed workers under Ray Train, the same generator
+   actors sampling from the current policy (weights pushed every vbon.sync_every steps), the scorer
+   actors scoring; RLOO or PPO-clip with the KL to pi_0 in the reward. Checkpoints and resume as the
+   other trainers.
+3. Evaluation (jobs.evaluate): gold win rate of one sample over one pi_0 sample and KL(pi || pi_0) on
+   the test prompts: the run's reward-KL point (eval_metrics.json).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+from actors.train_config import TrainConfig
+from align.config import require, run_job
+from jobs.bon import PoolConfig, PromptsConfig, RewardConfig
+
+log = logging.getLogger("sweetspot.vbon")
+
+
+@dataclass
+class VbonParams:
+    n: int = 8  # the best-of-n the policy learns to behave like (beta = 1 / (n - 1))
+    mode: Literal["vbon", "kl_rl"] = "vbon"  # vbon: reward log F_x(r) | kl_rl: the raw reward with `beta` (the baseline)
+    beta: float | None = None  # kl_rl: the KL weight; vbon: null (it is 1 / (n - 1))
+    algo: Literal["rloo", "ppo_clip"] = "rloo"  # the policy-gradient estimator
+    clip: float = 0.2  # ppo_clip: the ratio clip
+    k: int = 4  # samples per prompt per step (the RLOO group); >= 2
+    reference_samples: int = 64  # M: pi_0 samples per training prompt that estimate F_x
+    sync_every: int = 1  # steps between weight pushes to the generators (> 1: samples from an older policy)
+
+    def __post_init__(self):
+        require(self.n >= 2, "n", "an integer >= 2", self.n)
+        require(self.k >= 2, "k", "an integer >= 2 (RLOO's leave-one-out baseline)", self.k)
+        require(self.reference_samples >= 1, "reference_samples", "an integer >= 1", self.reference_samples)
+        require(self.sync_every >= 1, "sync_every", "an integer >= 1", self.sync_every)
+        require(0 < self.clip < 1, "clip", "a number in (0, 1)", self.clip)
+        if self.mode == "kl_rl":
+            require(self.beta is not None and self.beta > 0, "beta", "a number > 0 with mode kl_rl", self.beta)
+        else:
+            require(self.beta is None, "beta", "null with mode vbon (beta is 1 / (n - 1))", self.beta)
+
+    @property
+    def kl_weight(self) -> float:
+        from align.vbon import vbon_beta
+
+        return vbon_beta(self.n) if self.mode == "vbon" else float(self.beta)
+
+
+@dataclass
+class VbonSampling:
+    temperature: float = 1.0
+    max_new_tokens: int = 24
+    min_new_tokens: int = 16
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        require(self.temperature > 0, "temperature", "a number > 0", self.temperature)
+        require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
+                f"0 <= min_new_tokens <= max_new_tokens ({self.max_new_tokens})", self.min_new_tokens)
+
+
+@dataclass
+class VbonEvalConfig:
+    enabled: bool = True
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)  # the test prompts
+    n: int = 4  # samples per prompt from the policy and from pi_0
+    reward: RewardConfig = field(default_factory=RewardConfig)  # the gold judge
+
+
+@dataclass
+class VbonJobConfig:
+    model: str = "default"  # pi_0: the policy to start from and the KL anchor
+    prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(split="train"))
+    reward: RewardConfig = field(default_factory=RewardConfig)  # the reward whose best-of-n is mimicked
+    vbon: VbonParams = field(default_factory=VbonParams)
+    sampling: VbonSampling = field(default_factory=VbonSampling)
+    pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
+    train: TrainConfig = field(default_factory=TrainConfig)  # batch_size: prompts per step (each with k samples)
+    evaluate: VbonEvalConfig = field(default_factory=VbonEvalConfig)
+    seed: int = 0
+    output_dir: str = "outputs/vbon"
+
+
+def reference_rewards(cfg: VbonJobConfig, prompts: list[str], pool, scorers, out):
+    """(N, M) rewards of M pi_0 samples per prompt, from reference_rewards.pt when it was made under
+    the same model, prompts, reward, M, sampling and seed; drawn and scored otherwise."""
+    import torch
+
+    from actors.best_of_n import sample_and_score
+    from align.config import to_dict
+    from align.runstate import digest
+
+    key = digest({"model": cfg.model, "prompts": prompts, "reward": to_dict(cfg.reward), "m": cfg.vbon.reference_samples,
+                  "sampling": to_dict(cfg.sampling), "seed": cfg.seed})
+    path = out / "reference_rewards.pt"
+    if path.is_file():
+        saved = torch.load(path)
+        if saved.get("key") == key:
+            log.info("F_x: reusing %s (%d prompts x %d pi_0 rewards)", path, *saved["rewards"].shape)
+            return saved["rewards"]
+        log.info("F_x: %s was made under another config; drawing again", path)
+    bs = cfg.pool.batch_size
+    batches = {b: prompts[i : i + bs] for b, i in enumerate(range(0, len(prompts), bs))}
+    from tqdm.auto import tqdm
+
+    rows: dict[int, list] = {}
+    s = cfg.sampling
+    with tqdm(total=len(prompts), desc=f"F_x: {cfg.vbon.reference_samples} pi_0 samples per prompt", unit="prompt") as bar:
+        for b, scored, _ in sample_and_score(pool, scorers, batches, cfg.vbon.reference_samples, s.max_new_tokens,
+                                             seed=cfg.seed + 1, temperature=s.temperature,
+                                             min_new_tokens=s.min_new_tokens, stop_at_eos=s.stop_at_eos):
+            rows[b] = [x.rewards for x in scored]
+            bar.update(len(scored))
+    rewards = torch.tensor([r for b in sorted(rows) for r in rows[b]], dtype=torch.float64)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"key": key, "rewards": rewards}, tmp)
+    tmp.replace(path)
+    log.info("F_x: %d prompts x %d pi_0 rewards, mean %.3f", *rewards.shape, rewards.mean())
+    return rewards
+
+
+def run(cfg: VbonJobConfig) -> dict:
+    import time
+    from pathlib import Path
+
+    import ray
+
+    from actors.cluster import init_ray, ship_dir
+    from actors.generator import GeneratorPool
+    from actors.scorer import ScorerPool
+    from actors.train_launcher import launch_training
+    from actors.vbon_trainer import vbon_worker
+    from align.config import to_dict
+    from align.data import load_prompts
+    from align.models import resolve_model_path
+    from align.paths import resolve_output
+    from align.runstate import digest, path_fingerprint
+    from jobs.bon import reward_spec
+    from jobs.training import finish, start_run
+
+    start = time.perf_counter()
+    out = resolve_output(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = cfg.train.run.storage_path
+    storage = storage if "://" in storage else str(resolve_output(storage))
+    prompts = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.column, cfg.prompts.limit)
+    model_path = Path(resolve_model_path(cfg.model))
+    params = {"n": cfg.vbon.n, "mode": cfg.vbon.mode, "beta": cfg.vbon.kl_weight, "algo": cfg.vbon.algo,
+              "clip": cfg.vbon.clip, "k": cfg.vbon.k, "sync_every": cfg.vbon.sync_every,
+              "reference_samples": cfg.vbon.reference_samples, "sampling": to_dict(cfg.sampling)}
+    key = {"objective": "vbon", "params": params, "prompts": digest(prompts), "reward": to_dict(cfg.reward), "seed": cfg.seed,
+           "model": {"path": str(model_path), "files": path_fingerprint(model_path) if model_path.is_dir() else None},
+           "train": {k: v for k, v in to_dict(cfg.train).items() if k not in ("run", "workers", "fail_once_at_step")}}
+    started = init_ray()
+    pool = scorers = None
+    try:
+        start_run(f"vBoN ({cfg.vbon.mode}, n={cfg.vbon.n}, beta={cfg.vbon.kl_weight:.4g}, {cfg.vbon.algo})", cfg, out,
+                  storage, key)
+        p = cfg.pool
+        pool = GeneratorPool(str(model_path), p.num_actors, p.num_cpus_per_actor, p.num_gpus_per_actor, cache=p.cache,
+                             compile=p.compile)
+        scorers = ScorerPool(reward_spec(cfg.reward), cfg.reward.num_actors, cfg.reward.num_cpus)
+        ref = reference_rewards(cfg, prompts, pool, scorers, out)
+        data_ref = ray.put({"prompts": prompts, "ref_rewards": ref})
+        metrics = launch_training("vbon", params, ship_dir(model_path), data_ref, cfg.train, out, storage,
+                                  loop=vbon_worker, extra={"generators": pool.actors, "scorers": scorers.actors})
+        # the generators hold the last weights pushed: they must be the trained model's, bit for bit
+        from align.models import load_causal_lm
+        from align.vbon import state_digest
+
+        trained, _ = load_causal_lm(str(out / "model"), device="cpu")
+        metrics["sync_exact"] = float(all(d == state_digest(trained.state_dict())
+                                          for d in ray.get([a.weights_digest.remote() for a in pool.actors])))
+    finally:
+        for group in (pool, scorers):
+            if group is not None:
+                group.shutdown()
+        if started:
+            ray.shutdown()
+    result = finish(f"vBoN ({cfg.vbon.mode}, n={cfg.vbon.n})", metrics, out, time.perf_counter() - start)
+    if cfg.evaluate.enabled:
+        from jobs.bon import SamplingConfig
+        from jobs.evaluate import EvalConfig
+        from jobs.evaluate import run as evaluate
+
+        s = cfg.sampling
+        result["eval"] = evaluate(EvalConfig(
+            policy=str(out / "model"), reference=cfg.model, reward=cfg.evaluate.reward, prompts=cfg.evaluate.prompts,
+            sampling=SamplingConfig(n=cfg.evaluate.n, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
+                                    min_new_tokens=s.min_new_tokens, stop_at_eos=s.stop_at_eos),
+            seed=cfg.seed, output_dir=str(out)))
+    return result
+
+
+def main(argv=None) -> dict:
+    return run_job(VbonJobConfig, run, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    main()
