@@ -79,6 +79,7 @@ class TrainConfig:
     prefix_sharing: bool = True  # policy objectives: one row per pair, the prompt computed once (align.pairs.collate_packed_pairs)
     save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the final model's weights (from fp32 masters)
     fail_once_at_step: int | None = None  # testing: the last rank raises once, during this (1-based) step
+    eval_every: int = 0  # steps between validation passes over data.eval_split (0: none); logged as val/<metric>
 
     def __post_init__(self):
         require(self.steps >= 1, "steps", "an integer >= 1", self.steps)
@@ -86,3 +87,4 @@ class TrainConfig:
         require(self.batch_size % self.workers.num_workers == 0, "batch_size",
                 f"a multiple of workers.num_workers ({self.workers.num_workers})", self.batch_size)
         require(self.max_length >= 2, "max_length", "an integer >= 2", self.max_length)
+        require(self.eval_every >= 0, "eval_every", "an integer >= 0 (0: no validation)", self.eval_every)

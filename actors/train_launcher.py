@@ -126,7 +126,7 @@ class ProgressPrinter:
     output stays in their log files), every `interval` seconds, from a thread of the driver."""
 
     KEYS = ("loss", "rewards/accuracies", "accuracy", "loss/sft", "loss/ipo", "reward", "log_f", "kl", "sync_s",
-            "lr", "tokens_per_s", "samples_per_s")
+            "val/loss", "val/rewards/accuracies", "val/accuracy", "lr", "tokens_per_s", "samples_per_s")
 
     def __init__(self, run_dir, total_steps: int, interval: float = 2.0):
         import threading

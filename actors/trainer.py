@@ -25,6 +25,7 @@ log = logging.getLogger("sweetspot.trainer")
 
 REF_FILE = "reference.safetensors"  # TR-DPO's moving reference weights
 REF_LOGPS_FILE = "reference_logps.safetensors"  # a frozen reference's (N, 2) log-probs, computed at step 0
+EVAL_REF_LOGPS_FILE = "eval_reference_logps.safetensors"  # the same for the validation pairs
 
 
 def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> torch.Tensor:
@@ -230,23 +231,33 @@ def train_worker(config: dict) -> None:
     if ref_model is not None:
         ref_model.to(device=engine.device, dtype=torch.bfloat16 if bf16 else torch.float32)
 
+    eval_every = train.get("eval_every", 0)
+    eval_data = None
+    if config.get("eval_data") is not None and eval_every:
+        eval_data = datasets.Dataset(datasets.table.InMemoryTable(ray.get(config["eval_data"])))
+
     run = train["run"]
     run_dir = RunDir(config["storage_path"], run["name"])
-    ref_logps = None
+    ref_logps = eval_ref_logps = None
 
     def load_extra(d: str) -> None:
-        nonlocal ref_logps
+        nonlocal ref_logps, eval_ref_logps
         from safetensors.torch import load_file, load_model
 
         if ref_model is not None:
             load_model(ref_model, os.path.join(d, REF_FILE), device=str(engine.device))
         if os.path.exists(os.path.join(d, REF_LOGPS_FILE)):
             ref_logps = load_file(os.path.join(d, REF_LOGPS_FILE))["logps"]
+        if os.path.exists(os.path.join(d, EVAL_REF_LOGPS_FILE)):
+            eval_ref_logps = load_file(os.path.join(d, EVAL_REF_LOGPS_FILE))["logps"]
 
     step = resume_newest(engine, run_dir, rank, load_extra)
+    table = lambda d: reference_table(engine.module, d, micro, tokenizer.pad_token_id, tokenizer.eos_token_id,  # noqa: E731
+                                      rank, world, engine.device, collate)
     if objective.stored_reference and ref_logps is None:
-        ref_logps = reference_table(engine.module, data, micro, tokenizer.pad_token_id, tokenizer.eos_token_id, rank,
-                                    world, engine.device, collate)
+        ref_logps = table(data)
+    if objective.stored_reference and eval_data is not None and eval_ref_logps is None:
+        eval_ref_logps = table(eval_data)  # at step 0 (pi_0), kept with every checkpoint like the training table
 
     fail_at = train.get("fail_once_at_step")
     marker = Path(config["output_dir"]) / ".failed_once"
@@ -278,6 +289,9 @@ def train_worker(config: dict) -> None:
                                       "tokens_per_s": tokens / max(seconds, 1e-9)}, engine.device)
             report["tokens_per_s"] *= world  # throughput of the whole group
             report.update(step=step, lr=lr)
+            if eval_data is not None and (step % eval_every == 0 or last):
+                report.update(validation_metrics(engine, ref_model, objective, eval_data, eval_ref_logps, micro, rank,
+                                                 world, tokenizer.pad_token_id, collate))
             if rank == 0:
                 rewrite_log(run_dir, lambda rows: rows + [report])  # the driver prints it from there
             if step % run["checkpoint_every"] == 0 or last:
@@ -288,6 +302,8 @@ def train_worker(config: dict) -> None:
                         save_model(ref_model, os.path.join(tmp, REF_FILE))
                     if ref_logps is not None:
                         save_file({"logps": ref_logps.contiguous()}, os.path.join(tmp, REF_LOGPS_FILE))
+                    if eval_ref_logps is not None:
+                        save_file({"logps": eval_ref_logps.contiguous()}, os.path.join(tmp, EVAL_REF_LOGPS_FILE))
 
                 save_checkpoint(engine, run_dir, step, report, rank, run["keep_checkpoints"], save_extra)
             # Metrics reach the driver through the run directory: no ray.train.report without a
@@ -295,6 +311,31 @@ def train_worker(config: dict) -> None:
             tokens, t0 = 0, time.perf_counter()
 
     upload_final_model(engine, zero_stage, rank, objective.kind, model_path, config, tokenizer, run_dir)
+
+
+@torch.no_grad()
+def validation_metrics(engine, ref_model, objective, data, ref_table, micro: int, rank: int, world: int, pad_id: int,
+                       collate) -> dict[str, float]:
+    """The objective's loss and metrics on held-out pairs, as "val/<name>", averaged over the pairs.
+    Every rank scores the same number of full micro-batches (ZeRO-3 gathers parameters inside each
+    forward), so the first len(data) // (micro * world) * (micro * world) pairs are used."""
+    usable = len(data) // (micro * world) * (micro * world)
+    sums: dict[str, float] = {}
+    was_training = engine.module.training
+    engine.eval()
+    for start in range(rank * micro, usable, micro * world):
+        idx = torch.arange(start, start + micro)
+        batch = collate([data[int(i)] for i in idx], pad_id)
+        if ref_table is not None:
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_table[idx, 0], ref_table[idx, 1]
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        loss, metrics = objective(engine, ref_model, batch)
+        for k, v in {"loss": loss, **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    engine.module.train(was_training)
+    batches = usable // (micro * world)
+    means = mean_over_ranks({k: v / batches for k, v in sums.items()}, engine.device)
+    return {f"val/{k}": v for k, v in means.items()}
 
 
 def resume_newest(engine, run_dir, rank: int, load_extra=None) -> int:

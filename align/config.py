@@ -22,11 +22,14 @@ class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or out of range."""
 
     def __init__(self, field: str, allowed: str, got: Any = dataclasses.MISSING):
-        self.field, self.allowed = field, allowed
+        self.field, self.allowed, self.got = field, allowed, got
         msg = f"config field '{field}': expected {allowed}"
         if got is not dataclasses.MISSING:
             msg += f", got {got!r}"
         super().__init__(msg)
+
+    def __reduce__(self):  # raised in a Ray worker, it crosses to the driver as itself
+        return (type(self), (self.field, self.allowed, self.got))
 
 
 def require(ok: bool, field: str, allowed: str, got: Any = dataclasses.MISSING) -> None:

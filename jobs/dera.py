@@ -42,7 +42,7 @@ class DeraConfig:
 def per_lambda(rows: list[dict], lambdas: list[float], n: int) -> list[dict]:
     """Metrics per lambda from the scored samples (rows: one per (lambda, prompt))."""
     from align.bon import win_rate
-    from jobs.evaluate import clustered_mean_stderr
+    from align.stats import clustered_mean_stderr, win_rate_interval
 
     base = {r["prompt_index"]: torch.tensor(r["gold"], dtype=torch.float64) for r in rows if r["lambda"] == 0.0}
     out = []
@@ -54,7 +54,7 @@ def per_lambda(rows: list[dict], lambdas: list[float], n: int) -> list[dict]:
         gold_mean, gold_se = clustered_mean_stderr(gold, n)
         pi0 = torch.cat([base[r["prompt_index"]] for r in rs])
         m = {"lambda": lam, "gold": gold_mean, "gold_se": gold_se, "win_rate_vs_pi0": win_rate(gold, pi0),
-             "kl": kl, "kl_se": kl_se}
+             "win_rate_ci95": list(win_rate_interval(gold, pi0, n)), "kl": kl, "kl_se": kl_se}
         if rs and "proxy" in rs[0]:
             m["proxy"] = float(torch.tensor([p for r in rs for p in r["proxy"]]).mean())
         out.append(m)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from align.config import require, run_job
 from align.runstate import write_atomic
+from align.stats import clustered_mean_stderr
 from jobs.bon import PromptsConfig, RewardConfig, SamplingConfig
 
 log = logging.getLogger("sweetspot.evaluate")
@@ -84,14 +84,6 @@ def sample_and_score(model, tokenizer, ref_model, prompts, cfg: EvalConfig, seed
     return texts, torch.cat(logp), torch.cat(logp_ref)
 
 
-def clustered_mean_stderr(values: torch.Tensor, n: int) -> tuple[float, float]:
-    """Mean of P*n values (n consecutive per prompt) and its standard error clustered by prompt: the
-    n samples of a prompt are not independent, so the error is that of the P per-prompt means."""
-    per_prompt = values.double().view(-1, n).mean(1)  # (P,)
-    se = per_prompt.std().item() / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else float("nan")
-    return per_prompt.mean().item(), se
-
-
 def run(cfg: EvalConfig) -> dict:
     from actors.scorer import make_scorer
     from align.data import load_prompts
@@ -115,7 +107,9 @@ def run(cfg: EvalConfig) -> dict:
         metrics = evaluate_policy(policy, tok, ref, prompts, rep, r_ref, scorer, cfg)
         del policy
         print(f"\n  {path} vs pi_0 ({cfg.reference}) on {len(prompts)} prompts x {cfg.sampling.n} samples")
-        print(f"    gold win rate      {metrics['win_rate_vs_pi0']:.3f}  (ties {metrics['tie_rate']:.3f})")
+        low, high = metrics["win_rate_ci95"]
+        print(f"    gold win rate      {metrics['win_rate_vs_pi0']:.3f}  (95% bootstrap interval over prompts "
+              f"{low:.3f}-{high:.3f}; ties {metrics['tie_rate']:.3f})")
         print(f"    mean gold reward   {metrics['mean_reward_policy']:+.3f} vs {metrics['mean_reward_pi0']:+.3f}")
         print(f"    KL(pi || pi_0)     {metrics['kl_to_pi0']:.3f} +- {metrics['kl_to_pi0_stderr']:.3f} nats (Monte Carlo over "
               "the sampling process; standard error clustered by prompt)")
@@ -132,10 +126,14 @@ def evaluate_policy(policy, tok, ref, prompts, rep, r_ref, scorer, cfg: EvalConf
     """Win rate over the given pi_0 rewards and the Monte Carlo KL of one policy."""
     from align.bon import tie_rate, win_rate
 
+    from align.stats import win_rate_interval
+
     texts, logp, logp_ref = sample_and_score(policy, tok, ref, prompts, cfg, cfg.seed)
     r_pol = scorer.score(rep, texts).mean
     kl, kl_se = clustered_mean_stderr(logp - logp_ref, cfg.sampling.n)
-    return {"samples": len(rep), "win_rate_vs_pi0": win_rate(r_pol, r_ref), "tie_rate": tie_rate(r_pol, r_ref),
+    low, high = win_rate_interval(r_pol, r_ref, cfg.sampling.n, seed=cfg.seed)
+    return {"samples": len(rep), "win_rate_vs_pi0": win_rate(r_pol, r_ref), "win_rate_ci95": [low, high],
+            "tie_rate": tie_rate(r_pol, r_ref),
             "mean_reward_policy": r_pol.mean().item(), "mean_reward_pi0": r_ref.mean().item(),
             "kl_to_pi0": kl, "kl_to_pi0_stderr": kl_se, "process": process_of(cfg, tok)}
 
@@ -150,7 +148,10 @@ def compare_table(rows: list[dict], cfg: EvalConfig, out) -> None:
     from align.bon import bon_kl_closed_form, bon_win_rate_closed_form
     from jobs.benchmarking import format_table
 
-    columns = [("policy", "name", "{}"), ("gold win rate", "win_rate_vs_pi0", "{:.3f}"), ("ties", "tie_rate", "{:.3f}"),
+    for r in rows:
+        r["win_rate_ci"] = "{:.3f}-{:.3f}".format(*r["win_rate_ci95"])
+    columns = [("policy", "name", "{}"), ("gold win rate", "win_rate_vs_pi0", "{:.3f}"), ("95% CI", "win_rate_ci", "{}"),
+               ("ties", "tie_rate", "{:.3f}"),
                ("mean gold", "mean_reward_policy", "{:+.3f}"), ("KL (nats)", "kl_to_pi0", "{:.3f}"),
                ("+-se", "kl_to_pi0_stderr", "{:.3f}")]
     bon = [{"name": f"BoN n={n} (closed form)", "win_rate_vs_pi0": bon_win_rate_closed_form(n),
@@ -165,7 +166,9 @@ def compare_table(rows: list[dict], cfg: EvalConfig, out) -> None:
     for b, n in zip(bon, cfg.bon_n):
         ax.annotate(f"n={n}", (b["kl_to_pi0"], b["win_rate_vs_pi0"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
     for r in rows:
-        ax.errorbar(r["kl_to_pi0"], r["win_rate_vs_pi0"], xerr=r["kl_to_pi0_stderr"], fmt="s", capsize=3, label=r["name"])
+        low, high = r["win_rate_ci95"]
+        ax.errorbar(r["kl_to_pi0"], r["win_rate_vs_pi0"], xerr=r["kl_to_pi0_stderr"],
+                    yerr=[[r["win_rate_vs_pi0"] - low], [high - r["win_rate_vs_pi0"]]], fmt="s", capsize=3, label=r["name"])
     ax.set(xlabel="KL(pi || pi_0) (nats)", ylabel="gold win rate over pi_0", title="Win rate against KL")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -19,9 +19,12 @@ class PairDataConfig:
     source: str = "outputs/pairs/bonbon"  # saved datasets dir (jobs.make_pairs) or .jsonl with prompt/chosen/rejected
     split: str = "train"  # used when the source holds several splits
     limit: int | None = None  # first `limit` pairs
+    eval_split: str | None = None  # held-out pairs scored every train.eval_every steps (val/loss, val/... metrics)
+    eval_limit: int | None = None  # first `eval_limit` of them
 
     def __post_init__(self):
         require(self.limit is None or self.limit >= 1, "limit", "null or an integer >= 1", self.limit)
+        require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "null or an integer >= 1", self.eval_limit)
 
 
 def load_pair_dataset(cfg: PairDataConfig):
@@ -77,7 +80,8 @@ def run_key(objective: str, params: dict, model_path: str, data: PairDataConfig,
     model_dir = Path(model_path)
     return {"objective": objective, "params": params, "lora": lora,
             "model": {"path": model_path, "files": path_fingerprint(model_dir) if model_dir.is_dir() else None},
-            "data": {"source": str(source), "split": data.split, "limit": data.limit, "files": path_fingerprint(source)},
+            "data": {"source": str(source), "split": data.split, "limit": data.limit, "files": path_fingerprint(source),
+                     "eval_split": data.eval_split, "eval_limit": data.eval_limit},
             "train": drop_keys(asdict(train), ("run.", "workers.collective_timeout_s", "workers.cpus_per_worker",
                                                 "fail_once_at_step"))}
 
@@ -147,11 +151,22 @@ def run_training(title: str, objective: str, params: dict, cfg, lora: dict | Non
         ds = ds.select(torch.randint(len(ds), (len(ds),), generator=torch.Generator().manual_seed(bootstrap_seed)).tolist())
         key["data"]["bootstrap_seed"] = bootstrap_seed
     ds = tokenize_pairs(ds, load_tokenizer(model_path), cfg.train.max_length)
+    eval_ds = None
+    if cfg.data.eval_split and cfg.train.eval_every:
+        from dataclasses import replace
+
+        eval_ds = load_pair_dataset(replace(cfg.data, split=cfg.data.eval_split, limit=cfg.data.eval_limit))
+        if len(eval_ds) < cfg.train.batch_size:
+            raise ConfigError("data.eval_limit", f"at least train.batch_size ({cfg.train.batch_size}) validation pairs",
+                              len(eval_ds))
+        eval_ds = tokenize_pairs(eval_ds, load_tokenizer(model_path), cfg.train.max_length)
     started = init_ray()  # quiet workers: the driver prints their progress (actors.train_launcher.ProgressPrinter)
     try:
         start_run(title, cfg, out, storage, key)
         data_ref = ray.put(ds.flatten_indices().data.table)
-        metrics = launch_training(objective, params, ship_dir(model_path), data_ref, cfg.train, out, storage, lora=lora)
+        extra = {"eval_data": ray.put(eval_ds.flatten_indices().data.table)} if eval_ds is not None else None
+        metrics = launch_training(objective, params, ship_dir(model_path), data_ref, cfg.train, out, storage, lora=lora,
+                                  extra=extra)
     finally:
         if started:
             ray.shutdown()

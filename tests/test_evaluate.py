@@ -10,7 +10,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from align.config import load_config
 from align.sampling import continuation_logprobs
-from jobs.evaluate import EvalConfig, clustered_mean_stderr, run, sample_and_score
+from align.stats import clustered_mean_stderr
+from jobs.evaluate import EvalConfig, run, sample_and_score
 
 V, EOS = 4, 0  # tokens: 0 = end of sequence, 1..3 = "a", "b", "c"
 

@@ -228,8 +228,16 @@ def test_bf16_training_saves_the_fp32_master_weights(ray_session, tmp_path, tiny
 
 def test_frozen_reference_log_probs_computed_on_the_workers_under_zero3(ray_session, tmp_path, tiny_lm_dir, pairs_file):
     """DPO against a frozen reference: its log-probs are computed by the workers at step 0 (each rank
-    a share, then gathered), and ZeRO-3 with two workers gives what one ZeRO-0 worker gives."""
-    common = ["dpo.ref_update=none", "dpo.precompute_reference=true", "train.steps=3"]
+    a share, then gathered), and ZeRO-3 with two workers gives what one ZeRO-0 worker gives. The
+    validation pass (train.eval_every) reports the DPO loss of the held-out pairs under the trained
+    policy and pi_0, as computed here from the saved model."""
+    from actors.objectives import PreferenceObjective, pair_logps
+    from align.models import load_causal_lm, load_tokenizer
+    from align.pairs import collate_packed_pairs
+    from jobs.training import load_pair_dataset, tokenize_pairs
+
+    common = ["dpo.ref_update=none", "dpo.precompute_reference=true", "train.steps=3", "train.eval_every=3",
+              "data.eval_split=test"]
     z3 = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "frozen_z3", *common, "train.deepspeed.zero_stage=3")
     z0 = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "frozen_z0", *common, "train.workers.num_workers=1")
     run_dpo(z3)
@@ -238,6 +246,19 @@ def test_frozen_reference_log_probs_computed_on_the_workers_under_zero3(ray_sess
     for a, b in zip(history(z3), history(z0)):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert_same(weights(z3), weights(z0), atol=1e-5)
+
+    tok = load_tokenizer(str(tiny_lm_dir))
+    pairs = tokenize_pairs(load_pair_dataset(z0.data), tok, z0.train.max_length)
+    batch = collate_packed_pairs([pairs[i] for i in range(len(pairs))], tok.pad_token_id)
+    policy, _ = load_causal_lm(z0.output_dir + "/model", device="cpu")
+    reference, _ = load_causal_lm(str(tiny_lm_dir), device="cpu")
+    with torch.no_grad():
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"], _ = pair_logps(reference, batch, tok.eos_token_id)
+        loss, metrics = PreferenceObjective(beta=z0.dpo.beta, eos_token_id=tok.eos_token_id)(policy, None, batch)
+    for cfg in (z0, z3):
+        last = history(cfg)[-1]
+        assert last["val/loss"] == pytest.approx(loss.item(), abs=1e-5)
+        assert last["val/rewards/accuracies"] == pytest.approx(metrics["rewards/accuracies"].item(), abs=1e-6)
 
 
 def test_key_bias_gradient_is_zero_in_exact_arithmetic():

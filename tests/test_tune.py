@@ -2,6 +2,7 @@
 the DeRa lambda sweep end to end at toy size (metrics against a direct computation, resume without
 rerunning finished trials, a changed knob refused, Optuna's searcher)."""
 import json
+import math
 
 import pytest
 import torch
@@ -127,3 +128,53 @@ def test_dera_sweep_with_optuna(ray_session, tiny_lm_dir, sweep_setup):
     assert len(result["trials"]) == 2 and all(0.5 <= r["lam"] <= 1.5 for r in result["trials"])
     for r in result["trials"]:
         assert r["objective"] == pytest.approx(r["gold"] - 1000.0 * max(0.0, r["kl"] - 1.0))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_sweep_asha_evaluates_and_keeps_the_best(ray_session, tiny_lm_dir, tmp_path):
+    """Two DPO trials of 4 steps, one after the other, validation every 2, ASHA with a grace of 2
+    steps. beta 1 runs first and lowers the validation loss faster than beta 0.1 does: at the step-2
+    rung beta 0.1 lags, and ASHA stops it there, unevaluated. beta 1 finishes, is evaluated (gold,
+    win rate, KL) and is the one trial that keeps its model."""
+    from align.config import load_config
+    from tune.train import TuneTrainConfig, run
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [("the movie was", " great .", " awful ."), ("a good film", " lovely .", " bad ."),
+            ("the plot", " is fine .", " is weak ."), ("the music is", " lovely .", " terrible .")]
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in rows))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the movie was\na bad\n")
+    overrides = [f"model={tiny_lm_dir}", f"data.source={pairs}", "data.eval_split=test", "train.steps=4",
+                 "train.batch_size=2", "train.eval_every=2", "train.run.log_every=2", "train.run.checkpoint_every=4",
+                 "train.optim.lr=1e-2", "train.workers.collective_timeout_s=30", "dpo.ref_update=none"]
+    cfg = load_config(TuneTrainConfig, "configs/tune_train.yaml", [
+        f"overrides={json.dumps(overrides)}", "search={dpo.beta: {grid: [1.0, 0.1]}}", "metric=val/loss", "mode=min", "asha.grace_period=2",
+        f"evaluate.prompts.source={prompts}", "evaluate.n=2", "evaluate.reward.kind=brevity", "evaluate.reward.max_words=3",
+        "keep_best=1", f"output_dir={tmp_path / 'sweep'}"])
+    result = run(cfg)
+    trials = result["trials"]
+    assert sorted(t["dpo.beta"] for t in trials) == [0.1, 1.0] and result["failed"] == 0
+    by_beta = {t["dpo.beta"]: t for t in trials}
+    done, stopped = by_beta[1.0], by_beta[0.1]
+    assert not done["stopped_early"] and done["steps"] == 4 and 0 <= done["win_rate_vs_pi0"] <= 1 and done["kl"] > 0
+    assert stopped["stopped_early"] and stopped["steps"] == 2 and "kl" not in stopped
+    assert all(math.isfinite(t["val/loss"]) for t in trials)
+    kept = [t for t in trials if (tmp_path / "sweep" / "trials" / t["trial_id"] / "model").is_dir()]
+    assert kept == [done] and result["best"] is done
+    assert (tmp_path / "sweep" / "results.csv").is_file() and (tmp_path / "sweep" / "pareto.png").is_file()
+
+
+@pytest.mark.ray
+def test_train_sweep_that_cannot_place_a_trial_stops_naming_the_knob(ray_session, tmp_path):
+    """The session's cluster has 4 CPUs: a trial whose 8 workers need 8 would wait forever."""
+    from align.config import ConfigError, load_config
+    from tune.train import TuneTrainConfig, run
+
+    cfg = load_config(TuneTrainConfig, "configs/tune_train.yaml", [
+        "overrides=[train.eval_every=2, data.eval_split=test, train.workers.num_workers=8, train.batch_size=8]",
+        f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="cpus_per_worker.*4 CPUs"):
+        run(cfg)
+    assert not (tmp_path / "trials").exists()

@@ -184,14 +184,15 @@ def test_vbon_job_zero3_syncs_exactly_and_evaluates(ray_session, tiny_lm_dir, tm
 @pytest.mark.ray
 @pytest.mark.slow
 def test_vbon_worker_failure_resumes_bit_identical(ray_session, tiny_lm_dir, tmp_path):
-    """ZeRO-2: a rank that fails at step 3 restarts the group from the step-2 checkpoint, the
-    generators get the step-2 weights back, and the run ends bit-identical to an uninterrupted one."""
+    """ZeRO-2, PPO-clip, weights pushed every 2 steps: a rank that fails at step 3 restarts the group
+    from the step-2 checkpoint, the generators get the step-2 weights back, and the run ends
+    bit-identical to an uninterrupted one."""
     from align.models import load_causal_lm
     from jobs.train_vbon import run
 
     from align.vbon import state_digest
 
-    base = ["train.deepspeed.zero_stage=2", "evaluate.enabled=false"]
+    base = ["train.deepspeed.zero_stage=2", "evaluate.enabled=false", "vbon.algo=ppo_clip", "vbon.sync_every=2"]
     clean = run(vbon_config(tmp_path, tiny_lm_dir, "clean", *base))
     failed = run(vbon_config(tmp_path, tiny_lm_dir, "failed", *base, "train.fail_once_at_step=3"))
     assert (tmp_path / "failed" / ".failed_once").exists() and failed["sync_exact"] == 1.0 == clean["sync_exact"]

@@ -17,7 +17,6 @@ under tune/.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass, field
 
 from align.config import ConfigError, require, run_job
@@ -121,16 +120,13 @@ def sweep_key(cfg: TuneDeraConfig) -> dict:
 
 
 def run(cfg: TuneDeraConfig) -> dict:
-    import json
-
     from ray import tune
 
-    from actors.cluster import init_ray
     from align.data import load_prompts
     from align.models import model_path_problem, resolve_model_path
     from align.paths import resolve_output
-    from align.runstate import check_resume, write_atomic
     from jobs.bon import reward_spec
+    from tune import sweep
     from tune.results import write_sweep
     from tune.space import grid_size, parse_space
 
@@ -140,13 +136,7 @@ def run(cfg: TuneDeraConfig) -> dict:
             raise ConfigError(name, f"'default', an HF model name or a directory with config.json ({problem})")
     prompts = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.column, cfg.prompts.limit)
     out = resolve_output(cfg.output_dir)
-    state, key_file = out / "tune", out / "sweep.json"
-    saved = json.loads(key_file.read_text()) if key_file.is_file() else None
-    has_state = tune.Tuner.can_restore(str(state / EXPERIMENT))
-    resume = check_resume(saved, sweep_key(cfg), cfg.resume, str(state), has_state)
-    if not resume:
-        shutil.rmtree(state, ignore_errors=True)
-    write_atomic(key_file, json.dumps(sweep_key(cfg), indent=2))
+    resume = sweep.prepare(out, sweep_key(cfg), cfg.resume, EXPERIMENT)
 
     rewards = {"gold": reward_spec(cfg.reward)} | ({"proxy": reward_spec(cfg.proxy)} if cfg.proxy else {})
     setup = {"reference": str(resolve_model_path(cfg.reference)), "aligned": str(resolve_model_path(cfg.aligned)),
@@ -155,37 +145,16 @@ def run(cfg: TuneDeraConfig) -> dict:
              "objective": cfg.objective, "kl_budget": cfg.kl_budget}
     trainable = tune.with_resources(tune.with_parameters(trial, setup=setup),
                                     {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
-    started = init_ray(cfg.ray_address)
-    try:
-        if resume:
-            print(f"  resuming the sweep in {state / EXPERIMENT}: finished trials are kept", flush=True)
-            tuner = tune.Tuner.restore(str(state / EXPERIMENT), trainable, resume_errored=True)
-        else:
-            search_alg = None
-            if cfg.searcher == "optuna":
-                from ray.tune.search.optuna import OptunaSearch
-
-                search_alg = OptunaSearch(seed=cfg.seed)
-            trials = cfg.num_samples * grid_size(cfg.search)
-            print(f"  sweeping {cfg.search} over {len(prompts)} validation prompts: {trials} trial(s), searcher "
-                  f"{cfg.searcher}; the Tune experiment is in {state / EXPERIMENT}", flush=True)
-            tuner = tune.Tuner(trainable, param_space=parse_space(cfg.search, KNOBS),
-                               tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=cfg.num_samples,
-                                                           search_alg=search_alg, max_concurrent_trials=cfg.max_concurrent_trials),
-                               run_config=tune.RunConfig(storage_path=str(state), name=EXPERIMENT, verbose=1))
-        grid = tuner.fit()
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    failed = [r for r in grid if r.error is not None]
-    for r in failed:
-        log.error("trial %s failed: %s", r.path, r.error)
-    rows = [{"lam": r.config["lam"], **{k: v for k, v in r.metrics.items() if k in METRICS}} for r in grid
-            if r.error is None and "objective" in r.metrics]
+    done, failed = sweep.fit(
+        trainable, out, EXPERIMENT, resume, parse_space(cfg.search, KNOBS),
+        tune.TuneConfig(metric="objective", mode="max", num_samples=cfg.num_samples,
+                        search_alg=sweep.searcher(cfg.searcher, cfg.seed), max_concurrent_trials=cfg.max_concurrent_trials),
+        f"sweeping {cfg.search} over {len(prompts)} validation prompts: {cfg.num_samples * grid_size(cfg.search)} "
+        f"trial(s), searcher {cfg.searcher}", log, cfg.ray_address)
+    rows = [{"lam": r.config["lam"], **{k: v for k, v in r.metrics.items() if k in METRICS}} for r in done
+            if "objective" in r.metrics]
     if not rows:
-        raise RuntimeError(f"every trial failed ({len(failed)}); see the errors above and {state / EXPERIMENT}")
+        raise RuntimeError(f"every trial failed ({len(failed)}); see the errors above and {out / 'tune' / EXPERIMENT}")
     columns = [("lambda", "lam", "{:.3g}"), ("objective", "objective", "{:+.3f}"), ("gold", "gold", "{:+.3f}"),
                ("+-se", "gold_se", "{:.3f}"), ("win rate vs pi_0", "win_rate_vs_pi0", "{:.3f}"),
                ("KL (nats)", "kl", "{:.2f}"), ("+-se", "kl_se", "{:.2f}")]
@@ -200,7 +169,7 @@ def run(cfg: TuneDeraConfig) -> dict:
     return {"trials": rows, "best": best, "failed": len(failed)}
 
 
-METRICS = ("objective", "gold", "gold_se", "proxy", "win_rate_vs_pi0", "kl", "kl_se")
+METRICS = ("objective", "gold", "gold_se", "proxy", "win_rate_vs_pi0", "win_rate_ci95", "kl", "kl_se")
 
 
 def main(argv=None) -> dict:

@@ -15,6 +15,7 @@ def plot_front(rows: list[dict], reward: str, label, path: Path, title: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.get("kl") is not None and r.get(reward) is not None]  # evaluated trials only
     fig, ax = plt.subplots(figsize=(7, 4.8))
     ax.errorbar([r["kl"] for r in rows], [r[reward] for r in rows], xerr=[r.get("kl_se", 0) for r in rows],
                 yerr=[r.get(f"{reward}_se", 0) for r in rows], fmt="o", color="tab:gray", capsize=2, label="trial")
@@ -42,7 +43,10 @@ def write_sweep(out: Path, rows: list[dict], columns: list[tuple[str, str, str]]
     from jobs.benchmarking import format_table
 
     rows = sorted(rows, key=lambda r: -r[objective])
-    for r, on in zip(rows, pareto_front([r["kl"] for r in rows], [r[reward] for r in rows])):
+    scored = [r for r in rows if r.get("kl") is not None and r.get(reward) is not None]  # a trial stopped early has none
+    for r in rows:
+        r["pareto"] = False
+    for r, on in zip(scored, pareto_front([r["kl"] for r in scored], [r[reward] for r in scored])):
         r["pareto"] = on
     keys = list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()

@@ -1,0 +1,68 @@
+"""What every sweep shares: a sweep keyed by its config (resume it, or refuse another config's), the
+Tuner built or restored, and the finished and failed trials split apart."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from align.config import ConfigError
+
+
+def prepare(out: Path, key: dict, mode: str, experiment: str) -> bool:
+    """Whether to resume the Tune experiment `out/tune/<experiment>` (align.runstate.check_resume on
+    the key saved in out/sweep.json); starting over removes it. Saves this sweep's key."""
+    from ray import tune
+
+    from align.runstate import check_resume, write_atomic
+
+    state, key_file = out / "tune", out / "sweep.json"
+    saved = json.loads(key_file.read_text()) if key_file.is_file() else None
+    resume = check_resume(saved, key, mode, str(state), tune.Tuner.can_restore(str(state / experiment)))
+    if not resume:
+        shutil.rmtree(state, ignore_errors=True)
+    write_atomic(key_file, json.dumps(key, indent=2, default=str))
+    return resume
+
+
+def searcher(name: str, seed: int):
+    """None (Tune's basic variant generator: grids in full, random draws of the rest) or Optuna's TPE."""
+    if name == "basic":
+        return None
+    if name == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=seed)
+    raise ConfigError("searcher", "basic | optuna", name)
+
+
+def fit(trainable, out: Path, experiment: str, resume: bool, space: dict, tune_config, what: str, log,
+        ray_address: str | None = None, before=None) -> tuple[list, list]:
+    """Start (or join) Ray, call before() (a check that needs the cluster), run or restore and finish
+    the sweep; returns (results that reported, results that failed), the failures logged."""
+    from ray import tune
+
+    from actors.cluster import init_ray
+
+    path = out / "tune" / experiment
+    started = init_ray(ray_address)
+    try:
+        if before is not None:
+            before()
+        if resume:
+            print(f"  resuming the sweep in {path}: finished trials are kept", flush=True)
+            tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+        else:
+            print(f"  {what}; the Tune experiment is in {path}", flush=True)
+            tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config,
+                               run_config=tune.RunConfig(storage_path=str(out / "tune"), name=experiment, verbose=1))
+        grid = tuner.fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    failed = [r for r in grid if r.error is not None]
+    for r in failed:
+        log.error("trial %s failed: %s", r.path, r.error)
+    return [r for r in grid if r.error is None and r.metrics], failed
