@@ -119,14 +119,13 @@ def trial(config: dict, setup: dict) -> None:
     appear (so ASHA can stop it); then the gold evaluation of the trained model."""
     import importlib
     import json
+    import os
     import threading
     from pathlib import Path
 
     from ray import tune
 
     from actors.checkpoints import LOG_FILE, RunDir
-
-    import os
 
     os.chdir(setup["cwd"])  # Tune starts a trial in its own directory; the job's relative paths are the driver's
     cfg = setup["sweep"]
