@@ -105,7 +105,7 @@ def reference_rewards(cfg: VbonJobConfig, prompts: list[str], pool, scorers, out
                   "sampling": to_dict(cfg.sampling), "seed": cfg.seed})
     path = out / "reference_rewards.pt"
     if path.is_file():
-        saved = torch.load(path)
+        saved = torch.load(path, weights_only=True)  # a str key and a tensor: nothing to unpickle
         if saved.get("key") == key:
             log.info("F_x: reusing %s (%d prompts x %d pi_0 rewards)", path, *saved["rewards"].shape)
             return saved["rewards"]
