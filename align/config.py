@@ -141,7 +141,11 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(key, f"'{p}' to be a mapping")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise ConfigError(key, f"a YAML value (quote strings holding {{}} [] : or #; {problem})", raw) from None
     return data
 
 

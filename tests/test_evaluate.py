@@ -1,17 +1,19 @@
 """jobs.evaluate: the KL it reports is the KL between the sampling processes actually run (temperature
 and early end-of-sequence blocking on both sides), checked against exact enumeration on a tiny model;
-it is exactly zero for pi = pi_0."""
+it is exactly zero for pi = pi_0. Decoders (BoN, RBoN, DeRa over pi_0) are rows of the same comparison:
+oracle BoN against its closed form, DeRa at lambda 0 / 1 against either model, RBoN-KL at its limits."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from align.config import load_config
+from align.config import ConfigError, load_config
 from align.sampling import continuation_logprobs
 from align.stats import clustered_mean_stderr
-from jobs.evaluate import EvalConfig, run, sample_and_score
+from jobs.evaluate import DecoderSpec, EvalConfig, decoder_seed, run, run_decoder, sample_and_score
 
 V, EOS = 4, 0  # tokens: 0 = end of sequence, 1..3 = "a", "b", "c"
 
@@ -144,3 +146,134 @@ def test_compare_policies_against_one_set_of_pi0_samples(tiny_lm_dir, tmp_path):
     assert [b["kl_to_pi0"] for b in table["bon_closed_form"]] == [bon_kl_closed_form(2), bon_kl_closed_form(8)]
     assert table["bon_closed_form"][1]["win_rate_vs_pi0"] == bon_win_rate_closed_form(8)
     assert (tmp_path / "b" / "pareto.png").stat().st_size > 0 and "BoN n=8" in (tmp_path / "b" / "comparison.md").read_text()
+
+
+def test_bon_decoder_with_the_gold_selector_matches_the_closed_form(small_task, tmp_path):
+    """Oracle BoN over pi_0 (the default task's model), 20 prompts x 80 outputs: win rate n / (n + 1) at
+    n = 4 and 1/2 at n = 1, each pair an independent Bernoulli, within 4 standard errors. The gold judge
+    is a random reward model: continuous rewards, as the closed form assumes (VADER is not: a third of
+    short completions score exactly 0, and ties counted 1/2 put BoN below n / (n + 1))."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    from align.bon import bon_kl_closed_form
+
+    rm, tok = tmp_path / "rm", AutoTokenizer.from_pretrained(small_task.policy_dir)
+    torch.manual_seed(1)  # one layer, 16 wide: 12,800 texts to score, cheaply
+    judge = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=16, n_head=2, n_positions=64,
+                                                     num_labels=1, pad_token_id=tok.pad_token_id))
+    judge.save_pretrained(rm)
+    tok.save_pretrained(rm)
+    cfg = load_config(EvalConfig, "configs/evaluate.yaml", [
+        "policy=null", f"output_dir={tmp_path / 'out'}", f"reference={small_task.policy_dir}",
+        f"prompts.source={small_task.root / 'prompts'}", "sampling.n=80", "sampling.max_new_tokens=8",
+        "sampling.min_new_tokens=4", "reward.kind=classifier", f"reward.path={rm}", "reward.device=cpu", "device=cpu",
+        "bon_n=[4]", "decoders=[{name: bon4, kind: bon, n: 4}, {name: bon1, kind: bon, n: 1}]"])
+    rows = {r["name"]: r for r in run(cfg)["decoders"]}
+    for name, n in (("bon4", 4), ("bon1", 1)):
+        r, p = rows[name], n / (n + 1)
+        assert r["samples"] == 20 * 80 and r["tie_rate"] < 0.01
+        assert abs(r["win_rate_vs_pi0"] - p) < 4 * math.sqrt(p * (1 - p) / r["samples"]), (name, r["win_rate_vs_pi0"])
+        assert r["kl_to_pi0"] == bon_kl_closed_form(n) and r["kl_source"] == "closed form" and r["kl_to_pi0_stderr"] is None
+    assert not (tmp_path / "out" / "eval_metrics.json").exists()  # no policy, no policy metrics
+
+
+def test_dera_decoder_at_lambda_0_is_pi0_and_at_1_the_aligned_model(tiny_lm_dir, tmp_path):
+    """The same seed: lambda 0 draws pi_0's samples with KL exactly 0, lambda 1 the aligned model's,
+    token for token, with exactly its log-probs (lerp is exact at both ends; full forwards on both sides)."""
+    from align.models import load_causal_lm
+    from conftest import save_tiny_lm
+
+    aligned_dir = str(save_tiny_lm(tmp_path / "aligned", seed=1))
+    cfg = load_config(EvalConfig, None, ["sampling.n=4", "sampling.max_new_tokens=6", "sampling.min_new_tokens=2",
+                                         "batch_size=2", "device=cpu"])  # two batches: seed + b on both sides
+    (ref, tok), (aligned, _) = load_causal_lm(str(tiny_lm_dir), "cpu", "float32"), load_causal_lm(aligned_dir, "cpu", "float32")
+    prompts, seed = ["the movie was", "a good film", "the plot"], decoder_seed(0, 0)
+    at = {lam: run_decoder(DecoderSpec("d", "dera", lam=lam, aligned=aligned_dir), ref, tok, prompts, cfg, seed, None)
+          for lam in (0.0, 1.0)}
+    assert at[0.0].texts == sample_and_score(ref, tok, None, prompts, cfg, seed)[0]
+    assert torch.equal(at[0.0].logp, at[0.0].logp_ref)
+    assert clustered_mean_stderr(at[0.0].logp - at[0.0].logp_ref, 4) == (0.0, 0.0)
+    texts, logp, logp_ref = sample_and_score(aligned, tok, ref, prompts, cfg, seed)
+    assert at[1.0].texts == texts and torch.equal(at[1.0].logp, logp) and torch.equal(at[1.0].logp_ref, logp_ref)
+    assert at[0.0].texts != at[1.0].texts and (logp - logp_ref).abs().max() > 0
+
+
+def test_rbon_kl_decoder_at_beta_0_is_bon_and_at_large_beta_the_likeliest_candidate(tiny_lm_dir):
+    from actors.scorer import make_scorer
+    from align.models import load_causal_lm
+
+    cfg = load_config(EvalConfig, None, ["sampling.n=3", "sampling.max_new_tokens=5", "sampling.min_new_tokens=1",
+                                         "batch_size=8", "device=cpu"])  # 8 // n = 2 prompts a batch
+    ref, tok = load_causal_lm(str(tiny_lm_dir), "cpu", "float32")
+    gold = make_scorer({"kind": "brevity", "max_words": 3})
+    args = (ref, tok, ["the movie was", "a good film", "the plot"], cfg, 11, gold)
+    bon = run_decoder(DecoderSpec("b", "bon", n=4), *args)
+    at0 = run_decoder(DecoderSpec("k", "rbon_kl", n=4, beta=0.0), *args)
+    big = run_decoder(DecoderSpec("h", "rbon_kl", n=4, beta=1e9), *args)
+    assert bon.chosen.shape == (9,) and bon.candidate_logps.shape == (9, 4) and len(bon.texts) == 9
+    assert torch.equal(bon.selector_reward, bon.candidate_rewards.max(1).values)  # the best of each n
+    assert at0.texts == bon.texts and torch.equal(at0.chosen, bon.chosen)
+    assert torch.equal(big.candidate_logps, bon.candidate_logps)  # the same seed, the same candidates
+    likeliest = big.candidate_logps.gather(1, big.chosen[:, None])[:, 0]
+    assert torch.equal(likeliest, big.candidate_logps.max(1).values) and not torch.equal(big.chosen, bon.chosen)
+
+
+def test_decoders_alone_are_rows_of_the_comparison(tiny_lm_dir, tmp_path):
+    """policy: null with one decoder of every kind: comparison.md/json and pareto.png list each, with
+    its KL source; no eval_metrics.json."""
+    from align.bon import bon_kl_closed_form
+    from conftest import save_tiny_lm
+
+    aligned = save_tiny_lm(tmp_path / "aligned", seed=1)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the movie was\na good film\nthe plot\n")
+    decoders = (f"[{{name: best of 4, kind: bon, n: 4}}, {{name: rbon-kl, kind: rbon_kl, n: 3, beta: 0.5}}, "
+                f"{{name: rbon-wd, kind: rbon_wd, n: 3, beta: 1.0}}, {{name: dera 0, kind: dera, lam: 0, aligned: {aligned}}}, "
+                f"{{name: dera 0.5, kind: dera, lam: 0.5, aligned: {aligned}}}]")
+    out = tmp_path / "out"
+    table = run(load_config(EvalConfig, "configs/evaluate.yaml", [
+        "policy=null", f"decoders={decoders}", f"output_dir={out}", f"reference={tiny_lm_dir}", f"prompts.source={prompts}",
+        "sampling.n=2", "sampling.max_new_tokens=4", "sampling.min_new_tokens=2", "device=cpu", "reward.kind=brevity",
+        "reward.max_words=3", "bon_n=[4]"]))
+    assert table == json.loads((out / "comparison.json").read_text()) and table["policies"] == []
+    rows = {r["name"]: r for r in table["decoders"]}
+    assert list(rows) == ["best of 4", "rbon-kl", "rbon-wd", "dera 0", "dera 0.5"]
+    assert rows["best of 4"]["kl_to_pi0"] == bon_kl_closed_form(4) and rows["best of 4"]["kl_source"] == "closed form"
+    assert all(rows[k]["kl_to_pi0"] is None and rows[k]["kl_source"] == "-" for k in ("rbon-kl", "rbon-wd"))
+    assert rows["dera 0"]["kl_to_pi0"] == 0.0 and rows["dera 0"]["kl_to_pi0_stderr"] == 0.0
+    assert rows["dera 0.5"]["kl_to_pi0"] > 0 and rows["dera 0.5"]["kl_source"] == "Monte Carlo"
+    assert all(r["samples"] == 6 for r in rows.values())
+    md = (out / "comparison.md").read_text()
+    assert all(f"| {name} |" in md for name in rows) and "closed form" in md and "BoN n=4 (closed form)" in md
+    assert (out / "pareto.png").stat().st_size > 0 and not (out / "eval_metrics.json").exists()
+
+
+@pytest.mark.parametrize("overrides, field, allowed", [
+    (["decoders=[{name: d, kind: dera, lam: 0.5}]"], "decoders[0].aligned", "when kind is 'dera'"),
+    (["decoders=[{name: b, kind: bon, n: 0}]"], "decoders[0].n", "an integer >= 1"),
+    (["decoders=[{name: b, kind: bon}, {name: r, kind: rbon_kl, beta: -1}]"], "decoders[1].beta", ">= 0"),
+    (["decoders=[{name: d, kind: dera, lam: .inf, aligned: m}]"], "decoders[0].lam", ">= 0"),
+    (["decoders=[{name: b, kind: best}]"], "decoders[0].kind", "'bon'"),
+    (["decoders=[{name: b, kind: bon, beta: 0.1}]"], "decoders[0].beta", "unless kind is rbon_kl or rbon_wd"),
+    (["decoders=[{name: d, kind: dera, aligned: m, selector: {kind: vader}}]"], "decoders[0].selector", "null when"),
+    (["decoders=[{kind: bon}]"], "decoders[0].name", "required"),
+    (["decoders=[{name: b, kind: bon}, {name: b, kind: bon, n: 2}]"], "decoders", "distinct"),
+    (["policy=null", "output_dir=out"], "policy", "compare or decoders"),
+    (["policy=null", "decoders=[{name: b, kind: bon}]"], "output_dir", "policy is null"),
+])
+def test_decoder_config_errors_name_the_field(overrides, field, allowed):
+    with pytest.raises(ConfigError) as e:
+        load_config(EvalConfig, "configs/evaluate.yaml", overrides)
+    assert e.value.field == field and allowed in str(e.value)
+
+
+def test_yaml_decoder_example_is_a_valid_config():
+    """The commented `decoders:` example in configs/evaluate.yaml loads as it stands."""
+    import yaml
+
+    text = (Path(__file__).parent.parent / "configs" / "evaluate.yaml").read_text()
+    example = text[text.index("# decoders:\n") :].split("\n")[1:]
+    example = yaml.safe_load("\n".join(line[2:] for line in example if line.startswith("#   - ")))
+    cfg = load_config(EvalConfig, "configs/evaluate.yaml", ["policy=null", "output_dir=o", f"decoders={json.dumps(example)}"])
+    assert [d.kind for d in cfg.decoders] == ["bon", "bon", "bon", "rbon_kl", "dera"]
+    assert cfg.decoders[2].selector.kind == "classifier" and cfg.decoders[4].lam == 0.5 and cfg.decoders[1].n == 16
