@@ -2,6 +2,11 @@
 directory per checkpoint, a `.complete` marker once every rank has written its part, resume from
 the newest complete checkpoint, and no more than `keep` of them left on disk.
 
+The marker holds a manifest, the size and SHA-256 of every file of the checkpoint, so a checkpoint
+truncated or altered on disk after it was written is recognised: resume names it and falls back to
+the newest one that still verifies (`newest_valid`). Every rank reads the same files and so decides
+the same.
+
 Ray Train's controller remembers the last checkpoint *it registered*, which after a hard worker
 failure can be one older than the newest complete one; and its own retention leaves behind any
 directory it never registered. So the workers pick the checkpoint and prune the directory
@@ -12,6 +17,8 @@ Paths may be local or storage URIs (s3://, gs://, ...), through pyarrow's filesy
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 
@@ -69,9 +76,63 @@ class RunDir:
         done = [(s, p) for s, p, c in self.checkpoints() if c]
         return done[-1] if done else None
 
+    def newest_valid(self) -> tuple[tuple[int, str] | None, list[tuple[str, str]]]:
+        """The newest complete checkpoint whose files match its manifest, and the (path, problem) of
+        every newer complete one that does not."""
+        bad = []
+        for step, path, complete in reversed(self.checkpoints()):
+            if not complete:
+                continue
+            problem = self.verify(path)
+            if problem is None:
+                return (step, path), bad
+            bad.append((path, problem))
+        return None, bad
+
+    def _files(self, path: str) -> dict[str, int]:
+        """{relative path: size} of every file under a checkpoint directory but the marker."""
+        import pyarrow.fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        return {i.path[len(path) + 1 :]: i.size for i in infos if i.type == pafs.FileType.File and i.base_name != MARKER}
+
+    def _sha256(self, path: str) -> str:
+        h = hashlib.sha256()
+        with self.fs.open_input_stream(path) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+
+    def manifest(self, path: str) -> dict[str, list]:
+        return {name: [size, self._sha256(f"{path}/{name}")] for name, size in sorted(self._files(path).items())}
+
+    def verify(self, path: str) -> str | None:
+        """None when the checkpoint's files match its manifest, else what is wrong (a marker written
+        before manifests existed is trusted)."""
+        try:
+            with self.fs.open_input_stream(f"{path}/{MARKER}") as f:
+                raw = f.read().decode()
+            if not raw.strip():
+                return None
+            expected = json.loads(raw)["files"]
+            sizes = self._files(path)
+            for name, (size, digest) in expected.items():
+                if name not in sizes:
+                    return f"{name} is missing"
+                if sizes[name] != size:
+                    return f"{name} has {sizes[name]} bytes, the manifest says {size}"
+                if self._sha256(f"{path}/{name}") != digest:
+                    return f"{name} does not match its SHA-256 in the manifest"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"unreadable ({type(e).__name__}: {e})"
+        return None
+
     def mark_complete(self, step: int) -> None:
-        with self.fs.open_output_stream(f"{self.path}/{checkpoint_name(step)}/{MARKER}") as f:
-            f.write(b"")
+        """Write the marker, with the manifest of every file the ranks have written (call after all have)."""
+        path = f"{self.path}/{checkpoint_name(step)}"
+        text = json.dumps({"step": step, "files": self.manifest(path)})
+        with self.fs.open_output_stream(f"{path}/{MARKER}") as f:
+            f.write(text.encode())
 
     def prune(self, keep: int) -> list[str]:
         """Delete every checkpoint but the newest `keep` complete ones, except directories newer than

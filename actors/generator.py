@@ -50,6 +50,14 @@ class PromptSamples:
         return [len(c) for c in self.completion_ids]
 
 
+class StaleWeightsError(RuntimeError):
+    """A generator asked to sample with weights it does not hold (e.g. restarted since the last push)."""
+
+
+class PromptTooLongError(ValueError):
+    """A prompt whose tokens plus the tokens to draw do not fit the model's context."""
+
+
 class Generator:
     """Owns a causal LM and its tokenizer on one device; `sample` draws n completions per prompt."""
 
@@ -68,6 +76,7 @@ class Generator:
         self.device = next(self.model.parameters()).device
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.cache, self.compile = cache, compile
+        self.weights_version = 0  # set_weights' version; a restarted actor is back at 0 (the weights it was built with)
         self.aligned = None
         if aligned_path is not None:
             self.aligned, aligned_tok = load_causal_lm(local_dir(aligned_path), device=self.device, dtype=dtype)
@@ -86,6 +95,7 @@ class Generator:
         rejection: dict | None = None,
         lam: float | list[float] | None = None,
         seeds: list[int] | None = None,
+        weights_version: int | None = None,
     ) -> dict:
         """n completions for each prompt (shared prefill). Returns {"samples": [PromptSamples], "seconds",
         "new_tokens"}; new_tokens counts every token drawn, those of rejected continuations included.
@@ -100,11 +110,18 @@ class Generator:
 
         seeds, and max_new_tokens as a list: one per prompt, so prompts batched together from several
         requests draw what each would draw alone (`NSampler`); `seed` is then unused.
+
+        weights_version: when given, the version of the weights the caller pushed last (set_weights);
+        a generator holding other weights raises StaleWeightsError instead of sampling from them.
         """
+        if weights_version is not None and weights_version != self.weights_version:
+            raise StaleWeightsError(f"this generator holds weights version {self.weights_version}, the caller expects "
+                                    f"{weights_version} (the actor was restarted since the last push?)")
         from align.models import encode_prompts
         from align.sampling import NSampler
 
         start = time.perf_counter()
+        self.check_context(prompts, max_new_tokens)
         ids, mask = encode_prompts(self.tokenizer, prompts, self.device)
         if seeds is not None:
             if len(seeds) != len(prompts):
@@ -149,12 +166,33 @@ class Generator:
         ]
         return {"samples": samples, "seconds": time.perf_counter() - start, "new_tokens": int(sampler.drawn.sum())}
 
-    def set_weights(self, state: dict) -> None:
+    def context_length(self) -> int | None:
+        """Positions the model can attend over (learned position tables end there), if it says."""
+        cfg = self.model.config
+        return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+    def check_context(self, prompts: list[str], max_new_tokens: int | list[int]) -> None:
+        """PromptTooLongError naming the first prompt whose tokens plus the tokens to draw exceed the
+        model's context (a clear error instead of an index error deep in the model)."""
+        limit = self.context_length()
+        if limit is None:
+            return
+        budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        for i, (p, m) in enumerate(zip(prompts, budgets)):
+            n = len(self.tokenizer(p)["input_ids"])
+            if n + m > limit:
+                raise PromptTooLongError(f"prompt[{i}]: {n} tokens plus {m} new tokens exceed the model's context of "
+                                         f"{limit} positions; shorten the prompt or ask for at most {max(limit - n, 0)} tokens")
+
+    def set_weights(self, state: dict, version: int | None = None) -> None:
         """Load new policy weights (a full state dict, e.g. from an on-policy trainer; in a Ray actor
-        it arrives from the object store), cast to this model's dtype and device."""
+        it arrives from the object store), cast to this model's dtype and device. `version` (the
+        trainer's step) is what `sample(weights_version=...)` checks."""
         dtype = next(self.model.parameters()).dtype
         self.model.load_state_dict({k: v.to(self.device, dtype if v.is_floating_point() else v.dtype)
                                     for k, v in state.items()})
+        if version is not None:
+            self.weights_version = version
 
     def weights_digest(self) -> str:
         """A hash of the model's parameters and buffers (to check a weight sync landed exactly)."""
@@ -209,8 +247,12 @@ class GeneratorPool:
         cache: str = "auto",
         compile: bool = False,
         aligned_path: str | None = None,
+        restartable: bool = False,
     ):
-        """aligned_path: an aligned model beside model_path (the reference), for DeRa sampling."""
+        """aligned_path: an aligned model beside model_path (the reference), for DeRa sampling.
+        restartable: Ray restarts a dead actor in place under the same handle (handles given to other
+        processes stay valid), and never replays a call that was lost with it: an on-policy trainer
+        pushes its weights again first (`sample(weights_version=...)` refuses stale ones)."""
         from actors.cluster import ship_dir
         from actors.resilient import ResilientActors
 
@@ -218,7 +260,8 @@ class GeneratorPool:
         aligned = ship_dir(aligned_path) if aligned_path else None
         # A local model directory travels through the object store: actors on any node can load it.
         self.group = ResilientActors(Generator, num_actors, (ship_dir(model_path), device, dtype, threads, cache, compile, aligned),
-                                     options={"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor},
+                                     options={"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor,
+                                              **({"max_restarts": -1, "max_task_retries": 0} if restartable else {})},
                                      max_retries=max_retries, name="Generator")
 
     @property

@@ -78,7 +78,9 @@ class TrainConfig:
     disable_dropout: bool = True  # as TRL: dropout makes policy and reference disagree at theta = theta_ref
     prefix_sharing: bool = True  # policy objectives: one row per pair, the prompt computed once (align.pairs.collate_packed_pairs)
     save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the final model's weights (from fp32 masters)
-    fail_once_at_step: int | None = None  # testing: the last rank raises once, during this (1-based) step
+    fail_once_at_step: int | None = None  # testing: rank fail_rank fails once, during this (1-based) step
+    fail_rank: int = -1  # testing: the rank that fails (-1: the last)
+    fail_mode: Literal["raise", "sigkill", "kill_generator"] = "raise"  # testing: raise, SIGKILL the worker, or kill its generator (vBoN)
     eval_every: int = 0  # steps between validation passes over data.eval_split (0: none); logged as val/<metric>
 
     def __post_init__(self):
@@ -87,4 +89,6 @@ class TrainConfig:
         require(self.batch_size % self.workers.num_workers == 0, "batch_size",
                 f"a multiple of workers.num_workers ({self.workers.num_workers})", self.batch_size)
         require(self.max_length >= 2, "max_length", "an integer >= 2", self.max_length)
+        require(-self.workers.num_workers <= self.fail_rank < self.workers.num_workers, "fail_rank",
+                f"a rank in [-{self.workers.num_workers}, {self.workers.num_workers - 1}]", self.fail_rank)
         require(self.eval_every >= 0, "eval_every", "an integer >= 0 (0: no validation)", self.eval_every)

@@ -66,6 +66,10 @@ def prepare_run(train: TrainConfig, storage_path: str, output_dir: Path, run_key
         shutil.rmtree(output_dir / MODEL_DIR, ignore_errors=True)
     else:  # it may name checkpoints pruned since; the workers pick the newest complete one themselves
         run_dir.remove_file(RAY_SNAPSHOT)
+        newest, bad = run_dir.newest_valid()
+        for path, problem in bad:  # the workers skip it too (actors/trainer.resume_newest)
+            print(f"  checkpoint {path} is corrupted ({problem}); resuming from "
+                  f"{newest[1] if newest else 'the start (no valid checkpoint)'}", flush=True)
     run_dir.write_text(RUN_FILE, json.dumps(run_key, indent=1, sort_keys=True, default=str))
     return resume
 

@@ -259,8 +259,6 @@ def train_worker(config: dict) -> None:
     if objective.stored_reference and eval_data is not None and eval_ref_logps is None:
         eval_ref_logps = table(eval_data)  # at step 0 (pi_0), kept with every checkpoint like the training table
 
-    fail_at = train.get("fail_once_at_step")
-    marker = Path(config["output_dir"]) / ".failed_once"
     tokens, t0 = 0, time.perf_counter()
     while step < train["steps"]:
         idx = batch_indices(step, train["batch_size"], len(data), train["seed"])[rank * micro : (rank + 1) * micro]
@@ -268,10 +266,7 @@ def train_worker(config: dict) -> None:
         if ref_logps is not None:
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_logps[idx, 0], ref_logps[idx, 1]
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        if fail_at is not None and step + 1 == fail_at and rank == world - 1 and not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-            raise RuntimeError(f"injected failure at step {step} (train.fail_once_at_step)")
+        inject_failure(train, step, rank, world, config["output_dir"])
         engine.train()
         loss, metrics = objective(engine, ref_model, batch)
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on in engine.step)
@@ -338,12 +333,44 @@ def validation_metrics(engine, ref_model, objective, data, ref_table, micro: int
     return {f"val/{k}": v for k, v in means.items()}
 
 
+def inject_failure(train: dict, step: int, rank: int, world: int, output_dir: str, generator=None) -> None:
+    """Testing only (train.fail_once_at_step): once per run, during that (1-based) step, rank
+    train.fail_rank (-1: the last) raises an exception (fail_mode raise), kills its own process with
+    SIGKILL (sigkill: no exception, no cleanup, as when a node dies), or kills the generator actor it
+    samples from (kill_generator, vBoN: Ray restarts the actor, with the weights it was built with).
+    A marker file in the output directory keeps the restarted run from failing again."""
+    fail_at = train.get("fail_once_at_step")
+    marker = Path(output_dir) / ".failed_once"
+    if fail_at is None or step + 1 != fail_at or rank != train.get("fail_rank", -1) % world or marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    mode = train.get("fail_mode", "raise")
+    if mode == "kill_generator":
+        import ray
+
+        if generator is None:
+            raise ValueError("train.fail_mode: kill_generator needs a loop with generator actors (vBoN)")
+        log.warning("rank %d: killing its generator actor at step %d (train.fail_once_at_step)", rank, step + 1)
+        ray.kill(generator, no_restart=False)
+        return
+    if mode == "sigkill":
+        import signal
+
+        log.warning("rank %d: SIGKILL to itself at step %d (train.fail_once_at_step)", rank, step + 1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected failure at step {step} (train.fail_once_at_step)")
+
+
 def resume_newest(engine, run_dir, rank: int, load_extra=None) -> int:
     """Load the run's newest complete checkpoint into `engine` (and its extra files, through
     load_extra(directory)); returns its step, 0 when there is none. Rank 0 then drops the log rows of
     steps that will run again and checkpoints a dead rank left half-written."""
     step = 0
-    newest = run_dir.newest_complete()  # not ray.train.get_checkpoint(): see actors/checkpoints.py
+    newest, bad = run_dir.newest_valid()  # not ray.train.get_checkpoint(): see actors/checkpoints.py
+    for path, problem in bad:
+        log.warning("rank %d: checkpoint %s is corrupted (%s); falling back to %s", rank, path, problem,
+                    newest[1] if newest else "a fresh start")
     if newest:
         step, path = newest
         with run_dir.local_copy(path) as d:
@@ -355,6 +382,8 @@ def resume_newest(engine, run_dir, rank: int, load_extra=None) -> int:
     if rank == 0:
         rewrite_log(run_dir, lambda rows: [r for r in rows if r["step"] <= step])
         run_dir.remove_incomplete()
+        for path, _ in bad:  # every rank skips it whether or not it is still there
+            run_dir.fs.delete_dir(path)
     return step
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import torch
 
@@ -30,9 +29,9 @@ def step_seeds(seed: int, step: int, indices) -> list[int]:
     return [batch_seed(batch_seed(seed, step), int(i)) for i in indices]
 
 
-def push_weights(engine, zero_stage: int, rank: int, generators: list) -> float:
-    """Send the policy's full weights to every generator actor (a collective: call on all ranks);
-    returns the seconds it took, gather included."""
+def push_weights(engine, zero_stage: int, rank: int, generators: list, version: int) -> float:
+    """Send the policy's full weights, as `version` (the step), to every generator actor (a collective:
+    call on all ranks); returns the seconds it took, gather included."""
     import ray
     import torch.distributed as dist
 
@@ -42,7 +41,7 @@ def push_weights(engine, zero_stage: int, rank: int, generators: list) -> float:
     state = full_state_dict(engine, zero_stage)
     if rank == 0:
         ref = ray.put(state)  # one copy in the object store, fetched by each actor
-        ray.get([g.set_weights.remote(ref) for g in generators])
+        ray.get([g.set_weights.remote(ref, version) for g in generators])
     if dist.is_initialized():
         dist.barrier()
     return time.perf_counter() - start
@@ -58,8 +57,8 @@ def vbon_worker(config: dict) -> None:
 
     from actors.checkpoints import RunDir
     from actors.cluster import local_dir
-    from actors.trainer import (batch_indices, deepspeed_config, linear_schedule, mean_over_ranks, resume_newest,
-                                rewrite_log, save_checkpoint, upload_final_model, worker_setup)
+    from actors.trainer import (batch_indices, deepspeed_config, inject_failure, linear_schedule, mean_over_ranks,
+                                resume_newest, rewrite_log, save_checkpoint, upload_final_model, worker_setup)
     from align.losses import model_sequence_logps
     from align.models import build_model_for, load_tokenizer
     from align.vbon import completion_batch, log_cdf, policy_gradient_loss
@@ -86,20 +85,23 @@ def vbon_worker(config: dict) -> None:
     run = train["run"]
     run_dir = RunDir(config["storage_path"], run["name"])
     step = resume_newest(engine, run_dir, rank)
-    push_weights(engine, zero_stage, rank, generators)  # pi_0, or the resumed policy
+    push_weights(engine, zero_stage, rank, generators, step)  # pi_0, or the resumed policy
+    pushed = step
     s = p["sampling"]
     eos = tokenizer.eos_token_id if s["stop_at_eos"] else None
     min_new = s["min_new_tokens"] if eos is not None else 0
     window = {"samples": 0, "syncs": 0, "sync_seconds": 0.0}  # since the last logged row
-    fail_at, marker = train.get("fail_once_at_step"), Path(config["output_dir"]) / ".failed_once"
     t0 = time.perf_counter()
     while step < train["steps"]:
         idx = batch_indices(step, train["batch_size"], len(prompts), train["seed"])[rank * micro : (rank + 1) * micro]
         mine = [prompts[int(i)] for i in idx]
         gen, scorer = generators[rank % len(generators)], scorers[rank % len(scorers)]
+        inject_failure(train, step, rank, world, config["output_dir"], generator=gen)
+        # A generator restarted since the last push holds pi_0's weights and refuses (StaleWeightsError);
+        # so does a lost call: the group then restarts from the last checkpoint and pushes it again.
         drawn = ray.get(gen.sample.remote(mine, p["k"], s["max_new_tokens"], temperature=s["temperature"],
                                           min_new_tokens=s["min_new_tokens"], stop_at_eos=s["stop_at_eos"],
-                                          seeds=step_seeds(train["seed"], step, idx)))["samples"]
+                                          seeds=step_seeds(train["seed"], step, idx), weights_version=pushed))["samples"]
         scored = ray.get(scorer.score_samples.remote(drawn))
         rewards = torch.tensor([x.rewards for x in scored], dtype=torch.float64)  # (micro, k)
         log_f = log_cdf(rewards, ref_rewards[idx])
@@ -113,10 +115,6 @@ def vbon_worker(config: dict) -> None:
         with torch.no_grad():
             ref_logp, _ = model_sequence_logps(ref_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], **process)
         old = torch.tensor([lp for x in scored for lp in x.logprobs], device=engine.device)
-        if fail_at is not None and step + 1 == fail_at and rank == world - 1 and not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-            raise RuntimeError(f"injected failure at step {step} (train.fail_once_at_step)")
         loss, metrics = policy_gradient_loss(logp, ref_logp.to(logp.dtype), task.to(engine.device), p["beta"], p["k"],
                                              old_logp=old if p["algo"] == "ppo_clip" else None, clip=p["clip"])
         lr = engine.get_lr()[0]
@@ -124,7 +122,8 @@ def vbon_worker(config: dict) -> None:
         engine.step()
         step += 1
         if step % p["sync_every"] == 0 or step == train["steps"]:
-            window["sync_seconds"] += push_weights(engine, zero_stage, rank, generators)
+            window["sync_seconds"] += push_weights(engine, zero_stage, rank, generators, step)
+            pushed = step
             window["syncs"] += 1
         window["samples"] += len(old)
 

@@ -120,7 +120,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         return cls(**kwargs)
     except ConfigError as e:
         if prefix and not e.field.startswith(prefix):
-            raise ConfigError(prefix + e.field, e.allowed) from None
+            raise ConfigError(prefix + e.field, e.allowed, e.got) from None
         raise
 
 
@@ -156,7 +156,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         path = Path(path)
         if not path.is_file():
             raise ConfigError("--config", "an existing YAML file", str(path))
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError("--config", f"a UTF-8 text file ({path}: byte {e.start} is not UTF-8)") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError("--config", f"valid YAML ({path}{where}: {problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(str(path), "a YAML mapping at the top level", type(data).__name__)
     return from_dict(cls, apply_overrides(data, overrides))

@@ -105,6 +105,27 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
+def context_length(model_path: str) -> int | None:
+    """The positions a model can attend over, from its config (learned position tables end there)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(resolve_model_path(model_path))
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+def check_prompts_fit(model_path: str, prompts: list[str], max_new_tokens: int, field: str = "prompts.source") -> None:
+    """ValueError naming the first prompt whose tokens plus max_new_tokens exceed the model's context:
+    before any work, instead of an index error deep inside a sampling actor."""
+    limit = context_length(model_path)
+    if limit is None:
+        return
+    lengths = [len(ids) for ids in load_tokenizer(model_path)(prompts)["input_ids"]]
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        if n + max_new_tokens > limit:
+            raise ValueError(f"{field}: prompt {i} ({p[:40]!r}...) has {n} tokens; with max_new_tokens {max_new_tokens} "
+                             f"it exceeds the model's context of {limit} positions")
+
+
 def fuse_gelu(model: torch.nn.Module) -> int:
     """Swap the tanh-approximate GELU that GPT-2-style models compute in Python (NewGELU, FastGELU:
     0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), five elementwise passes) for the same function as

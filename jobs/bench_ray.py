@@ -94,27 +94,33 @@ def through_pool(cfg: BenchRayConfig, model_path: str, batches: dict[int, list[s
     return f, [pool, scorers]
 
 
-def through_serve(cfg: BenchRayConfig, model_path: str, prompts: list[str], mode: str):
-    """f() -> new tokens for the prompt set, one POST /v1/bon per prompt to a Serve app on loopback;
-    mode: sequential | concurrent | unbatched (concurrent, batching off)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import requests
+def serve_app(cfg: BenchRayConfig, model_path: str, batched: bool) -> str:
+    """Deploy the Serve app on loopback (batching on or off, replacing any earlier one); its /v1/bon URL."""
     from ray import serve
 
     from actors.cluster import free_ports
     from serve.app import AppArgs, bind_app
 
+    serve.shutdown()  # an earlier app (if any) goes: one generator at a time holds the CPUs
     (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    batch = 1 if mode == "unbatched" else cfg.batch_size
+    batch = cfg.batch_size if batched else 1
     args = AppArgs(model=model_path, device="cpu", generator_threads=cfg.threads_per_actor,
                    limits={"max_n": cfg.n, "max_tokens": cfg.max_new_tokens},
                    batching={"max_batch_size": batch, "batch_wait_timeout_s": 0.01})
     generator = {"ray_actor_options": {"num_cpus": cfg.threads_per_actor}, "max_ongoing_requests": max(batch, 8),
                  "max_queued_requests": -1}
     serve.run(bind_app(args, {"GeneratorDeployment": generator}), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1/bon"
+    return f"http://127.0.0.1:{port}/v1/bon"
+
+
+def through_serve(cfg: BenchRayConfig, url: str, prompts: list[str], mode: str):
+    """f() -> new tokens for the prompt set, one POST /v1/bon per prompt to the app at `url`;
+    mode: sequential (one at a time) | concurrent (all at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
     session = requests.Session()
 
     def one(i: int) -> int:
@@ -131,10 +137,7 @@ def through_serve(cfg: BenchRayConfig, model_path: str, prompts: list[str], mode
         with ThreadPoolExecutor(len(rows)) as pool:
             return sum(pool.map(one, rows))
 
-    class Shutdown:
-        def shutdown(self):
-            serve.shutdown()
-    return f, [Shutdown()]
+    return f
 
 
 def run(cfg: BenchRayConfig) -> dict:
@@ -151,15 +154,17 @@ def run(cfg: BenchRayConfig) -> dict:
     model_path = str(resolve_model_path(cfg.model))
     started = init_ray(cfg.ray_address)
     rows = []
+    serve_modes = ["serve_sequential", "serve_concurrent", "serve_unbatched"] if cfg.serve else []
     try:
         # One method at a time: pools of 1 and 2 actors at once would not fit on a 2-core machine.
-        serve_modes = ["serve_sequential", "serve_concurrent", "serve_unbatched"] if cfg.serve else []
         for m in ["in_process", *(f"pool_{k}" for k in cfg.actors), *serve_modes]:
             groups = []
             if m == "in_process":
                 f = in_process(cfg, model_path, batches)
             elif m.startswith("serve_"):
-                f, groups = through_serve(cfg, model_path, prompts, m.removeprefix("serve_"))
+                if m != "serve_concurrent":  # sequential and concurrent share the batched app
+                    url = serve_app(cfg, model_path, batched=m != "serve_unbatched")
+                f = through_serve(cfg, url, prompts, "sequential" if m == "serve_sequential" else "concurrent")
             else:
                 f, groups = through_pool(cfg, model_path, batches, int(m.removeprefix("pool_")))
             try:
@@ -177,6 +182,10 @@ def run(cfg: BenchRayConfig) -> dict:
                          "tokens_per_s": tokens / median})
             log.info("%-10s %.2f s (%s)", m, median, ", ".join(f"{s:.2f}" for s in seconds))
     finally:
+        if serve_modes:
+            from ray import serve
+
+            serve.shutdown()
         if started:
             import ray
 

@@ -404,6 +404,9 @@ def run(cfg: BonConfig) -> dict:
     batches = {b: prompts[i : i + bs] for b, i in enumerate(range(0, len(prompts), bs))}
     out = resolve_output(cfg.output_dir)
     model_path = resolve_model_path(cfg.model.path)
+    from align.models import check_prompts_fit
+
+    check_prompts_fit(model_path, list(dict.fromkeys(prompts)), cfg.sampling.max_new_tokens)
     vocabulary = None
     if cfg.model.path == "default":
         from align.default_task import ensure_default_task

@@ -329,7 +329,8 @@ def environment() -> str:
     import torch
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
@@ -350,7 +351,9 @@ def run(cfg: ReportConfig) -> dict:
 
     t0 = time.perf_counter()
     result = pipeline.run(cfg)
-    if cfg.dry_run:
+    if cfg.dry_run or cfg.stop_after is not None:
+        if cfg.stop_after is not None:
+            print(f"\n  stopped after stage {cfg.stop_after!r}: the report needs every stage, none written", flush=True)
         return result
     report = write_report(cfg, result, t0)
     return {"report": str(report), "stages": result["stages"]}

@@ -161,7 +161,7 @@ def run(cfg: VbonJobConfig) -> dict:
               "reference_samples": cfg.vbon.reference_samples, "sampling": to_dict(cfg.sampling)}
     key = {"objective": "vbon", "params": params, "prompts": digest(prompts), "reward": to_dict(cfg.reward), "seed": cfg.seed,
            "model": {"path": str(model_path), "files": path_fingerprint(model_path) if model_path.is_dir() else None},
-           "train": {k: v for k, v in to_dict(cfg.train).items() if k not in ("run", "workers", "fail_once_at_step")}}
+           "train": {k: v for k, v in to_dict(cfg.train).items() if k not in ("run", "workers", "fail_once_at_step", "fail_rank", "fail_mode")}}
     started = init_ray()
     pool = scorers = None
     try:
@@ -169,7 +169,7 @@ def run(cfg: VbonJobConfig) -> dict:
                   storage, key)
         p = cfg.pool
         pool = GeneratorPool(str(model_path), p.num_actors, p.num_cpus_per_actor, p.num_gpus_per_actor, cache=p.cache,
-                             compile=p.compile)
+                             compile=p.compile, restartable=True)  # the trainer's handles survive a restart
         scorers = ScorerPool(reward_spec(cfg.reward), cfg.reward.num_actors, cfg.reward.num_cpus)
         ref = reference_rewards(cfg, prompts, pool, scorers, out)
         data_ref = ray.put({"prompts": prompts, "ref_rewards": ref})

@@ -27,6 +27,26 @@ class PairDataConfig:
         require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "null or an integer >= 1", self.eval_limit)
 
 
+def check_pair_file(path: Path, source: str) -> None:
+    """A JSON Lines pair file, line by line, before `datasets` reads it: UTF-8, one JSON object per
+    line, prompt / chosen / rejected strings. Errors name data.source, the file and the line."""
+    from align.data import read_json_objects
+    from align.pairs import PAIR_COLUMNS
+
+    if path.suffix != ".jsonl":
+        return
+    rows = read_json_objects(path, source, field="data.source")
+    if not rows:
+        raise ValueError(f"data.source: {source} has no pairs (it is empty)")
+    for i, row in rows:
+        missing = [c for c in PAIR_COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"data.source: line {i} of {source} lacks {missing}; a pair needs {list(PAIR_COLUMNS)}")
+        wrong = [c for c in PAIR_COLUMNS if not isinstance(row[c], str)]
+        if wrong:
+            raise ValueError(f"data.source: line {i} of {source}: {wrong[0]!r} must be a string, got {row[wrong[0]]!r:.60}")
+
+
 def load_pair_dataset(cfg: PairDataConfig):
     """A `datasets.Dataset` of pairs from a saved dataset dir or a JSON/JSONL file; columns checked."""
     import datasets
@@ -46,6 +66,7 @@ def load_pair_dataset(cfg: PairDataConfig):
                 raise ValueError(f"data.split: {cfg.split!r} is not a split of {cfg.source} (splits: {list(ds)})")
             ds = ds[cfg.split]
     else:
+        check_pair_file(path, cfg.source)
         ds = datasets.load_dataset("json", data_files=str(path), split="train")
     check_pair_columns(ds.column_names, cfg.source)
     if cfg.limit is not None:
@@ -83,7 +104,7 @@ def run_key(objective: str, params: dict, model_path: str, data: PairDataConfig,
             "data": {"source": str(source), "split": data.split, "limit": data.limit, "files": path_fingerprint(source),
                      "eval_split": data.eval_split, "eval_limit": data.eval_limit},
             "train": drop_keys(asdict(train), ("run.", "workers.collective_timeout_s", "workers.cpus_per_worker",
-                                                "fail_once_at_step"))}
+                                                "fail_once_at_step", "fail_rank", "fail_mode"))}
 
 
 def finish(name: str, metrics: dict, output_dir: Path, seconds: float) -> dict:

@@ -9,7 +9,8 @@
 The ingress holds DeploymentHandles to the other two, so generation and scoring scale separately
 (replicas and autoscaling per deployment in configs/serve.yaml). Requests are validated by pydantic
 and by the configured limits: bad input is a 4xx naming the field, never a 5xx. A deployment whose
-queue is full (max_queued_requests) makes the request a 503 with a Retry-After header.
+queue is full (max_queued_requests), or a replica that dies while holding the request, makes the
+request a 503 with a Retry-After header; Serve replaces the dead replica.
 
     serve run configs/serve.yaml        # a Ray Serve config file
     python -m serve                     # the default task on 127.0.0.1:8000
@@ -17,6 +18,7 @@ queue is full (max_queued_requests) makes the request a 503 with a Retry-After h
 # No `from __future__ import annotations`: FastAPI reads the request models from the handlers'
 # annotations inside the Serve replica, where string annotations do not resolve.
 import asyncio
+import logging
 import math
 from pathlib import Path
 from typing import Literal
@@ -25,9 +27,11 @@ from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.serve.handle import DeploymentHandle
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
+log = logging.getLogger("sweetspot.serve")
 
 
 class Limits(BaseModel):
@@ -126,7 +130,9 @@ class GeneratorDeployment:
         return results
 
     async def sample(self, call) -> dict:
-        """One request's samples (a serve.batching.SampleCall), batched with whatever arrives with it."""
+        """One request's samples (a serve.batching.SampleCall), batched with whatever arrives with it.
+        A prompt too long for the model fails here, alone, before it joins a batch."""
+        self.generator.check_context(list(call.prompts), call.max_tokens)
         out = await self.sample_batch(call)
         if isinstance(out, Exception):
             raise out
@@ -186,8 +192,8 @@ async def limit_body(request, call_next):
     return await call_next(request)
 
 
-@app.exception_handler(HTTPException)
-async def http_error(request, exc: HTTPException):
+@app.exception_handler(StarletteHTTPException)  # FastAPI's own 400s (a body it cannot parse) too
+async def http_error(request, exc: StarletteHTTPException):
     from fastapi.responses import JSONResponse
 
     message = str(exc.detail)
@@ -240,19 +246,30 @@ class Api:
                                             "other; DeRa samples need another reward kind")
 
     async def sample_and_score(self, prompts: list[str], req: SamplingRequest, lam: float | None = None):
-        """Sample on the generator deployment, score on the scorer deployment; a full queue on either
-        is a 503 with Retry-After."""
+        """Sample on the generator deployment, score on the scorer deployment. A full queue on either,
+        or a replica that died while it held the request (Serve starts a new one), is a 503 with
+        Retry-After: the request can be sent again as it was."""
+        from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
+
+        from actors.generator import PromptTooLongError
 
         from serve.batching import SampleCall
 
         call = SampleCall(tuple(prompts), req.n, req.max_tokens, req.temperature, req.min_tokens, req.seed, lam)
+        retry = {"Retry-After": str(math.ceil(self.retry_after_s))}
         try:
             result = await self.generator.sample.remote(call)
             return await self.scorer.score_samples.remote(result["samples"])
         except BackPressureError as e:
-            raise HTTPException(503, detail=f"overloaded: {e} Retry after {self.retry_after_s:g} s",
-                                headers={"Retry-After": str(math.ceil(self.retry_after_s))}) from None
+            raise HTTPException(503, detail=f"overloaded: {e} Retry after {self.retry_after_s:g} s", headers=retry) from None
+        except PromptTooLongError as e:
+            raise HTTPException(422, detail=f"prompt: {str(e).split(': ', 1)[-1]}") from None
+        except RayActorError as e:  # ActorDiedError, ActorUnavailableError
+            log.warning("a replica failed while holding a request: %s", type(e).__name__)
+            raise HTTPException(503, detail=f"unavailable: a replica failed while holding this request "
+                                            f"({type(e).__name__}); retry after {self.retry_after_s:g} s",
+                                headers=retry) from None
 
     @app.get("/", include_in_schema=False)
     async def playground(self):

@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls its workers every 2 s by default: a finished run, and every checkpoint
 # report, waits for the next poll. A tighter poll takes about 10 s off each training test.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 import pytest
 import torch
@@ -128,7 +128,7 @@ def ray_cluster():
     yield f"127.0.0.1:{gcs}", url
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=10)  # a clean stop takes Ray ~30 s; what is left of this session's cluster is killed
+        proc.wait(timeout=2)  # a clean stop takes Ray ~30 s; what is left of this session's cluster is killed
     except subprocess.TimeoutExpired:
         pass
     try:

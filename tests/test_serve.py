@@ -105,6 +105,7 @@ def test_dera_at_lambda_0_is_pi0(server, tiny_lm_dir):
     ("/v1/bon", {"prompt": "   "}, None, "prompt"),
     ("/v1/bon", {"prompt": ["a"] * 5}, None, "prompt"),
     ("/v1/bon", {"prompt": "x" * 101}, None, "prompt"),
+    ("/v1/bon", {"prompt": "\u00e9" * 100, "max_tokens": 16}, None, "prompt"),  # 200 bytes: past the model's 128 positions
     ("/v1/bon", {"prompt": "a", "temperature": 0}, None, "temperature"),
     ("/v1/bon", {"prompt": "a", "n": "two"}, None, "n"),
     ("/v1/bon", {"prompt": "a", "penalty": "laplace"}, None, "penalty"),
@@ -264,3 +265,110 @@ def test_playground_in_headless_chromium(server):
         assert driver.find_element(By.ID, "error").text.startswith("422: n:")
     finally:
         driver.quit()
+
+
+def test_load_test_counts_every_answer_and_reads_replica_memory(server, tmp_path):
+    from jobs.load_test import LoadTestConfig, percentile, run
+
+    assert [percentile(list(range(1, 101)), q) for q in (0.5, 0.95, 0.99, 1.0)] == [50, 95, 99, 100]
+    assert percentile([7.0], 0.99) == 7.0 and percentile([], 0.5) is None
+    r = run(LoadTestConfig(url=server, clients=8, requests=40, body={"prompt": "the plot", "n": 2, "max_tokens": 4},
+                           output_dir=str(tmp_path)))
+    assert r["requests"] == 40 and r["ok"] + r["overloaded_503"] == 40 and r["failures"] == 0
+    assert r["p50_s"] <= r["p95_s"] <= r["p99_s"] and r["throughput_rps"] > 0
+    assert any("GeneratorDeployment" in m["replica"] and m["before_mb"] > 50 for m in r["memory"])
+    assert "requests/s" in (tmp_path / "results.md").read_text()
+
+
+def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server):
+    """Bodies generated from each POST route's OpenAPI schema: its field names with values of any JSON
+    type (and some right ones), whole bodies of any JSON, and undecodable bytes. Every answer is a
+    2xx or a 4xx naming what is wrong, never a 5xx, and the server answers a valid request after."""
+    import requests
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    schema = requests.get(server + "/openapi.json", timeout=30).json()
+    json_values = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False)
+                               | st.text(max_size=40), lambda inner: st.lists(inner, max_size=4)
+                               | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
+    for route, ops in schema["paths"].items():
+        if "post" not in ops:
+            continue
+        ref = ops["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+        props = schema["components"]["schemas"][ref]["properties"]
+        plausible = {"prompt": st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=5),
+                     "n": st.integers(-2, 12), "max_tokens": st.integers(-2, 20), "temperature": st.floats(-1, 3),
+                     "model": st.sampled_from(["sweetspot", "other"])}
+        field_values = {k: (plausible[k] | json_values) if k in plausible else json_values for k in props}
+        bodies = st.one_of(st.fixed_dictionaries({}, optional=field_values), json_values,
+                           st.binary(max_size=40).map(lambda b: ("raw", b)))
+
+        @settings(max_examples=40, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(body=bodies)
+        def check(body):
+            if isinstance(body, tuple) and body[:1] == ("raw",):
+                r = post(server, route, None, body[1])
+            else:
+                r = requests.post(server + route, data=json.dumps(body), headers={"Content-Type": "application/json"},
+                                  timeout=60)
+            assert r.status_code < 500, (route, body, r.status_code, r.text[:300])
+            if r.status_code >= 400:
+                assert r.json()["error"]["message"], r.text
+
+        check()
+    assert post(server, "/v1/bon", {"prompt": "a good film", "n": 2, "max_tokens": 4}).status_code == 200
+
+
+def test_generator_replica_killed_under_load_gives_503s_and_the_server_recovers(server):
+    """8 clients send requests back to back; 0.5 s in, the generator replica is killed (ray.kill: its
+    process ends at once). Every request is answered, 200 or 503 with Retry-After, none hangs or gets
+    another 5xx; Serve starts a new replica and the server answers again within a bounded time,
+    reported here. Last in this module: the replica it kills served the tests above."""
+    import threading
+    import time
+
+    import ray
+
+    from jobs.load_test import serve_replicas
+
+    def replica():
+        (r,) = serve_replicas("sweetspot", "GeneratorDeployment")
+        return r
+
+    victim = replica()
+    body = {"prompt": ["the movie was", "a bad"], "n": 8, "max_tokens": 16, "min_tokens": 16}
+    answers, killed_at = [], []
+    start = time.perf_counter()
+
+    def client():
+        while time.perf_counter() - start < 4:
+            sent = time.perf_counter()
+            r = post(server, "/v1/bon", body)
+            answers.append((sent, time.perf_counter(), r))
+
+    def kill():
+        time.sleep(0.5)
+        killed_at.append(time.perf_counter())
+        ray.kill(ray.get_actor(victim["name"], namespace="serve"), no_restart=True)
+
+    threads = [threading.Thread(target=client) for _ in range(8)] + [threading.Thread(target=kill)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    codes = [r.status_code for _, _, r in answers]
+    assert set(codes) <= {200, 503}, sorted(set(codes))
+    failed = [r for _, _, r in answers if r.status_code == 503]
+    assert failed, "requests in flight on the killed replica are answered 503"
+    assert all(r.headers["Retry-After"] == "1" and "replica failed" in r.json()["error"]["message"] for r in failed)
+    while not any(sent > killed_at[0] and r.status_code == 200 for sent, _, r in answers):
+        assert time.perf_counter() - killed_at[0] < 60, "no answer within 60 s of the kill"
+        sent = time.perf_counter()
+        answers.append((sent, time.perf_counter(), post(server, "/v1/bon", {"prompt": "the plot", "n": 2, "max_tokens": 4})))
+    recovered = min(done for sent, done, r in answers if sent > killed_at[0] and r.status_code == 200) - killed_at[0]
+    print(f"\n  replica killed under load: {codes.count(200)} answered 200, {len(failed)} answered 503; "
+          f"the first request sent after the kill was answered 200 {recovered:.1f} s after it")
+    assert replica()["actor_id"] != victim["actor_id"]

@@ -114,13 +114,35 @@ def test_two_workers_equal_one_worker_on_the_whole_batch(baseline, tmp_path, tin
     assert_same(weights(one), weights(baseline), atol=1e-5)
 
 
-def test_failed_worker_restarts_from_checkpoint_and_matches(baseline, tmp_path, tiny_lm_dir, pairs_file):
-    cfg = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "fail", "train.fail_once_at_step=3", "train.run.max_failures=1")
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, tmp_path_factory, tiny_lm_dir, pairs_file):
+    """The baseline's run under ZeRO stage k, made once per module: what a killed run must equal."""
+    runs = {}
+
+    def get(stage: int):
+        if stage not in runs:
+            runs[stage] = dpo_config(tmp_path_factory.mktemp(f"z{stage}"), tiny_lm_dir, pairs_file, f"z{stage}",
+                                     f"train.deepspeed.zero_stage={stage}")
+            run_dpo(runs[stage])
+        return runs[stage]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank, stage", [(0, 2), (1, 3)])
+def test_worker_killed_by_sigkill_restarts_and_ends_bit_identical(uninterrupted, tmp_path, tiny_lm_dir, pairs_file, rank, stage):
+    """A training worker process killed with SIGKILL during step 3 (no exception, no cleanup, as when a
+    node dies): the group restarts from the step-2 checkpoint within the collective timeout, and the
+    run ends with the same weights and reference, bit for bit, as an uninterrupted one."""
+    cfg = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "killed", "train.fail_once_at_step=3", f"train.fail_rank={rank}",
+                     "train.fail_mode=sigkill", "train.run.max_failures=1", f"train.deepspeed.zero_stage={stage}")
     run_dpo(cfg)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "fail" / "train_log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4], "restarted at the step-2 checkpoint, so step 3 ran once, after the failure"
-    assert_same(weights(cfg), weights(baseline))
-    assert_same(last_reference(cfg), last_reference(baseline))
+    assert (tmp_path / "killed" / ".failed_once").exists(), "the worker was killed"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4], "restarted at the step-2 checkpoint, so step 3 ran once, after the kill"
+    assert_same(weights(cfg), weights(uninterrupted(stage)))
+    assert_same(last_reference(cfg), last_reference(uninterrupted(stage)))
 
 
 def test_rerun_with_same_name_resumes(baseline, tmp_path, tiny_lm_dir, pairs_file):
@@ -134,9 +156,8 @@ def test_rerun_with_same_name_resumes(baseline, tmp_path, tiny_lm_dir, pairs_fil
     assert_same(weights(again), weights(baseline))
 
 
-def test_soft_update_same_under_zero3(baseline, tmp_path, tiny_lm_dir, pairs_file):
-    z3 = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "z3", "train.deepspeed.zero_stage=3")
-    run_dpo(z3)
+def test_soft_update_same_under_zero3(baseline, uninterrupted, tiny_lm_dir):
+    z3 = uninterrupted(3)
     ref3, ref0 = last_reference(z3), last_reference(baseline)
     start = load_file(str(tiny_lm_dir / "model.safetensors"))
     assert any(not torch.equal(ref0[k], start[k]) for k in start), "the reference moved"
@@ -183,10 +204,12 @@ def test_rerun_under_another_config_stops_naming_the_keys(ray_session, tmp_path,
         run_dpo(dpo_config(tmp_path, tiny_lm_dir, pairs_file, "never_ran", *common, "train.run.resume=must"))
 
 
-def test_resumes_from_the_newest_complete_checkpoint_not_the_registered_one(baseline, tmp_path, tiny_lm_dir, pairs_file):
+def test_resumes_from_the_newest_complete_checkpoint_not_the_registered_one(baseline, tmp_path, tiny_lm_dir, pairs_file,
+                                                                            capsys):
     """Ray Train's controller may know only an older checkpoint than the newest complete one (a worker
     killed after writing, before the controller registered it). The run resumes from the newest
-    complete one, clears a half-written one, and keeps no more than keep_checkpoints."""
+    complete one, clears a half-written one, and keeps no more than keep_checkpoints. A complete one
+    corrupted on disk afterwards is named, removed, and the run resumes from the one before."""
     from pathlib import Path
 
     failing = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "orphan", "train.fail_once_at_step=3", "train.run.max_failures=0",
@@ -207,6 +230,19 @@ def test_resumes_from_the_newest_complete_checkpoint_not_the_registered_one(base
     again = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "orphan", "train.run.checkpoint_every=1")
     run_dpo(again)
     assert [r["step"] for r in history(again)] == [1, 2, 3, 4], "step 2 was not redone"
+    assert_same(weights(again), weights(baseline))
+    assert checkpoint_dirs(again) == [("checkpoint_000003", True), ("checkpoint_000004", True)]
+
+    # The newest checkpoint truncated on disk: the rerun names it, resumes from the one before, redoes
+    # step 4 and ends where it did.
+    shard = max((run / "checkpoint_000004").rglob("*model_states.pt"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    capsys.readouterr()
+    run_dpo(again)
+    out = capsys.readouterr().out
+    assert f"checkpoint {run / 'checkpoint_000004'} is corrupted ({shard.relative_to(run / 'checkpoint_000004')} has" in out
+    assert f"resuming from {run / 'checkpoint_000003'}" in out
+    assert [r["step"] for r in history(again)] == [1, 2, 3, 4]
     assert_same(weights(again), weights(baseline))
     assert checkpoint_dirs(again) == [("checkpoint_000003", True), ("checkpoint_000004", True)]
 

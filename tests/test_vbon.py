@@ -1,5 +1,6 @@
 """Variational BoN math (align/vbon.py) against closed forms: the smoothed log-CDF, RLOO advantages,
 the exact expected gradient of the estimator, and the one-step problem where the optimum is pi_bon."""
+import json
 import math
 
 import pytest
@@ -184,9 +185,10 @@ def test_vbon_job_zero3_syncs_exactly_and_evaluates(ray_session, tiny_lm_dir, tm
 @pytest.mark.ray
 @pytest.mark.slow
 def test_vbon_worker_failure_resumes_bit_identical(ray_session, tiny_lm_dir, tmp_path):
-    """ZeRO-2, PPO-clip, weights pushed every 2 steps: a rank that fails at step 3 restarts the group
-    from the step-2 checkpoint, the generators get the step-2 weights back, and the run ends
-    bit-identical to an uninterrupted one."""
+    """ZeRO-2, PPO-clip, weights pushed every 2 steps: rank 0's generator actor is killed during step 3.
+    Ray restarts it with pi_0's weights; it refuses to sample with them (StaleWeightsError), so the
+    group restarts from the step-2 checkpoint and pushes those weights to every generator; the run
+    ends bit-identical to an uninterrupted one, with the generators holding the final weights."""
     from align.models import load_causal_lm
     from jobs.train_vbon import run
 
@@ -194,10 +196,13 @@ def test_vbon_worker_failure_resumes_bit_identical(ray_session, tiny_lm_dir, tmp
 
     base = ["train.deepspeed.zero_stage=2", "evaluate.enabled=false", "vbon.algo=ppo_clip", "vbon.sync_every=2"]
     clean = run(vbon_config(tmp_path, tiny_lm_dir, "clean", *base))
-    failed = run(vbon_config(tmp_path, tiny_lm_dir, "failed", *base, "train.fail_once_at_step=3"))
-    assert (tmp_path / "failed" / ".failed_once").exists() and failed["sync_exact"] == 1.0 == clean["sync_exact"]
+    killed = run(vbon_config(tmp_path, tiny_lm_dir, "killed", *base, "train.fail_once_at_step=3", "train.fail_rank=0",
+                             "train.fail_mode=kill_generator"))
+    assert (tmp_path / "killed" / ".failed_once").exists() and killed["sync_exact"] == 1.0 == clean["sync_exact"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
     digests = [state_digest(load_causal_lm(str(tmp_path / name / "model"), device="cpu")[0].state_dict())
-               for name in ("clean", "failed")]
+               for name in ("clean", "killed")]
     assert digests[0] == digests[1]
 
 

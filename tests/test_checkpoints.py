@@ -1,0 +1,46 @@
+"""RunDir's checkpoint manifest: a checkpoint truncated, altered or missing a file after it was marked
+complete is recognised, named, and skipped for the newest one that still verifies."""
+import json
+
+from actors.checkpoints import MARKER, RunDir, checkpoint_name
+
+
+def make_checkpoint(run: RunDir, step: int, files: dict[str, bytes]) -> str:
+    path = f"{run.path}/{checkpoint_name(step)}"
+    for name, data in files.items():
+        run.fs.create_dir(f"{path}/{name.rsplit('/', 1)[0]}" if "/" in name else path, recursive=True)
+        with run.fs.open_output_stream(f"{path}/{name}") as f:
+            f.write(data)
+    run.mark_complete(step)
+    return path
+
+
+def test_manifest_names_what_is_wrong_and_the_newest_valid_checkpoint_wins(tmp_path):
+    run = RunDir(str(tmp_path), "run")
+    files = {"ds/mp_rank_00_model_states.pt": b"weights" * 100, "reference.safetensors": b"ref" * 10}
+    one, two, three = (make_checkpoint(run, s, files) for s in (1, 2, 3))
+    marker = json.loads((tmp_path / "run" / checkpoint_name(3) / MARKER).read_text())
+    assert marker["step"] == 3 and marker["files"]["reference.safetensors"][0] == 30
+    assert run.verify(three) is None and run.newest_valid() == ((3, three), [])
+
+    shard = tmp_path / "run" / checkpoint_name(3) / "ds" / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:350])  # truncated
+    assert run.verify(three) == "ds/mp_rank_00_model_states.pt has 350 bytes, the manifest says 700"
+    ref = tmp_path / "run" / checkpoint_name(2) / "reference.safetensors"
+    ref.write_bytes(b"REF" + ref.read_bytes()[3:])  # same size, other bytes
+    assert run.verify(two) == "reference.safetensors does not match its SHA-256 in the manifest"
+    newest, bad = run.newest_valid()
+    assert newest == (1, one) and [p for p, _ in bad] == [three, two]
+
+    (tmp_path / "run" / checkpoint_name(1) / "reference.safetensors").unlink()
+    assert run.verify(one) == "reference.safetensors is missing"
+    assert run.newest_valid()[0] is None
+
+
+def test_a_marker_without_a_manifest_is_trusted_and_a_garbled_one_is_not(tmp_path):
+    run = RunDir(str(tmp_path), "run")
+    path = make_checkpoint(run, 1, {"a.bin": b"x"})
+    (tmp_path / "run" / checkpoint_name(1) / MARKER).write_text("")  # written before manifests existed
+    assert run.verify(path) is None
+    (tmp_path / "run" / checkpoint_name(1) / MARKER).write_text("{not json")
+    assert run.verify(path).startswith("unreadable (JSONDecodeError")
