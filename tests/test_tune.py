@@ -118,6 +118,64 @@ def test_dera_sweep_metrics_resume_and_stale_config(ray_session, tiny_lm_dir, sw
 
 
 @pytest.mark.ray
+@pytest.mark.slow
+def test_dera_sweep_killed_mid_run_resumes_without_rerunning_finished_trials(ray_cluster, ray_session, tiny_lm_dir,
+                                                                             sweep_setup, tmp_path):
+    """The sweep's driver, a process of its own on the cluster, is killed (SIGKILL) once two of its four
+    trials have finished. The same command then restores the experiment: the finished trials are
+    kept as they were, never run again, and the others run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tune.dera import run
+
+    root, aligned = sweep_setup
+    extra = ["search={lam: {grid: [0.0, 0.5, 1.0, 2.0]}}", "max_concurrent_trials=1",
+             f"output_dir={tmp_path / 'out'}"]
+    cfg = sweep_config(root, tiny_lm_dir, aligned, *extra)
+    trials = tmp_path / "out" / "tune" / "dera"
+
+    def finished():
+        """{trial dir: its result.json} of the trials the newest experiment state (what a restore
+        reads) records as terminated."""
+        states = sorted(trials.glob("experiment_state-*.json"))
+        if not states:
+            return {}
+        try:
+            data = json.loads(states[-1].read_text())
+        except ValueError:  # being written
+            return {}
+        done = [json.loads(t) for t, _ in data["trial_data"]]
+        return {t["relative_logdir"]: (trials / t["relative_logdir"] / "result.json").read_text()
+                for t in done if t["status"] == "TERMINATED"}
+
+    args = [f"reference={tiny_lm_dir}", f"aligned={aligned}", f"prompts.source={root / 'prompts.txt'}",
+            "sampling.n=2", "sampling.max_new_tokens=4", "sampling.min_new_tokens=4", "device=cpu", "reward.kind=brevity",
+            "reward.max_words=4", f"ray_address={ray_cluster[0]}", *extra]
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}  # the experiment state is saved after every result
+    proc = subprocess.Popen([sys.executable, "-m", "tune.dera", "--config", "configs/tune_dera.yaml", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while len(finished()) < 2:
+            assert proc.poll() is None and time.time() < deadline, "the sweep ended or stalled before it was killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = finished()
+    assert 2 <= len(before) < 4
+    result = run(cfg)
+    after = finished()
+    assert sorted(t["lam"] for t in result["trials"]) == [0.0, 0.5, 1.0, 2.0] and len(after) == 4
+    assert {k: after[k] for k in before} == before, "finished trials are kept, not run again"
+    assert all(len(text.strip().splitlines()) == 1 for text in after.values()), "each trial reported once"
+
+
+@pytest.mark.ray
 def test_dera_sweep_with_optuna(ray_session, tiny_lm_dir, sweep_setup):
     from tune.dera import run
 

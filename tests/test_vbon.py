@@ -160,49 +160,53 @@ def vbon_config(tmp_path, tiny_lm_dir, name, *overrides):
         "evaluate.n=2", f"output_dir={tmp_path / name}", *overrides])
 
 
+@pytest.fixture(scope="module")
+def zero3_run(ray_session, tiny_lm_dir, tmp_path_factory):
+    """vBoN under ZeRO-3 with 2 workers and 1 generator, uninterrupted: (output dir, result)."""
+    from jobs.train_vbon import run
+
+    tmp = tmp_path_factory.mktemp("vbon_z3")
+    return tmp / "z3", run(vbon_config(tmp, tiny_lm_dir, "z3", "train.deepspeed.zero_stage=3"))
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_vbon_job_zero3_syncs_exactly_and_evaluates(ray_session, tiny_lm_dir, tmp_path):
+def test_vbon_job_zero3_syncs_exactly_and_evaluates(zero3_run):
     """1 generator actor and 2 DeepSpeed workers under ZeRO-3: every step logs reward, log F, KL,
     sync time and share; the generator's weights after the last push equal the saved model's bit for
     bit; the run ends with its gold win rate and KL against pi_0."""
     import json
 
-    from jobs.train_vbon import run
-
-    result = run(vbon_config(tmp_path, tiny_lm_dir, "z3", "train.deepspeed.zero_stage=3"))
+    out, result = zero3_run
     assert result["sync_exact"] == 1.0
-    rows = [json.loads(line) for line in (tmp_path / "z3" / "train_log.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
         assert r["log_f"] < 0 and r["sync_s"] > 0 and 0 < r["sync_share"] < 1 and r["samples_per_s"] > 0
         assert math.isfinite(r["kl"]) and math.isfinite(r["reward"])
-    ev = json.loads((tmp_path / "z3" / "eval_metrics.json").read_text())
+    ev = json.loads((out / "eval_metrics.json").read_text())
     assert 0 <= ev["win_rate_vs_pi0"] <= 1 and ev["samples"] == 8 and ev["kl_to_pi0"] != 0
-    assert (tmp_path / "z3" / "reference_rewards.pt").is_file()
+    assert (out / "reference_rewards.pt").is_file()
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_vbon_worker_failure_resumes_bit_identical(ray_session, tiny_lm_dir, tmp_path):
-    """ZeRO-2, PPO-clip, weights pushed every 2 steps: rank 0's generator actor is killed during step 3.
-    Ray restarts it with pi_0's weights; it refuses to sample with them (StaleWeightsError), so the
-    group restarts from the step-2 checkpoint and pushes those weights to every generator; the run
-    ends bit-identical to an uninterrupted one, with the generators holding the final weights."""
+def test_vbon_generator_killed_resumes_bit_identical(zero3_run, tiny_lm_dir, tmp_path):
+    """ZeRO-3: rank 0's generator actor is killed during step 3. Ray restarts it with pi_0's weights; it
+    refuses to sample with them (StaleWeightsError), so the group restarts from the step-2 checkpoint
+    and pushes those weights to the generator; the run ends bit-identical to the uninterrupted one,
+    with the generator holding the final weights."""
     from align.models import load_causal_lm
+    from align.vbon import state_digest
     from jobs.train_vbon import run
 
-    from align.vbon import state_digest
-
-    base = ["train.deepspeed.zero_stage=2", "evaluate.enabled=false", "vbon.algo=ppo_clip", "vbon.sync_every=2"]
-    clean = run(vbon_config(tmp_path, tiny_lm_dir, "clean", *base))
-    killed = run(vbon_config(tmp_path, tiny_lm_dir, "killed", *base, "train.fail_once_at_step=3", "train.fail_rank=0",
-                             "train.fail_mode=kill_generator"))
+    clean_dir, clean = zero3_run
+    killed = run(vbon_config(tmp_path, tiny_lm_dir, "killed", "train.deepspeed.zero_stage=3", "train.fail_once_at_step=3",
+                             "train.fail_rank=0", "train.fail_mode=kill_generator"))
     assert (tmp_path / "killed" / ".failed_once").exists() and killed["sync_exact"] == 1.0 == clean["sync_exact"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-    digests = [state_digest(load_causal_lm(str(tmp_path / name / "model"), device="cpu")[0].state_dict())
-               for name in ("clean", "killed")]
+    digests = [state_digest(load_causal_lm(str(d / "model"), device="cpu")[0].state_dict()) for d in (clean_dir, tmp_path / "killed")]
     assert digests[0] == digests[1]
 
 
