@@ -235,12 +235,14 @@ def run(cfg: TuneTrainConfig) -> dict:
     sign = 1 if cfg.mode == "max" else -1
     ranked = sorted((r for r in rows if not r["stopped_early"] and r[cfg.metric] is not None),
                     key=lambda r: -sign * r[cfg.metric])
-    for r in ranked[cfg.keep_best:]:  # models and checkpoints of the rest go; their logs and metrics stay
-        shutil.rmtree(out / "trials" / r["trial_id"] / "model", ignore_errors=True)
-        shutil.rmtree(out / "runs" / r["trial_id"], ignore_errors=True)
+    keep = ranked[: cfg.keep_best]
+    for r in rows:  # models and checkpoints of the rest go (a trial ASHA stopped may still have saved one before
+        if r not in keep:  # the stop reached its run); their logs and metrics stay
+            shutil.rmtree(out / "trials" / r["trial_id"] / "model", ignore_errors=True)
+            shutil.rmtree(out / "runs" / r["trial_id"], ignore_errors=True)
     for r in rows:
         r["objective"] = sign * r[cfg.metric] if r[cfg.metric] is not None else float("-inf")
-        r["kept"] = r in ranked[: cfg.keep_best]
+        r["kept"] = r in keep
     columns = [*((k, k, "{:.4g}") for k in cfg.search), (cfg.metric, cfg.metric, "{:.4f}"), ("steps", "steps", "{}"),
                ("early stop", "stopped_early", "{}"), ("gold", "gold", "{:+.3f}"),
                ("win rate vs pi_0", "win_rate_vs_pi0", "{:.3f}"), ("KL (nats)", "kl", "{:.2f}"), ("kept", "kept", "{}")]
