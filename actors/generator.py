@@ -121,8 +121,8 @@ class Generator:
         from align.sampling import NSampler
 
         start = time.perf_counter()
-        self.check_context(prompts, max_new_tokens)
         ids, mask = encode_prompts(self.tokenizer, prompts, self.device)
+        self.check_context(prompts, max_new_tokens, mask.sum(1).tolist())  # lengths from this encoding: no second pass
         if seeds is not None:
             if len(seeds) != len(prompts):
                 raise ValueError(f"seeds needs one seed per prompt ({len(prompts)}), got {len(seeds)}")
@@ -171,15 +171,17 @@ class Generator:
         cfg = self.model.config
         return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
-    def check_context(self, prompts: list[str], max_new_tokens: int | list[int]) -> None:
+    def check_context(self, prompts: list[str], max_new_tokens: int | list[int], lengths: list[int] | None = None) -> None:
         """PromptTooLongError naming the first prompt whose tokens plus the tokens to draw exceed the
-        model's context (a clear error instead of an index error deep in the model)."""
+        model's context (a clear error instead of an index error deep in the model). `lengths`: the
+        prompts' token counts when the caller has encoded them already."""
         limit = self.context_length()
         if limit is None:
             return
         budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-        for i, (p, m) in enumerate(zip(prompts, budgets)):
-            n = len(self.tokenizer(p)["input_ids"])
+        if lengths is None:
+            lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+        for i, (n, m) in enumerate(zip(lengths, budgets)):
             if n + m > limit:
                 raise PromptTooLongError(f"prompt[{i}]: {n} tokens plus {m} new tokens exceed the model's context of "
                                          f"{limit} positions; shorten the prompt or ask for at most {max(limit - n, 0)} tokens")

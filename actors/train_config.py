@@ -67,6 +67,10 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
+    # Fault injection for tests: how a run fails, never what it computes; left out of every key that
+    # decides whether outputs may be reused (the trainers' run key, a pipeline stage's key).
+    TESTING_KNOBS = ("fail_once_at_step", "fail_rank", "fail_mode")
+
     steps: int = 100  # optimizer steps
     batch_size: int = 16  # global batch (pairs), split evenly over the workers
     max_length: int = 64  # prompt + completion tokens

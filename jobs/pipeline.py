@@ -163,7 +163,10 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         for k in ("output_dir", "ray_address", "resume"):
             d.pop(k, None)
         if "train" in d and "run" in d["train"]:
+            from actors.train_config import TrainConfig
+
             d["train"]["run"] = {k: v for k, v in d["train"]["run"].items() if k not in ("name", "storage_path", "resume")}
+            d["train"] = {k: v for k, v in d["train"].items() if k not in TrainConfig.TESTING_KNOBS}
         key = digest({"job": spec.job, "config": d, "inputs": input_fingerprints(d, out)})[:10]
         dirs[spec.name] = out / f"{spec.name}-{key}"
         stages.append(Stage(spec, place(job_cfg, dirs[spec.name], spec.name), key, dirs[spec.name]))

@@ -95,6 +95,7 @@ def run_key(objective: str, params: dict, model_path: str, data: PairDataConfig,
     from dataclasses import asdict
 
     from align.paths import resolve_input
+    from actors.train_config import TrainConfig
     from align.runstate import drop_keys, path_fingerprint
 
     source = resolve_input(data.source)
@@ -104,7 +105,7 @@ def run_key(objective: str, params: dict, model_path: str, data: PairDataConfig,
             "data": {"source": str(source), "split": data.split, "limit": data.limit, "files": path_fingerprint(source),
                      "eval_split": data.eval_split, "eval_limit": data.eval_limit},
             "train": drop_keys(asdict(train), ("run.", "workers.collective_timeout_s", "workers.cpus_per_worker",
-                                                "fail_once_at_step", "fail_rank", "fail_mode"))}
+                                                *TrainConfig.TESTING_KNOBS))}
 
 
 def finish(name: str, metrics: dict, output_dir: Path, seconds: float) -> dict:
