@@ -49,3 +49,27 @@ def rows_to_keep(partial_rewards: torch.Tensor, keep: int, exempt_last: bool = F
         order = torch.cat([order, torch.full((P, 1), m - 1, dtype=order.dtype, device=order.device)], 1)
     order = order.sort(dim=1).values
     return (order + torch.arange(P, device=order.device)[:, None] * m).flatten()
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..m-1 along the last dim of x (..., m), tied entries sharing the mean of their ranks."""
+    below = (x[..., None, :] < x[..., :, None]).sum(-1)  # entries smaller than each
+    ties = (x[..., None, :] == x[..., :, None]).sum(-1)  # entries equal to each, itself included
+    return below.to(torch.float64) + (ties.to(torch.float64) - 1) / 2
+
+
+def rank_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman's rank correlation of each row of x and y (P, m): the Pearson correlation of their
+    average ranks; NaN for a row where either is constant (no ranking to agree with)."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(-1, keepdim=True), ry - ry.mean(-1, keepdim=True)
+    return (rx * ry).sum(-1) / ((rx * rx).sum(-1) * (ry * ry).sum(-1)).sqrt()
+
+
+def best_survives(partial: torch.Tensor, final: torch.Tensor, keep: int) -> torch.Tensor:
+    """Per prompt, whether keeping the `keep` best partial scores (rows_to_keep's rule) keeps a row
+    with the best final reward, i.e. whether that rejection leaves best-of-m's answer reachable.
+    partial, final: (P, m). Rejection at random keeps it with probability keep/m."""
+    P, m = final.shape
+    kept = rows_to_keep(partial, keep).view(P, keep) - torch.arange(P, device=final.device)[:, None] * m
+    return final.gather(1, kept).max(1).values == final.max(1).values

@@ -12,11 +12,20 @@ call) and then timed `repeats` times over the whole prompt set; medians are repo
 the overhead of the plumbing (object store, scheduling, the scorer hop); pool_2 / pool_1 is how
 throughput scales with a second actor on this machine.
 
-serve_*: the Serve app (serve/app.py) answering one POST /v1/bon per prompt over HTTP on loopback,
-one generator replica with the same threads: `serve_sequential` sends the requests one after another,
-`serve_concurrent` all at once with batching on (up to batch_size requests per sampler call),
-`serve_unbatched` all at once with batching off. serve_concurrent / serve_sequential is what batching
-concurrent requests buys. Writes results.json and results.md.
+serve_*: the Serve app (serve/app.py) over HTTP on loopback, one generator replica with the same
+threads. `serve_call` sends the in-process run's calls as requests, one POST /v1/bon per batch of
+batch_size prompts, one after another: serve_call / in_process is what Serve costs a best-of-n call;
+`serve_call_colocated` the same with the scorer in the generator replica (colocate_scorer).
+`serve_sequential` sends one request per prompt, one after another; `serve_concurrent` all at once
+with batching on (up to batch_size prompts per sampler call); `serve_unbatched` all at once with
+batching off. serve_concurrent / serve_sequential is what batching concurrent requests buys.
+
+A second table splits one call of batch_size prompts into its costs, each part timed in turn within
+every repeat: the call in-process, GET /healthz (the HTTP proxy and the FastAPI ingress), GET
+/v1/stats (the same plus one handle call to the generator replica), the call through the generator's
+handle alone, through the generator's and then the scorer's handles from this process, as a POST
+/v1/bon, and as a POST /v1/bon to the app with the scorer colocated.
+Writes results.json and results.md.
 """
 from __future__ import annotations
 
@@ -94,8 +103,10 @@ def through_pool(cfg: BenchRayConfig, model_path: str, batches: dict[int, list[s
     return f, [pool, scorers]
 
 
-def serve_app(cfg: BenchRayConfig, model_path: str, batched: bool) -> str:
-    """Deploy the Serve app on loopback (batching on or off, replacing any earlier one); its /v1/bon URL."""
+def serve_app(cfg: BenchRayConfig, model_path: str, batched: bool) -> tuple[str, str | None]:
+    """Deploy the Serve app on loopback (batching on or off), replacing any earlier one; with batching
+    also the same app with its scorer colocated in the generator replica (colocate_scorer), under
+    /colocated. Returns the two /v1/bon URLs (the second None without batching)."""
     from ray import serve
 
     from actors.cluster import free_ports
@@ -105,39 +116,85 @@ def serve_app(cfg: BenchRayConfig, model_path: str, batched: bool) -> str:
     (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     batch = cfg.batch_size if batched else 1
-    args = AppArgs(model=model_path, device="cpu", generator_threads=cfg.threads_per_actor,
-                   limits={"max_n": cfg.n, "max_tokens": cfg.max_new_tokens},
-                   batching={"max_batch_size": batch, "batch_wait_timeout_s": 0.01})
-    generator = {"ray_actor_options": {"num_cpus": cfg.threads_per_actor}, "max_ongoing_requests": max(batch, 8),
+    generator = {"ray_actor_options": {"num_cpus": cfg.threads_per_actor}, "max_ongoing_requests": max(2 * batch, 8),
                  "max_queued_requests": -1}
-    serve.run(bind_app(args, {"GeneratorDeployment": generator}), name="bench", route_prefix="/")
-    return f"http://127.0.0.1:{port}/v1/bon"
+    urls = []
+    for name, prefix, colocate in [("bench", "/", False), ("bench_colocated", "/colocated", True)][: 2 if batched else 1]:
+        args = AppArgs(model=model_path, device="cpu", generator_threads=cfg.threads_per_actor, colocate_scorer=colocate,
+                       limits={"max_n": cfg.n, "max_tokens": cfg.max_new_tokens}, batching={"max_batch_size": batch})
+        serve.run(bind_app(args, {"GeneratorDeployment": generator}), name=name, route_prefix=prefix)
+        urls.append(f"http://127.0.0.1:{port}{prefix.rstrip('/')}/v1/bon")
+    return urls[0], urls[1] if batched else None
 
 
-def through_serve(cfg: BenchRayConfig, url: str, prompts: list[str], mode: str):
-    """f() -> new tokens for the prompt set, one POST /v1/bon per prompt to the app at `url`;
-    mode: sequential (one at a time) | concurrent (all at once)."""
+def through_serve(cfg: BenchRayConfig, url: str, batches: dict[int, list[str]], mode: str):
+    """f() -> new tokens for the prompt set through the app at `url`; mode: call (one POST /v1/bon
+    per batch, one after another) | sequential (one per prompt, one after another) | concurrent (one
+    per prompt, all at once)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import requests
 
     session = requests.Session()
+    prompts = [p for b in sorted(batches) for p in batches[b]]
 
-    def one(i: int) -> int:
-        body = {"prompt": prompts[i], "n": cfg.n, "max_tokens": cfg.max_new_tokens, "min_tokens": cfg.min_new_tokens,
-                "seed": cfg.seed + i, "return_all": True}
-        r = (session if mode == "sequential" else requests).post(url, json=body, timeout=600)
+    def post(some: list[str], seed: int, client=session) -> int:
+        body = {"prompt": some, "n": cfg.n, "max_tokens": cfg.max_new_tokens, "min_tokens": cfg.min_new_tokens,
+                "seed": seed, "return_all": True}
+        r = client.post(url, json=body, timeout=600)
         r.raise_for_status()
-        return sum(s["tokens"] for s in r.json()["results"][0]["samples"])
+        return sum(s["tokens"] for res in r.json()["results"] for s in res["samples"])
 
     def f(which=None):
+        if mode == "call":
+            return sum(post(batches[b], cfg.seed + b) for b in (which or sorted(batches)))
         rows = range(len(prompts)) if which is None else range(min(len(prompts), cfg.batch_size))
         if mode == "sequential":
-            return sum(one(i) for i in rows)
+            return sum(post([prompts[i]], cfg.seed + i) for i in rows)
         with ThreadPoolExecutor(len(rows)) as pool:
-            return sum(pool.map(one, rows))
+            return sum(pool.map(lambda i: post([prompts[i]], cfg.seed + i, requests), rows))
 
     return f
+
+
+def request_costs(cfg: BenchRayConfig, url: str, colocated_url: str, model_path: str, batch: list[str]) -> list[dict]:
+    """Median milliseconds of the parts of one best-of-n call of `batch` to the app at `url`, the
+    parts interleaved in every repeat so that drift in the machine's speed falls on all alike."""
+    import requests
+    from ray import serve
+
+    from serve.batching import SampleCall
+
+    base, session = url.removesuffix("/v1/bon"), requests.Session()
+    generator = serve.get_deployment_handle("GeneratorDeployment", "bench")
+    scorer = serve.get_deployment_handle("ScorerDeployment", "bench")
+    call = SampleCall(tuple(batch), cfg.n, cfg.max_new_tokens, 1.0, cfg.min_new_tokens, cfg.seed)
+    body = {"prompt": batch, "n": cfg.n, "max_tokens": cfg.max_new_tokens, "min_tokens": cfg.min_new_tokens,
+            "seed": cfg.seed, "return_all": True}
+    local = in_process(cfg, model_path, {0: batch})
+    k = len(batch)
+    parts = {f"in-process: sample and score {k} prompts": lambda: local([0]),
+             "GET /healthz: HTTP proxy + ingress": lambda: session.get(base + "/healthz").raise_for_status(),
+             "GET /v1/stats: + one handle call": lambda: session.get(base + "/v1/stats").raise_for_status(),
+             f"generator handle: sample {k} prompts": lambda: generator.sample.remote(call).result(),
+             f"generator -> scorer handles: sample and score {k} prompts":
+                 lambda: scorer.score_samples.remote(generator.sample.remote(call).result()["samples"]).result(),
+             f"POST /v1/bon: sample and score {k} prompts": lambda: session.post(url, json=body).raise_for_status(),
+             f"POST /v1/bon, scorer colocated: sample and score {k} prompts":
+                 lambda: session.post(colocated_url, json=body).raise_for_status()}
+    times = {name: [] for name in parts}
+    for f in parts.values():
+        f()  # warm-up
+    for _ in range(max(5, 3 * cfg.repeats)):
+        for name, f in parts.items():
+            start = time.perf_counter()
+            f()
+            times[name].append(1000 * (time.perf_counter() - start))
+    rows = [{"part": name, "ms": statistics.median(t)} for name, t in times.items()]
+    for r in rows:
+        if "prompts" in r["part"]:
+            r["vs_in_process"] = r["ms"] / rows[0]["ms"]
+    return rows
 
 
 def run(cfg: BenchRayConfig) -> dict:
@@ -154,7 +211,9 @@ def run(cfg: BenchRayConfig) -> dict:
     model_path = str(resolve_model_path(cfg.model))
     started = init_ray(cfg.ray_address)
     rows = []
-    serve_modes = ["serve_sequential", "serve_concurrent", "serve_unbatched"] if cfg.serve else []
+    serve_modes = ["serve_call", "serve_call_colocated", "serve_sequential", "serve_concurrent",
+                   "serve_unbatched"] if cfg.serve else []
+    costs = []
     try:
         # One method at a time: pools of 1 and 2 actors at once would not fit on a 2-core machine.
         for m in ["in_process", *(f"pool_{k}" for k in cfg.actors), *serve_modes]:
@@ -162,9 +221,16 @@ def run(cfg: BenchRayConfig) -> dict:
             if m == "in_process":
                 f = in_process(cfg, model_path, batches)
             elif m.startswith("serve_"):
-                if m != "serve_concurrent":  # sequential and concurrent share the batched app
-                    url = serve_app(cfg, model_path, batched=m != "serve_unbatched")
-                f = through_serve(cfg, url, prompts, "sequential" if m == "serve_sequential" else "concurrent")
+                if m in ("serve_call", "serve_unbatched"):  # call, sequential and concurrent share the batched app
+                    url, colocated_url = serve_app(cfg, model_path, batched=m != "serve_unbatched")
+                if m == "serve_call":
+                    costs = request_costs(cfg, url, colocated_url, model_path, batches[0])
+                if m == "serve_sequential":  # the colocated app's generator would hold a CPU from here on
+                    from ray import serve
+
+                    serve.delete("bench_colocated")
+                mode = {"serve_call_colocated": "call", "serve_unbatched": "concurrent"}.get(m, m.removeprefix("serve_"))
+                f = through_serve(cfg, colocated_url if m == "serve_call_colocated" else url, batches, mode)
             else:
                 f, groups = through_pool(cfg, model_path, batches, int(m.removeprefix("pool_")))
             try:
@@ -196,7 +262,9 @@ def run(cfg: BenchRayConfig) -> dict:
         r["requests_per_s"] = len(prompts) / r["seconds"]
     by = {r["method"]: r for r in rows}
     if cfg.serve:
-        log.info("Serve, %d requests: concurrent (batched) %.2fx sequential; unbatched %.2fx sequential", len(prompts),
+        log.info("Serve: a call of %d prompts takes %.2fx the in-process time per token; %d requests: concurrent (batched) %.2fx sequential, "
+                 "unbatched %.2fx sequential", len(batches[0]), 1 / by["serve_call"]["vs_in_process"],
+                 len(prompts),
                  by["serve_concurrent"]["requests_per_s"] / by["serve_sequential"]["requests_per_s"],
                  by["serve_unbatched"]["requests_per_s"] / by["serve_sequential"]["requests_per_s"])
     env = machine(torch.device("cpu"))
@@ -205,8 +273,17 @@ def run(cfg: BenchRayConfig) -> dict:
                ("vs in-process", "vs_in_process", "{:.2f}x")]
     header = (f"Best-of-{cfg.n} over {len(prompts)} prompts ({cfg.max_new_tokens} new tokens, VADER scoring), "
               f"{cfg.threads_per_actor} thread(s) per actor, median of {cfg.repeats}; {machine_line(env)}.")
-    result = {"rows": rows, "env": env}
-    publish(cfg, result, header, rows, columns)
+    result = {"rows": rows, "env": env, "request_costs": costs}
+    extra = ""
+    if costs:
+        from jobs.benchmarking import format_table
+
+        text, md = format_table(costs, [("part of a request", "part", "{}"), ("median ms", "ms", "{:.1f}"),
+                                        ("time vs in-process", "vs_in_process", "{:.3f}x")])
+        extra = f"\nWhere a request's time goes (interleaved, median of {max(5, 3 * cfg.repeats)}):\n\n{md}\n"
+    publish(cfg, result, header, rows, columns, extra)
+    if costs:
+        print(f"\n{text}", flush=True)
     return result
 
 

@@ -8,7 +8,14 @@ Tokens are those drawn for a prompt's candidates, rows rejected on the way inclu
 pi_0 sample every jobs.bon run draws is not counted). The reward that ranks candidates (and scores
 partial completions) is bon.reward; on the default task it is VADER, the gold reward itself. Each run
 keeps its own output directory under output_dir (keyed by its setting), so a rerun of the same config
-reuses finished runs (jobs.bon's resume). Writes results.json, results.md, reward_vs_tokens.png.
+reuses finished runs (jobs.bon's resume).
+
+What limits rejection is how well a partial score predicts the final one. A second table measures it
+on the reference run's candidates: at each decision point t, the partial completions (their first t
+tokens) are scored with the same reward and compared with the full completions' rewards, as Spearman
+rank correlation per prompt and as how often keeping the top `keep_fraction` of partial scores keeps
+the candidate best-of-n would choose (rejection at random keeps it keep_fraction of the time).
+Writes results.json, results.md, reward_vs_tokens.png.
 """
 from __future__ import annotations
 
@@ -57,11 +64,13 @@ class BenchSpeculativeConfig:
     settings: list[SpeculativeSetting] = field(default_factory=_default_settings)
     quick: bool = False  # ns [2, 4], one speculative setting, and the prompt limit below
     quick_prompts: int = 8
+    keep_fraction: float = 0.25  # the cut the partial-score table tests: the top fraction kept at each point
     output_dir: str = "outputs/bench_speculative"
 
     def __post_init__(self):
         require(len(self.ns) >= 1 and all(n >= 1 for n in self.ns), "ns", "a non-empty list of integers >= 1", self.ns)
         require(self.quick or self.reference_n in self.ns, "reference_n", f"one of ns {self.ns}", self.reference_n)
+        require(0 < self.keep_fraction < 1, "keep_fraction", "a number in (0, 1)", self.keep_fraction)
         for s in self.settings:
             require(s.decision_tokens[-1] < self.bon.sampling.max_new_tokens, "settings.decision_tokens",
                     f"decision points below bon.sampling.max_new_tokens ({self.bon.sampling.max_new_tokens})", s.decision_tokens)
@@ -93,6 +102,43 @@ def summarize_run(label: str, bon_cfg: BonConfig, metrics: dict) -> dict:
     return {"label": label, "selection": bon_cfg.selection, "n": bon_cfg.sampling.n, "prompts": len(records),
             "mean_reward": mean, "stderr": sd / math.sqrt(len(chosen)), "win_rate": metrics["win_rate_bon_vs_pi0"],
             "tokens_per_prompt": metrics["drawn_tokens_per_prompt"]}
+
+
+def partial_score_quality(bon_cfg: BonConfig, points: list[int], keep_fraction: float) -> list[dict]:
+    """Per decision point t: how well the reward of a candidate's first t tokens predicts its final
+    reward, over the candidates of the jobs.bon run in bon_cfg.output_dir (see the module docstring)."""
+    import torch
+
+    from actors.scorer import make_scorer
+    from align.models import load_tokenizer, resolve_model_path
+    from align.speculative import best_survives, rank_correlation
+    from jobs.bon import reward_spec
+
+    records = [json.loads(line) for line in (Path(bon_cfg.output_dir) / "samples.jsonl").read_text().splitlines()]
+    tokenizer = load_tokenizer(str(resolve_model_path(bon_cfg.model.path)))
+    scorer = make_scorer(reward_spec(bon_cfg.reward))
+    final = torch.tensor([r["rewards"] for r in records], dtype=torch.float64)  # (P, m)
+    P, m = final.shape
+    keep = max(1, round(keep_fraction * m))
+    prompts = [r["prompt"] for r in records for _ in range(m)]
+    rows = []
+    for t in points:
+        texts = tokenizer.batch_decode([ids[:t] for r in records for ids in r["completion_ids"]], skip_special_tokens=True)
+        partial = scorer.score(prompts, texts).mean.to(torch.float64).view(P, m)
+        rho = rank_correlation(partial, final)
+        rho = rho[~rho.isnan()]  # a prompt whose partial (or final) rewards are all equal ranks nothing
+        kept = best_survives(partial, final, keep).to(torch.float64)
+        se = lambda v: (v.std() / len(v) ** 0.5).item() if len(v) > 1 else None  # noqa: E731
+        rows.append({"tokens": t, "spearman": rho.mean().item() if len(rho) else None, "spearman_se": se(rho),
+                     "ranked_prompts": len(rho), "best_kept": kept.mean().item(), "best_kept_se": se(kept),
+                     "chance": keep / m, "prompts": P, "candidates": m, "keep": keep})
+    return rows
+
+
+QUALITY_COLUMNS = [("decision point (tokens)", "tokens", "{}"), ("Spearman(partial, final)", "spearman", "{:.3f}"),
+                   ("+-", "spearman_se", "{:.3f}"),
+                   ("prompts ranked", "ranked_prompts", "{}"), ("best kept", "best_kept", "{:.3f}"), ("+- ", "best_kept_se", "{:.3f}"),
+                   ("at random", "chance", "{:.3f}")]
 
 
 COLUMNS = [("run", "label", "{}"), ("tokens/prompt", "tokens_per_prompt", "{:.0f}"), ("tokens vs ref", "token_ratio", "{:.3f}"),
@@ -155,10 +201,23 @@ def run(cfg: BenchSpeculativeConfig) -> dict:
         r["reward_gap"] = r["mean_reward"] - ref["mean_reward"]
     header = (f"Gold reward of the chosen completion against tokens drawn per prompt, {ref['prompts']} prompts, "
               f"reference BoN n={ref_n}; max_new_tokens {cfg.bon.sampling.max_new_tokens}, reward {cfg.bon.reward.kind}.")
-    result = {"rows": rows, "reference_n": ref_n, "wall_seconds": time.perf_counter() - start}
+    from jobs.benchmarking import format_table
+
+    ref_cfg = next(c for label, c in plans if c.selection == "argmax" and c.sampling.n == ref_n)
+    points = sorted({t for s in (QUICK["settings"] if cfg.quick else cfg.settings) for t in s.decision_tokens}
+                    | {t for t in (2, 4, 8, 12, 16) if t < cfg.bon.sampling.max_new_tokens})
+    quality = partial_score_quality(ref_cfg, points, cfg.keep_fraction)
+    q = quality[0]
+    text, md = format_table(quality, QUALITY_COLUMNS)
+    quality_header = (f"How well a partial completion's reward predicts its final reward, over the {q['candidates']} "
+                      f"candidates of each of the {q['prompts']} prompts of BoN n={ref_n}; best kept: the top "
+                      f"{q['keep']} of {q['candidates']} by partial reward include a best final candidate.")
+    result = {"rows": rows, "reference_n": ref_n, "partial_score_quality": quality,
+              "wall_seconds": time.perf_counter() - start}
     plot(rows, out / "reward_vs_tokens.png")
-    publish(cfg, result, header, rows, COLUMNS, extra_md="\n![reward vs tokens](reward_vs_tokens.png)\n")
-    print(f"  plot: {out / 'reward_vs_tokens.png'}", flush=True)
+    publish(cfg, result, header, rows, COLUMNS,
+            extra_md=f"\n![reward vs tokens](reward_vs_tokens.png)\n\n{quality_header}\n\n{md}\n")
+    print(f"\n  {quality_header}\n\n{text}\n  plot: {out / 'reward_vs_tokens.png'}", flush=True)
     return result
 
 

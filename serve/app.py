@@ -1,8 +1,10 @@
 """The Sweetspot Serve application: best-of-n and DeRa over HTTP, with the code the batch jobs run.
 
     GeneratorDeployment   a Generator (pi_0, and an aligned model for DeRa); concurrent requests
-                          are batched into one sampler call (serve/batching.py), run in a thread
-    ScorerDeployment      a scorer from actors.scorer.make_scorer; batched the same way
+                          are batched into one sampler call (serve/batching.py: continuous batching,
+                          the requests that arrive during a call go together in the next), run in a thread
+    ScorerDeployment      a scorer from actors.scorer.make_scorer; batched the same way (or, with
+                          colocate_scorer, none: the generator replica scores its own samples)
     Api                   the FastAPI ingress: GET / (the playground), GET /healthz, GET /v1/info,
                           POST /v1/bon, POST /v1/dera, POST /v1/completions (OpenAI-compatible)
 
@@ -27,8 +29,10 @@ from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.batching import BatchedScorer, ContinuousBatcher
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 log = logging.getLogger("sweetspot.serve")
@@ -49,8 +53,9 @@ class Batching(BaseModel):
     """How the generator and scorer deployments batch concurrent requests (configs/serve.yaml `batching`)."""
 
     model_config = ConfigDict(extra="forbid")
-    max_batch_size: int = Field(16, ge=1, description="requests per sampler (and scorer) call")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill up")
+    max_batch_size: int = Field(16, ge=1, description="prompts per sampler (and scorer) call; a request's prompts stay together")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long an idle replica waits for more requests "
+                                                               "before it starts (those arriving while it works join the next call anyway)")
 
 
 class SamplingRequest(BaseModel):
@@ -97,11 +102,13 @@ class CompletionRequest(BaseModel):
 
 class GeneratorDeployment:
     """One Generator per replica (actors/generator.py). Requests that arrive together are sampled in
-    one call (`serve.batch`; serve/batching.py groups them), in a thread so the replica's event loop
+    one call (serve/batching.py: ContinuousBatcher decides what runs together, sample_together groups
+    it into sampler calls), in a thread so the replica's event loop
     keeps answering; each request's samples are what it would draw alone."""
 
     def __init__(self, model: str, aligned: str | None = None, device: str = "auto", num_threads: int | None = None,
-                 batching: dict | None = None):
+                 batching: dict | None = None, reward: dict | None = None):
+        """reward: a scorer spec to score in this replica too (`colocate_scorer`), or None."""
         from actors.generator import Generator
         from align.models import resolve_model_path
 
@@ -109,8 +116,9 @@ class GeneratorDeployment:
                                    aligned_path=resolve_model_path(aligned) if aligned else None)
         self.has_aligned = aligned is not None
         b = Batching(**(batching or {}))
-        self.sample_batch.set_max_batch_size(b.max_batch_size)
-        self.sample_batch.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
+        self.batcher = ContinuousBatcher(self.sample_calls, b.max_batch_size, size=lambda call: len(call.prompts),
+                                         wait_s=b.batch_wait_timeout_s)
+        self.score = BatchedScorer(reward, b.max_batch_size, b.batch_wait_timeout_s) if reward else None
         self.requests = self.sampler_calls = 0
 
     def eos_token_id(self) -> int | None:
@@ -120,8 +128,7 @@ class GeneratorDeployment:
         """Requests answered and sampler calls made by this replica (their ratio is the batching)."""
         return {"requests": self.requests, "sampler_calls": self.sampler_calls}
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # overridden by `batching` in __init__
-    async def sample_batch(self, calls: list) -> list:
+    async def sample_calls(self, calls: list) -> list:
         from serve.batching import sample_together
 
         results = await asyncio.to_thread(sample_together, self.generator, calls)
@@ -133,31 +140,22 @@ class GeneratorDeployment:
         """One request's samples (a serve.batching.SampleCall), batched with whatever arrives with it.
         A prompt too long for the model fails here, alone, before it joins a batch."""
         self.generator.check_context(list(call.prompts), call.max_tokens)
-        out = await self.sample_batch(call)
-        if isinstance(out, Exception):
-            raise out
-        return out
+        return await self.batcher(call)
+
+    async def sample_and_score(self, call) -> list:
+        """One request's samples, scored in this replica (the app was built with colocate_scorer)."""
+        return await self.score((await self.sample(call))["samples"])
 
 
 class ScorerDeployment:
     """A scorer per replica; the samples of requests that arrive together are scored in one call."""
 
     def __init__(self, spec: dict, batching: dict | None = None):
-        from actors.scorer import make_scorer
-
-        self.scorer = make_scorer(spec)
         b = Batching(**(batching or {}))
-        self.score_batch.set_max_batch_size(b.max_batch_size)
-        self.score_batch.set_batch_wait_timeout_s(b.batch_wait_timeout_s)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def score_batch(self, sample_lists: list) -> list:
-        from serve.batching import score_together
-
-        return await asyncio.to_thread(score_together, self.scorer, sample_lists)
+        self.score = BatchedScorer(spec, b.max_batch_size, b.batch_wait_timeout_s)
 
     async def score_samples(self, samples):
-        return await self.score_batch(samples)
+        return await self.score(samples)
 
 
 # Defined before the ingress class: serve.ingress captures the class and what it refers to when the
@@ -166,6 +164,14 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     """`text` up to the first of the stop sequences (not included), and whether one was found."""
     cut = min((i for i in (text.find(t) for t in stops if t) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def fast_json(content: dict):
+    """`content` as a JSON response, as it is: plain JSON types already, so FastAPI's per-value
+    encoding and response validation (milliseconds for a return_all answer) are skipped."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(content)
 
 
 app = FastAPI(title="Sweetspot", description="Best-of-n and decoding-time realignment (DeRa) endpoints")
@@ -213,7 +219,7 @@ async def validation_error(request, exc: RequestValidationError):
 
 @serve.ingress(app)
 class Api:
-    def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle, limits: dict | None = None,
+    def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle | None, limits: dict | None = None,
                  has_aligned: bool = False, reward_kind: str = "vader", model_name: str = "sweetspot",
                  retry_after_s: float = 1.0):
         self.generator, self.scorer = generator, scorer
@@ -259,12 +265,16 @@ class Api:
         call = SampleCall(tuple(prompts), req.n, req.max_tokens, req.temperature, req.min_tokens, req.seed, lam)
         retry = {"Retry-After": str(math.ceil(self.retry_after_s))}
         try:
+            if self.scorer is None:  # colocate_scorer: the generator replica scores too
+                return await self.generator.sample_and_score.remote(call)
+            # Awaited here, not handed on to the scorer as a response: a generator replica that dies
+            # must reach this handler as its own error (a 503), not as the scorer's failed argument.
             result = await self.generator.sample.remote(call)
             return await self.scorer.score_samples.remote(result["samples"])
         except BackPressureError as e:
             raise HTTPException(503, detail=f"overloaded: {e} Retry after {self.retry_after_s:g} s", headers=retry) from None
-        except PromptTooLongError as e:
-            raise HTTPException(422, detail=f"prompt: {str(e).split(': ', 1)[-1]}") from None
+        except PromptTooLongError as e:  # Ray wraps it (with the replica's traceback); its cause is the message
+            raise HTTPException(422, detail=str(getattr(e, "cause", None) or e)) from None
         except RayActorError as e:  # ActorDiedError, ActorUnavailableError
             log.warning("a replica failed while holding a request: %s", type(e).__name__)
             raise HTTPException(503, detail=f"unavailable: a replica failed while holding this request "
@@ -326,10 +336,10 @@ class Api:
                 choices.append({"text": text, "index": len(choices), "logprobs": None,
                                 "finish_reason": "stop" if finish or ended else "length", "reward": s.rewards[i]})
         prompt_tokens = sum(len(s.prompt_ids) for s in scored)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        return fast_json({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                          "model": self.model_name, "choices": choices,
+                          "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                    "total_tokens": prompt_tokens + completion_tokens}})
 
     @app.post("/v1/bon")
     async def bon(self, req: BonRequest) -> dict:
@@ -338,14 +348,14 @@ class Api:
         if req.penalty != "none" and req.penalty != self.reward_kind:
             raise HTTPException(422, detail=f"penalty: '{req.penalty}' needs the server's reward kind to be "
                                             f"'{req.penalty}' (it is '{self.reward_kind}')")
-        return {"results": [self.answer(s, req) for s in await self.sample_and_score(prompts, req)]}
+        return fast_json({"results": [self.answer(s, req) for s in await self.sample_and_score(prompts, req)]})
 
     @app.post("/v1/dera")
     async def dera(self, req: DeraRequest) -> dict:
         """Samples at DeRa strength lambda; with n > 1 the best of them by the server's reward."""
         prompts = self.check(req)
         self.check_dera("lambda")
-        return {"results": [self.answer(s, req, lam=req.lam) for s in await self.sample_and_score(prompts, req, req.lam)]}
+        return fast_json({"results": [self.answer(s, req, lam=req.lam) for s in await self.sample_and_score(prompts, req, req.lam)]})
 
     @staticmethod
     def answer(s, req: SamplingRequest, lam: float | None = None) -> dict:
@@ -381,6 +391,8 @@ class AppArgs(BaseModel):
     batching: Batching = Field(default_factory=Batching)
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After of a 503 when a queue is full")
     generator_threads: int | None = Field(None, ge=1)
+    colocate_scorer: bool = Field(False, description="score in the generator's replicas: one handle call less "
+                                                     "per request, but generation and scoring then scale together")
 
 
 # Defaults small enough for a 2-core machine; a Serve config file's `deployments` override them.
@@ -401,9 +413,10 @@ def bind_app(a: AppArgs, options: dict[str, dict] | None = None) -> serve.Applic
         raise ValueError(f"reward.kind must be one of {' | '.join(SCORER_KINDS)}, got {a.reward.get('kind')!r}")
     opts = {**DEPLOYMENT_OPTIONS, **(options or {})}
     batching = a.batching.model_dump()
+    spec = {"device": a.device, **a.reward}
     generator = serve.deployment(GeneratorDeployment, **opts["GeneratorDeployment"]).bind(
-        a.model, a.aligned, a.device, a.generator_threads, batching)
-    scorer = serve.deployment(ScorerDeployment, **opts["ScorerDeployment"]).bind({"device": a.device, **a.reward}, batching)
+        a.model, a.aligned, a.device, a.generator_threads, batching, spec if a.colocate_scorer else None)
+    scorer = None if a.colocate_scorer else serve.deployment(ScorerDeployment, **opts["ScorerDeployment"]).bind(spec, batching)
     return serve.deployment(Api, **opts["Api"]).bind(
         generator, scorer, a.limits.model_dump(), a.aligned is not None, a.reward["kind"], a.model_name, a.retry_after_s)
 

@@ -87,3 +87,97 @@ def test_score_together_keeps_each_requests_reference(generators):
         ref = scorer.score_samples(alone(plain, call))
         assert scored[0].rewards == pytest.approx(ref[0].rewards, abs=1e-12)
     assert together[0][0].rewards != together[1][0].rewards
+
+
+class GatedCall:
+    """fn for ContinuousBatcher: records each batch and holds it until its gate opens."""
+
+    def __init__(self):
+        self.batches, self.gates = [], []
+
+    async def __call__(self, items):
+        import asyncio
+
+        gate = asyncio.Event()
+        self.batches.append(list(items))
+        self.gates.append(gate)
+        await gate.wait()
+        return [ValueError(f"bad {x}") if str(x).startswith("bad") else f"done {x}" for x in items]
+
+    async def release(self, k: int):
+        import asyncio
+
+        while len(self.gates) <= k:  # the k-th batch has started
+            await asyncio.sleep(0)
+        self.gates[k].set()
+
+
+def test_continuous_batcher_starts_an_idle_call_alone_and_batches_what_arrives_meanwhile():
+    """The first call runs at once, alone; the five sent while it runs wait for it and then go in
+    arrival order, split at max_size as counted by size (here each item's length; an item larger than
+    max_size runs alone); each caller gets its own result or its own exception."""
+    import asyncio
+
+    from serve.batching import ContinuousBatcher
+
+    async def main():
+        fn = GatedCall()
+        batcher = ContinuousBatcher(fn, max_size=4, size=len)
+        first = asyncio.create_task(batcher("a"))
+        await asyncio.sleep(0.01)
+        assert fn.batches == [["a"]]  # started without waiting for company
+        rest = [asyncio.create_task(batcher(x)) for x in ["b", "cc", "bad", "dddddd", "e"]]
+        await asyncio.sleep(0.01)
+        assert fn.batches == [["a"]]  # the others wait for the running batch
+        for k in range(5):
+            await fn.release(k)
+        assert await first == "done a"
+        return fn.batches, await asyncio.gather(*rest, return_exceptions=True), batcher.batches
+
+    batches, answers, sizes = asyncio.run(main())
+    assert batches == [["a"], ["b", "cc"], ["bad"], ["dddddd"], ["e"]] and sizes == [1, 2, 1, 1, 1]
+    assert answers[:2] == ["done b", "done cc"] and isinstance(answers[2], ValueError) and str(answers[2]) == "bad bad"
+    assert answers[3:] == ["done dddddd", "done e"]
+
+
+def test_continuous_batcher_survives_a_failing_call_and_a_cancelled_caller():
+    """fn raising fails every caller of that batch and nothing else; a wrong number of results is an
+    error, not a hang; a caller cancelled while it waited is left out of the next batch; an idle
+    batcher with wait_s gathers the calls that arrive within it into one batch."""
+    import asyncio
+
+    from serve.batching import ContinuousBatcher
+
+    async def main():
+        calls = []
+
+        async def fn(items):
+            calls.append(list(items))
+            await asyncio.sleep(0.02)
+            if "boom" in items:
+                raise RuntimeError("boom")
+            return items[:-1] if "short" in items else [x.upper() for x in items]
+
+        batcher = ContinuousBatcher(fn, max_size=8)
+        head = asyncio.create_task(batcher("boom"))
+        await asyncio.sleep(0.005)
+        gone, kept = asyncio.create_task(batcher("gone")), asyncio.create_task(batcher("kept"))
+        await asyncio.sleep(0.005)
+        gone.cancel()
+        with pytest.raises(RuntimeError, match="boom"):
+            await head
+        assert await kept == "KEPT"
+        with pytest.raises(RuntimeError, match="returned 1 results for 2 items"):
+            await asyncio.gather(batcher("x"), batcher("short"))
+        assert calls == [["boom"], ["kept"], ["x", "short"]]
+
+        waiting = ContinuousBatcher(fn, max_size=8, wait_s=0.05)
+        first = asyncio.create_task(waiting("p"))
+        await asyncio.sleep(0.01)
+        assert await asyncio.gather(first, waiting("q")) == ["P", "Q"] and waiting.batches == [2]
+
+    asyncio.run(main())
+    from serve.batching import ContinuousBatcher as CB
+
+    with pytest.raises(ValueError, match="max_size: expected an integer >= 1, got 0"):
+        CB(lambda items: items, max_size=0)

@@ -51,8 +51,13 @@ def test_bench_ray_smoke(ray_session, tiny_lm_dir, tmp_path):
     result = run(BenchRayConfig(model=str(tiny_lm_dir), prompts=str(tmp_path / "p.txt"), quick=True, actors=[1],
                                 output_dir=str(tmp_path / "r")))
     rows = {r["method"]: r for r in result["rows"]}
-    assert list(rows) == ["in_process", "pool_1", "serve_sequential", "serve_concurrent", "serve_unbatched"]
+    assert list(rows) == ["in_process", "pool_1", "serve_call", "serve_call_colocated", "serve_sequential",
+                          "serve_concurrent", "serve_unbatched"]
     # Every method draws the same number of tokens (3 prompts x n 2 x 4 tokens, no stop); Serve over HTTP too.
     assert {r["new_tokens"] for r in rows.values()} == {3 * 2 * 4}
     assert rows["in_process"]["vs_in_process"] == 1.0
-    assert "pool_1" in (tmp_path / "r" / "results.md").read_text() and "serve_concurrent" in (tmp_path / "r" / "results.md").read_text()
+    md = (tmp_path / "r" / "results.md").read_text()
+    assert "pool_1" in md and "serve_concurrent" in md and "| GET /healthz: HTTP proxy + ingress |" in md
+    costs = {c["part"]: c["ms"] for c in result["request_costs"]}
+    assert len(costs) == 7 and all(ms > 0 for ms in costs.values())
+    assert [c["vs_in_process"] for c in result["request_costs"] if "vs_in_process" in c][0] == 1.0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from align.config import ConfigError, load_config
-from align.speculative import expected_tokens, rows_to_keep, survivors
+from align.speculative import average_ranks, best_survives, expected_tokens, rank_correlation, rows_to_keep, survivors
 
 
 def test_survivors_and_expected_tokens():
@@ -30,6 +30,21 @@ def test_rows_to_keep_top_per_prompt_with_ties_and_an_exempt_row():
     assert rows_to_keep(torch.zeros(1, 4), 2).tolist() == [0, 1]
     with pytest.raises(ValueError, match="keep must be"):
         rows_to_keep(r, 5, exempt_last=True)
+
+
+def test_rank_correlation_and_best_survives_by_hand():
+    # Average ranks: the two 3s share ranks 2 and 3.
+    assert average_ranks(torch.tensor([[3.0, 1.0, 3.0, 2.0]])).tolist() == [[2.5, 0.0, 2.5, 1.0]]
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 2.0, 2.0], [5.0, 5.0, 5.0, 5.0]])
+    y = torch.tensor([[10.0, 20.0, 35.0, 99.0], [4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    rho = rank_correlation(x, y)
+    # Monotone: 1; reversed: -1; ranks (0.5, 0.5, 2.5, 2.5) against (0, 1, 2, 3): 4 / sqrt(4 * 5); constant: NaN.
+    assert rho[:3].tolist() == pytest.approx([1.0, -1.0, 4 / (4 * 5) ** 0.5]) and rho[3].isnan()
+    partial = torch.tensor([[0.9, 0.1, 0.5, 0.2], [0.9, 0.1, 0.5, 0.2], [0.0, 0.0, 0.0, 0.0]])
+    final = torch.tensor([[0.0, 1.0, 0.2, 0.3], [0.0, 0.1, 0.7, 0.3], [0.1, 0.5, 0.5, 0.2]])
+    # Keep 2 by partial: rows 0 and 2 (prompts 0, 1); all tied -> rows 0 and 1 (prompt 2, whose best, 0.5, is row 1 or 2).
+    assert best_survives(partial, final, 2).tolist() == [False, True, True]
+    assert best_survives(partial, final, 4).all()
 
 
 def test_generator_keeps_the_best_partial_completions(tiny_lm_dir):
@@ -105,3 +120,20 @@ def test_bench_speculative_table_and_plot(ray_session, tiny_lm_dir, tmp_path):
     assert rows["BoN n=4"]["reward_gap"] == 0 and rows["BoN n=4"]["token_ratio"] == 1
     assert (tmp_path / "b" / "reward_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
     assert "SR n=4 rate=0.5 at 2" in (tmp_path / "b" / "results.md").read_text()
+    # The partial-score table: at the decision point 2 and at 4 (below max_new_tokens 6), over BoN n=4's candidates.
+    quality = {q["tokens"]: q for q in result["partial_score_quality"]}
+    assert sorted(quality) == [2, 4] and all(q["candidates"] == 4 and q["keep"] == 1 and q["chance"] == 0.25 for q in quality.values())
+    assert all(0 <= q["best_kept"] <= 1 and (q["spearman"] is None or -1 <= q["spearman"] <= 1) for q in quality.values())
+    # Recomputed by hand from the reference run's samples: partial VADER of the first 2 tokens.
+    from align.models import load_tokenizer
+    from align.rewards import make_reward
+
+    records = [json.loads(line) for line in (tmp_path / "b" / "bon_n4" / "samples.jsonl").read_text().splitlines()]
+    tok, vader = load_tokenizer(str(tiny_lm_dir)), make_reward("vader", None, "cpu")
+    kept = []
+    for r in records:
+        partial = vader([r["prompt"]] * 4, tok.batch_decode([ids[:2] for ids in r["completion_ids"]], skip_special_tokens=True))
+        top = int(torch.sort(partial.to(torch.float64), descending=True, stable=True).indices[0])
+        kept.append(r["rewards"][top] == max(r["rewards"]))
+    assert quality[2]["best_kept"] == pytest.approx(sum(kept) / len(kept))
+    assert "Spearman(partial, final)" in (tmp_path / "b" / "results.md").read_text()
