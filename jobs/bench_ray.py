@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from align.config import require, run_job
-from jobs.benchmarking import machine, machine_line, publish
+from jobs.benchmarking import format_table, machine, machine_line, publish
 
 log = logging.getLogger("sweetspot.bench_ray")
 
@@ -54,9 +54,10 @@ class BenchRayConfig:
     batch_size: int = 16  # prompts per generator call
     actors: list[int] = field(default_factory=lambda: [1, 2])  # pool sizes to time
     serve: bool = True  # also time the Serve app: sequential, concurrent batched and concurrent unbatched requests
+    profile_seconds: float = 0.0  # > 0: py-spy the Serve processes for this long while calls run back to back
     threads_per_actor: int = 1  # torch threads of each actor and of the in-process run
     repeats: int = 3
-    quick: bool = False  # 8 prompts, n 2, 4 new tokens, 1 repeat
+    quick: bool = False  # 8 prompts, n 2, 4 new tokens, 1 repeat, no serve_unbatched row
     seed: int = 0
     ray_address: str | None = None
     output_dir: str = "outputs/bench_ray"
@@ -68,6 +69,7 @@ class BenchRayConfig:
         require(len(self.actors) >= 1 and all(k >= 1 for k in self.actors), "actors", "a non-empty list of integers >= 1", self.actors)
         require(self.threads_per_actor >= 1, "threads_per_actor", "an integer >= 1", self.threads_per_actor)
         require(self.repeats >= 1, "repeats", "an integer >= 1", self.repeats)
+        require(self.profile_seconds >= 0, "profile_seconds", "a number >= 0 (0: no profile)", self.profile_seconds)
 
 
 def in_process(cfg: BenchRayConfig, model_path: str, batches: dict[int, list[str]]):
@@ -197,6 +199,87 @@ def request_costs(cfg: BenchRayConfig, url: str, colocated_url: str, model_path:
     return rows
 
 
+OWNERS = {"torch": "torch", "transformers": "torch", "ray": "ray", "fastapi": "web stack", "starlette": "web stack",
+          "pydantic": "web stack", "pydantic_core": "web stack", "uvicorn": "web stack", "httptools": "web stack",
+          "h11": "web stack", "anyio": "web stack"}
+OUR_PACKAGES = ("serve", "actors", "align", "jobs", "tune")
+
+
+def frame_owner(frame: str) -> str:
+    """Whose code a py-spy frame ("function (path:line)") is: sweetspot, torch, the web stack
+    (FastAPI, Starlette, pydantic, uvicorn), ray, the Python standard library, or other. py-spy
+    names a file relative to the sys.path entry it was imported from ("serve/app.py",
+    "ray/serve/handle.py", "threading.py") or by its absolute path."""
+    import sys
+
+    path = frame.rpartition("(")[2].rpartition(":")[0]
+    installed = "site-packages/" in path
+    module = path.split("site-packages/")[-1]
+    if module.startswith("/"):  # an absolute path outside site-packages: the repository or the stdlib
+        if any(f"/{p}/" in module for p in OUR_PACKAGES):
+            return "sweetspot"
+        return "python stdlib" if "/python3." in module else "other"
+    top = module.split("/")[0].removesuffix(".py")
+    if top in OUR_PACKAGES and not installed:
+        return "sweetspot"
+    if top in OWNERS:
+        return OWNERS[top]
+    return "python stdlib" if top in sys.stdlib_module_names and not installed else "other"
+
+
+def profile_serve(url: str, body: dict, seconds: float, out_dir) -> list[dict]:
+    """py-spy (which ray[serve] installs) on the proxy, the ingress and the generator and scorer
+    replicas of the app "bench" while POST `body` to `url` runs back to back for `seconds`: each
+    process's CPU milliseconds per request and the share of its samples by whose code the innermost
+    frame is (frame_owner). Empty, with a warning, where py-spy cannot attach (no ptrace)."""
+    import collections
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import psutil
+    import requests
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    names = {"ProxyActor": "HTTP proxy", "bench:Api": "ingress (Api)", "bench:GeneratorDeployment": "generator",
+             "bench:ScorerDeployment": "scorer"}
+    procs = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        for key, name in names.items():
+            if line.startswith("ray::") and key in line:
+                procs[name] = p
+    session, n = requests.Session(), 0
+    session.post(url, json=body).raise_for_status()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    files = {name: Path(out_dir) / f"py-spy-{name.split()[0]}.txt" for name in procs}
+    spies = [subprocess.Popen([spy, "record", "-p", str(p.pid), "-d", str(int(seconds) + 2), "-r", "100", "-f", "raw",
+                               "--nonblocking", "-o", str(files[name])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for name, p in procs.items()]
+    time.sleep(1)  # py-spy attached
+    cpu = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        session.post(url, json=body).raise_for_status()
+        n += 1
+    cpu = {name: sum(p.cpu_times()[:2]) - cpu[name] for name, p in procs.items()}
+    errors = [s.communicate()[1].decode(errors="replace").strip() for s in spies]
+    rows = []
+    for name, path in files.items():
+        if not path.exists():
+            log.warning("py-spy could not profile the %s: %s", name, " ".join(e for e in errors if e)[:300])
+            continue
+        owners, total = collections.Counter(), 0
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            owners[frame_owner(stack.split(";")[-1])] += int(count)
+            total += int(count)
+        rows.append({"process": name, "cpu_ms_per_request": 1000 * cpu[name] / n, "samples": total,
+                     "by_owner": ", ".join(f"{o} {100 * c / total:.0f}%" for o, c in owners.most_common()) if total else "-"})
+    return rows
+
+
 def run(cfg: BenchRayConfig) -> dict:
     import dataclasses
 
@@ -212,8 +295,8 @@ def run(cfg: BenchRayConfig) -> dict:
     started = init_ray(cfg.ray_address)
     rows = []
     serve_modes = ["serve_call", "serve_call_colocated", "serve_sequential", "serve_concurrent",
-                   "serve_unbatched"] if cfg.serve else []
-    costs = []
+                   *([] if cfg.quick else ["serve_unbatched"])] if cfg.serve else []  # quick: one deployment less
+    costs, profile = [], []
     try:
         # One method at a time: pools of 1 and 2 actors at once would not fit on a 2-core machine.
         for m in ["in_process", *(f"pool_{k}" for k in cfg.actors), *serve_modes]:
@@ -225,6 +308,12 @@ def run(cfg: BenchRayConfig) -> dict:
                     url, colocated_url = serve_app(cfg, model_path, batched=m != "serve_unbatched")
                 if m == "serve_call":
                     costs = request_costs(cfg, url, colocated_url, model_path, batches[0])
+                    if cfg.profile_seconds > 0:
+                        from align.paths import resolve_output
+
+                        profile = profile_serve(url, {"prompt": batches[0], "n": cfg.n, "max_tokens": cfg.max_new_tokens,
+                                                      "min_tokens": cfg.min_new_tokens, "seed": cfg.seed, "return_all": True},
+                                                cfg.profile_seconds, resolve_output(cfg.output_dir))
                 if m == "serve_sequential":  # the colocated app's generator would hold a CPU from here on
                     from ray import serve
 
@@ -263,24 +352,27 @@ def run(cfg: BenchRayConfig) -> dict:
     by = {r["method"]: r for r in rows}
     if cfg.serve:
         log.info("Serve: a call of %d prompts takes %.2fx the in-process time per token; %d requests: concurrent (batched) %.2fx sequential, "
-                 "unbatched %.2fx sequential", len(batches[0]), 1 / by["serve_call"]["vs_in_process"],
+                 "unbatched %.2fx sequential (nan: not run)", len(batches[0]), 1 / by["serve_call"]["vs_in_process"],
                  len(prompts),
                  by["serve_concurrent"]["requests_per_s"] / by["serve_sequential"]["requests_per_s"],
-                 by["serve_unbatched"]["requests_per_s"] / by["serve_sequential"]["requests_per_s"])
+                 by.get("serve_unbatched", {}).get("requests_per_s", float("nan")) / by["serve_sequential"]["requests_per_s"])
     env = machine(torch.device("cpu"))
     columns = [("method", "method", "{}"), ("seconds", "seconds", "{:.2f}"), ("new tokens", "new_tokens", "{}"),
                ("tokens/s", "tokens_per_s", "{:.0f}"), ("prompts/s", "requests_per_s", "{:.2f}"),
                ("vs in-process", "vs_in_process", "{:.2f}x")]
     header = (f"Best-of-{cfg.n} over {len(prompts)} prompts ({cfg.max_new_tokens} new tokens, VADER scoring), "
               f"{cfg.threads_per_actor} thread(s) per actor, median of {cfg.repeats}; {machine_line(env)}.")
-    result = {"rows": rows, "env": env, "request_costs": costs}
+    result = {"rows": rows, "env": env, "request_costs": costs, "profile": profile}
     extra = ""
     if costs:
-        from jobs.benchmarking import format_table
-
         text, md = format_table(costs, [("part of a request", "part", "{}"), ("median ms", "ms", "{:.1f}"),
                                         ("time vs in-process", "vs_in_process", "{:.3f}x")])
         extra = f"\nWhere a request's time goes (interleaved, median of {max(5, 3 * cfg.repeats)}):\n\n{md}\n"
+    if profile:
+        _, pmd = format_table(profile, [("process", "process", "{}"), ("CPU ms per request", "cpu_ms_per_request", "{:.1f}"),
+                                        ("py-spy samples", "samples", "{}"), ("innermost frame's code", "by_owner", "{}")])
+        extra += (f"\npy-spy on the Serve processes, {cfg.profile_seconds:g} s of POST /v1/bon calls of "
+                  f"{len(batches[0])} prompts back to back (py-spy's own sampling adds to the CPU):\n\n{pmd}\n")
     publish(cfg, result, header, rows, columns, extra)
     if costs:
         print(f"\n{text}", flush=True)

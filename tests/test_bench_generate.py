@@ -49,10 +49,10 @@ def test_bench_ray_smoke(ray_session, tiny_lm_dir, tmp_path):
 
     (tmp_path / "p.txt").write_text("the movie was\na bad\nthe plot\n")
     result = run(BenchRayConfig(model=str(tiny_lm_dir), prompts=str(tmp_path / "p.txt"), quick=True, actors=[1],
-                                output_dir=str(tmp_path / "r")))
+                                profile_seconds=2, output_dir=str(tmp_path / "r")))
     rows = {r["method"]: r for r in result["rows"]}
     assert list(rows) == ["in_process", "pool_1", "serve_call", "serve_call_colocated", "serve_sequential",
-                          "serve_concurrent", "serve_unbatched"]
+                          "serve_concurrent"]
     # Every method draws the same number of tokens (3 prompts x n 2 x 4 tokens, no stop); Serve over HTTP too.
     assert {r["new_tokens"] for r in rows.values()} == {3 * 2 * 4}
     assert rows["in_process"]["vs_in_process"] == 1.0
@@ -61,3 +61,26 @@ def test_bench_ray_smoke(ray_session, tiny_lm_dir, tmp_path):
     costs = {c["part"]: c["ms"] for c in result["request_costs"]}
     assert len(costs) == 7 and all(ms > 0 for ms in costs.values())
     assert [c["vs_in_process"] for c in result["request_costs"] if "vs_in_process" in c][0] == 1.0
+    # py-spy attached to the four Serve processes and sampled them; shares are of each one's samples.
+    profile = {p["process"]: p for p in result["profile"]}
+    assert sorted(profile) == ["HTTP proxy", "generator", "ingress (Api)", "scorer"], result["profile"]
+    assert all(p["samples"] > 0 and p["cpu_ms_per_request"] > 0 for p in profile.values())
+    assert "sweetspot" in profile["generator"]["by_owner"] and "py-spy on the Serve processes" in md
+
+
+def test_frame_owner_names_whose_code_a_py_spy_frame_is():
+    from jobs.bench_ray import frame_owner
+
+    site = "/x/.venv/lib/python3.11/site-packages"
+    assert frame_owner("sample_together (serve/batching.py:57)") == "sweetspot"  # relative to the repo root
+    assert frame_owner("sample (/repo/actors/generator.py:140)") == "sweetspot"
+    assert frame_owner("Module._call_impl (torch/nn/modules/module.py:1789)") == "torch"
+    assert frame_owner("GPT2Model.forward (transformers/models/gpt2/modeling_gpt2.py:608)") == "torch"
+    assert frame_owner("handle (ray/serve/handle.py:551)") == "ray"  # Ray's serve package is not ours
+    assert frame_owner(f"main_loop ({site}/ray/_private/worker.py:946)") == "ray"
+    assert frame_owner("app (fastapi/routing.py:161)") == "web stack"
+    assert frame_owner(f"post ({site}/serve/app.py:1)") == "other"  # an installed package named serve
+    assert frame_owner("Thread.run (threading.py:982)") == "python stdlib"
+    assert frame_owner("_worker (concurrent/futures/thread.py:83)") == "python stdlib"
+    assert frame_owner("run (/usr/lib/python3.11/threading.py:982)") == "python stdlib"
+    assert frame_owner("get (requests/api.py:73)") == "other"
