@@ -103,8 +103,8 @@ class CompletionRequest(BaseModel):
 class GeneratorDeployment:
     """One Generator per replica (actors/generator.py). Requests that arrive together are sampled in
     one call (serve/batching.py: ContinuousBatcher decides what runs together, sample_together groups
-    it into sampler calls), in a thread so the replica's event loop
-    keeps answering; each request's samples are what it would draw alone."""
+    it into sampler calls), in a thread so the replica's event loop keeps answering; each request's
+    samples are what it would draw alone."""
 
     def __init__(self, model: str, aligned: str | None = None, device: str = "auto", num_threads: int | None = None,
                  batching: dict | None = None, reward: dict | None = None):
