@@ -42,7 +42,7 @@ browser:
 	      { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; }; } || \
 	  echo "chromium not installed (needs root and apt): the playground browser test will be skipped"
 
-# A separate environment for baselines the project never depends on (TRL for jobs.bench_train).
+# A separate environment for baselines the project never depends on (TRL for jobs.bench.train).
 bench-env:
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install -q -e . trl==1.16.0

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterator
 
-from actors.generator import GeneratorPool, PromptSamples
+from actors.generator import GeneratorPool
+from align.engine.samples import PromptSamples
 from actors.scorer import ScorerPool
 
 

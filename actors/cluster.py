@@ -58,7 +58,7 @@ def ship_dir(path: str) -> str | ShippedDir:
     directory) is returned as it is."""
     import ray
 
-    from align.runstate import path_fingerprint
+    from align.runtime.runstate import path_fingerprint
 
     p = Path(path)
     if not p.is_dir():

@@ -11,10 +11,11 @@ batch was rerun after an actor died (for a fixed batch_size).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from align.engine.samples import PromptSamples
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -26,28 +27,6 @@ def prompt_seeds(seed: int, count: int) -> list[int]:
     """One seed per prompt of a request or sweep (independent streams from one seed), for
     `Generator.sample(seeds=...)`: a prompt's samples then do not depend on what it is batched with."""
     return [batch_seed(seed, j) for j in range(count)]
-
-
-@dataclass
-class PromptSamples:
-    """The n completions drawn for one prompt."""
-
-    prompt: str
-    prompt_ids: list[int]  # the prompt's tokens as fed to the model (special tokens included, no padding)
-    completions: list[str]  # decoded without special tokens
-    completion_ids: list[list[int]]  # the tokens drawn, end-of-sequence included when drawn
-    logprobs: list[float]  # log-prob of each completion under the sampling process that drew it
-    tokenizer: str = ""  # fingerprint of the tokenizer the ids belong to (align.models.tokenizer_fingerprint)
-    rewards: list[float] = field(default_factory=list)  # the scorer's mean reward per completion
-    drawn_tokens: int = 0  # tokens drawn for this prompt, continuations dropped on the way included
-    reward_var: list[float] = field(default_factory=list)  # the scorer's variance (0: a point estimate)
-    reward_members: list[list[float]] | None = None  # per completion, each ensemble member's reward
-    embeddings: torch.Tensor | None = None  # (completions, d) sentence embeddings, when the scorer embeds
-    ref_logprobs: list[float] | None = None  # DeRa: log-prob of each completion under the reference, same process
-
-    @property
-    def num_tokens(self) -> list[int]:
-        return [len(c) for c in self.completion_ids]
 
 
 class StaleWeightsError(RuntimeError):
@@ -65,10 +44,10 @@ class Generator:
                  cache: str = "auto", compile: bool = False, aligned_path=None):
         """model_path: an HF name, a directory, or an actors.cluster.ShippedDir (unpacked on this node).
         cache, compile: how decoding holds the shared prompt and whether its step is compiled
-        (`align.decoding.prefill`). aligned_path: an aligned model sharing the tokenizer, for DeRa
+        (`align.engine.decoding.prefill`). aligned_path: an aligned model sharing the tokenizer, for DeRa
         (`sample(..., lam=...)`); model_path is then the reference pi_0."""
         from actors.cluster import local_dir
-        from align.models import load_causal_lm, tokenizer_fingerprint
+        from align.engine.models import load_causal_lm, tokenizer_fingerprint
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -100,11 +79,11 @@ class Generator:
         """n completions for each prompt (shared prefill). Returns {"samples": [PromptSamples], "seconds",
         "new_tokens"}; new_tokens counts every token drawn, those of rejected continuations included.
 
-        lam: DeRa (`align.dera`), one lambda or one per prompt: tokens come from lam * aligned + (1 - lam)
+        lam: DeRa (`align.math.dera`), one lambda or one per prompt: tokens come from lam * aligned + (1 - lam)
         * reference logits, both models decoding in the same loop, each with its own cache; each
         sample's `ref_logprob` is then its log-prob under the reference run as the same process.
 
-        rejection: speculative rejection (`align.speculative`), a dict with `rejection_rate`,
+        rejection: speculative rejection (`align.math.speculative`), a dict with `rejection_rate`,
         `decision_tokens` and `reward` (make_reward's kind, path, device). The last of the n rows is
         an independent sample that is never rejected; each prompt ends with the survivors plus it.
 
@@ -117,8 +96,8 @@ class Generator:
         if weights_version is not None and weights_version != self.weights_version:
             raise StaleWeightsError(f"this generator holds weights version {self.weights_version}, the caller expects "
                                     f"{weights_version} (the actor was restarted since the last push?)")
-        from align.models import encode_prompts
-        from align.sampling import NSampler
+        from align.engine.models import encode_prompts
+        from align.engine.sampling import NSampler
 
         start = time.perf_counter()
         ids, mask = encode_prompts(self.tokenizer, prompts, self.device)
@@ -131,7 +110,7 @@ class Generator:
             gen = torch.Generator(device=self.device).manual_seed(seed)
         models, mix = self.model, None
         if lam is not None:
-            from align.dera import dera_mix
+            from align.math.dera import dera_mix
 
             if self.aligned is None:
                 raise ValueError("lam (DeRa) needs a Generator built with aligned_path")
@@ -149,7 +128,7 @@ class Generator:
             out = sampler.run().samples()
             ref_logprobs = None
             if lam is not None:
-                from align.sampling import continuation_logprobs
+                from align.engine.sampling import continuation_logprobs
 
                 rows = torch.arange(len(prompts), device=self.device).repeat_interleave(out.n)
                 ref_logprobs = continuation_logprobs(self.model, ids[rows], mask[rows], out.tokens, out.mask, temperature,
@@ -198,14 +177,14 @@ class Generator:
 
     def weights_digest(self) -> str:
         """A hash of the model's parameters and buffers (to check a weight sync landed exactly)."""
-        from align.vbon import state_digest
+        from align.math.vbon import state_digest
 
         return state_digest(self.model.state_dict())
 
     def _reject(self, sampler, prompts: list[str], ids: torch.Tensor, mask: torch.Tensor, rejection: dict) -> None:
         """Run `sampler` to each decision point, score the partial completions with the configured
-        reward, and keep the best of every prompt's candidates (align.speculative)."""
-        from align.speculative import rows_to_keep, survivors
+        reward, and keep the best of every prompt's candidates (align.math.speculative)."""
+        from align.math.speculative import rows_to_keep, survivors
 
         scorer = self._partial_scorer(rejection["reward"])
         points = rejection["decision_tokens"]

@@ -1,7 +1,7 @@
 """Training objectives as small objects: which model to build, whether a reference model runs live,
-and how a collated batch of pairs becomes (loss, metrics) through the pure losses in align/losses.
+and how a collated batch of pairs becomes (loss, metrics) through the pure losses in align/math/losses.
 
-A batch holds one prefix-shared row per pair (align.pairs.collate_packed_pairs: the prompt computed once)
+A batch holds one prefix-shared row per pair (align.data.pairs.collate_packed_pairs: the prompt computed once)
 or chosen rows then rejected rows (2B rows, collate_pairs); one forward pass scores both sides. The trainer loop knows nothing about any particular loss.
 """
 from __future__ import annotations
@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from align import losses
+from align.math import losses
 
 
 def pair_logps(model, batch, eos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(chosen logps, rejected logps, chosen lengths), each (B,), under the sampling process the pairs
     were drawn with (temperature, eos blocked early): from one forward over B prefix-shared rows
-    (align.pairs.collate_packed_pairs) or over 2B rows (collate_pairs)."""
+    (align.data.pairs.collate_packed_pairs) or over 2B rows (collate_pairs)."""
     if "packed" in batch:
         return packed_pair_logps(model, batch, eos_token_id)
     logps, lengths = losses.model_sequence_logps(

@@ -3,7 +3,7 @@ sample, plus the members' rewards for an ensemble), batched on the model's devic
 
     RewardScorer     one reward: VADER (the gold reward), or an HF reward model (variance 0)
     EnsembleScorer   k reward models; mean and variance across members, members kept
-    LaplaceScorer    a Laplace posterior over a reward model's LoRA weights (align.laplace_reward)
+    LaplaceScorer    a Laplace posterior over a reward model's LoRA weights (align.rewards.laplace_posterior)
     CombinedScorer   several scorers, each LSC-transformed against its per-prompt reference, summed
 
 `make_scorer(spec)` builds any of them from a plain dict (what the configs hold, and what travels to
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from actors.generator import PromptSamples
-from align.rewards import RewardScores
+from align.engine.samples import PromptSamples
+from align.rewards.functions import RewardScores
 
 SCORER_KINDS = ("vader", "brevity", "classifier", "ensemble", "laplace", "combined")
 ENSEMBLE_FILE = "ensemble.json"  # lists an ensemble directory's members (written by jobs.train_rm)
@@ -55,20 +55,20 @@ class Scorer:
 
     def attach_embedder(self, name_or_path: str, device: str = "auto") -> "Scorer":
         """Also embed each completion (sentence embeddings for RBoN-WD's cost between samples)."""
-        from align.embeddings import SentenceEmbedder
-        from align.models import pick_device
+        from align.engine.embeddings import SentenceEmbedder
+        from align.engine.models import pick_device
 
         self.embedder = SentenceEmbedder(name_or_path, device=str(pick_device(device)))
         return self
 
 
 class RewardScorer(Scorer):
-    """One reward from `align.rewards.make_reward(kind, path, device)`: a point estimate (variance 0)."""
+    """One reward from `align.rewards.functions.make_reward(kind, path, device)`: a point estimate (variance 0)."""
 
     def __init__(self, kind: str = "vader", path=None, device: str = "auto", **params):
         """path: the reward model's HF name, directory, or actors.cluster.ShippedDir (kind classifier)."""
         from actors.cluster import local_dir
-        from align.rewards import make_reward
+        from align.rewards.functions import make_reward
 
         self.reward = make_reward(kind, local_dir(path) if path else None, device, **params)
 
@@ -79,11 +79,11 @@ class RewardScorer(Scorer):
 class EnsembleScorer(Scorer):
     """k reward models (Coste et al. 2310.02743): `members` (k, N), their mean and variance across
     members (population variance: k identical members give variance 0). How they are combined (mean,
-    worst, uncertainty-weighted) is a choice made at selection time (align.scoring.ensemble_reward)."""
+    worst, uncertainty-weighted) is a choice made at selection time (align.math.scoring.ensemble_reward)."""
 
     def __init__(self, paths: list, device: str = "auto"):
         from actors.cluster import local_dir
-        from align.rewards import SequenceClassifierReward
+        from align.rewards.functions import SequenceClassifierReward
 
         if len(paths) < 1:
             raise ValueError("an ensemble needs k >= 1 member reward models, got 0 paths")
@@ -102,15 +102,15 @@ class LaplaceScorer(Scorer):
         """chunk_size: sequences per Jacobian batch; None: 4 on CPU (fastest there: the cost grows with
         the chunk squared), 32 on GPU."""
         from actors.cluster import local_dir
-        from align.laplace_reward import LaplaceReward
-        from align.models import pick_device, tokenizer_fingerprint
+        from align.rewards.laplace_posterior import LaplaceReward
+        from align.engine.models import pick_device, tokenizer_fingerprint
 
         self.laplace = LaplaceReward.load(local_dir(path), device=str(pick_device(device)))
         self.fingerprint = tokenizer_fingerprint(self.laplace.tokenizer)
         self.chunk_size = chunk_size or (4 if self.laplace.device.type == "cpu" else 32)
 
     def score(self, prompts, completions, ids=None, tokenizer=None, groups=None) -> RewardScores:
-        from align.pairs import concat_token_ids
+        from align.data.pairs import concat_token_ids
 
         if not completions:
             return RewardScores.point(torch.zeros(0))
@@ -134,7 +134,7 @@ class CombinedScorer(Scorer):
         self.scorers, self.method, self.quantile = scorers, method, quantile
 
     def score(self, prompts, completions, ids=None, tokenizer=None, groups=None) -> RewardScores:
-        from align.scoring import combine_rewards, reference_reward
+        from align.math.scoring import combine_rewards, reference_reward
 
         parts = torch.stack([s.score(prompts, completions, ids, tokenizer).mean for s in self.scorers])  # (k, N)
         if self.method == "sum_raw":

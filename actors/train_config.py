@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from align.config import require
+from align.runtime.config import require
 
 
 @dataclass
@@ -80,7 +80,7 @@ class TrainConfig:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     run: RunConfig = field(default_factory=RunConfig)
     disable_dropout: bool = True  # as TRL: dropout makes policy and reference disagree at theta = theta_ref
-    prefix_sharing: bool = True  # policy objectives: one row per pair, the prompt computed once (align.pairs.collate_packed_pairs)
+    prefix_sharing: bool = True  # policy objectives: one row per pair, the prompt computed once (align.data.pairs.collate_packed_pairs)
     save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the final model's weights (from fp32 masters)
     fail_once_at_step: int | None = None  # testing: rank fail_rank fails once, during this (1-based) step
     fail_rank: int = -1  # testing: the rank that fails (-1: the last)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from actors.checkpoints import LOG_FILE, MODEL_DIR, RAY_SNAPSHOT, RUN_FILE, RunDir
 from actors.train_config import TrainConfig
-from align.runstate import replace_dir, write_atomic
+from align.runtime.runstate import replace_dir, write_atomic
 
 log = logging.getLogger("sweetspot.train")
 
@@ -36,7 +36,7 @@ def check_resources(train: TrainConfig) -> None:
     """Fail fast, naming the knob, when the worker group cannot be placed (Ray Train would wait)."""
     import ray
 
-    from align.config import ConfigError
+    from align.runtime.config import ConfigError
 
     w, have = train.workers, ray.cluster_resources()
     for res, per_worker in (("CPU", w.cpus_per_worker), ("GPU", 1.0 if w.use_gpu else 0.0)):
@@ -46,14 +46,14 @@ def check_resources(train: TrainConfig) -> None:
 
 
 def prepare_run(train: TrainConfig, storage_path: str, output_dir: Path, run_key: dict) -> bool:
-    """Decide between resuming and starting over (train.run.resume, align.runstate.check_resume) and
+    """Decide between resuming and starting over (train.run.resume, align.runtime.runstate.check_resume) and
     leave the run directory and the outputs consistent with that; True when resuming.
 
     Resuming needs a complete checkpoint made under the same run key (the config that shapes the
     result); a different one stops here with an error naming the differing keys. Starting over
     removes the old checkpoints, train log, metrics and model of this run name and output directory.
     """
-    from align.runstate import check_resume
+    from align.runtime.runstate import check_resume
 
     run_dir = RunDir(storage_path, train.run.name)
     saved = run_dir.read_text(RUN_FILE)

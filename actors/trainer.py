@@ -6,7 +6,7 @@ r-th contiguous slice, so W workers on slices equal one worker on the whole batc
 the gradients). Checkpoints are DeepSpeed checkpoints reported to Ray Train with the step count and,
 for TR-DPO, the reference weights; a restarted or resumed run continues bit for bit. The TR-DPO
 reference is a full (unpartitioned) copy on every rank: under ZeRO-3 the policy's parameters are
-gathered around the pure update in align/losses.
+gathered around the pure update in align/math/losses.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def gathered(params, zero_stage: int, modifier_rank: int | None = None):
 
 def update_reference(model, ref_model, mode: str, alpha: float, zero_stage: int) -> None:
     """TR-DPO reference update; the ZeRO-3 gather is kept apart from the pure update."""
-    from align.losses import hard_update_, soft_update_
+    from align.math.losses import hard_update_, soft_update_
 
     params = list(model.parameters())
     with gathered(params, zero_stage):
@@ -201,8 +201,8 @@ def train_worker(config: dict) -> None:
     from actors.checkpoints import RunDir
     from actors.cluster import local_dir
     from actors.objectives import make_objective
-    from align.models import build_model_for, load_tokenizer
-    from align.pairs import collate_packed_pairs, collate_pairs
+    from align.engine.models import build_model_for, load_tokenizer
+    from align.data.pairs import collate_packed_pairs, collate_pairs
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed renames, inside DeepSpeed
     rank, world, bf16, zero_stage = worker_setup(config)
@@ -429,7 +429,7 @@ LORA_DIR = "lora"  # inside the saved model: the unmerged adapter (LoRA weights 
 def save_final_model(kind: str, model_path: str, config: dict, tokenizer, state: dict, dtype: str, out: str) -> None:
     """Save the trained weights in HF format (safetensors, LoRA merged, in `dtype`) into `out`, so the
     generator pool and scorers load the result by path like any model."""
-    from align.models import build_model_for
+    from align.engine.models import build_model_for
 
     model = build_model_for(kind, model_path, tokenizer, config.get("lora"))
     model.load_state_dict(state)

@@ -1,4 +1,4 @@
-"""The on-policy loop of variational BoN (align/vbon.py), run by each Ray Train worker around a
+"""The on-policy loop of variational BoN (align/math/vbon.py), run by each Ray Train worker around a
 DeepSpeed engine, with generator and scorer actors outside the worker group (the OpenRLHF layout):
 
     every step   rank r takes its slice of the step's prompts, has a generator actor sample k
@@ -59,9 +59,9 @@ def vbon_worker(config: dict) -> None:
     from actors.cluster import local_dir
     from actors.trainer import (batch_indices, deepspeed_config, inject_failure, linear_schedule, mean_over_ranks,
                                 resume_newest, rewrite_log, save_checkpoint, upload_final_model, worker_setup)
-    from align.losses import model_sequence_logps
-    from align.models import build_model_for, load_tokenizer
-    from align.vbon import completion_batch, log_cdf, policy_gradient_loss
+    from align.math.losses import model_sequence_logps
+    from align.engine.models import build_model_for, load_tokenizer
+    from align.math.vbon import completion_batch, log_cdf, policy_gradient_loss
 
     rank, world, bf16, zero_stage = worker_setup(config)
     train, p = config["train"], config["objective_params"]

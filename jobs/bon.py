@@ -24,156 +24,11 @@ from typing import Literal
 import torch
 import yaml
 
-from align.config import ConfigError, require, run_job, to_dict
+from align.runtime.config import ConfigError, require, run_job, to_dict
+from jobs.sections import (ModelConfig, PenaltyConfig, PoolConfig, PromptsConfig, RbonConfig, RewardConfig,
+                           SamplingConfig, SpeculativeConfig, reward_spec)
 
 log = logging.getLogger("sweetspot.bon")
-
-
-@dataclass
-class ModelConfig:
-    path: str = "default"  # "default" (embedded task), an HF model name, or a local directory
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-
-    def __post_init__(self):
-        from align.models import model_path_problem
-
-        problem = model_path_problem(self.path)
-        require(problem is None, "path", "'default', an HF model name or a directory with config.json", self.path)
-
-
-@dataclass
-class RewardComponent:
-    """One reward of a combined scorer (reward.kind: combined)."""
-
-    kind: Literal["vader", "brevity", "classifier", "ensemble", "laplace"] = "vader"
-    path: str | None = None
-    max_words: int = 12  # kind brevity
-
-    def __post_init__(self):
-        require(self.kind not in ("classifier", "ensemble", "laplace") or bool(self.path), "path",
-                f"a directory when kind is {self.kind!r}", self.path)
-        require(self.max_words >= 1, "max_words", "an integer >= 1", self.max_words)
-
-
-@dataclass
-class RewardConfig:
-    kind: Literal["vader", "brevity", "classifier", "ensemble", "laplace", "combined"] = "vader"
-    path: str | None = None  # classifier: an HF name or directory; ensemble / laplace: the directory jobs.train_rm wrote
-    max_words: int = 12  # kind brevity: reward = max_words - words in the completion
-    components: list[RewardComponent] = field(default_factory=list)  # kind combined: the rewards combined
-    combine: Literal["sum_of_lsc", "sum_raw"] = "sum_of_lsc"  # kind combined: sum of log sigmoid(r - r_ref(x)), or of raw rewards
-    reference_quantile: float = 0.5  # kind combined: r_ref(x) = this quantile of r over the prompt's pi_0 samples
-    device: str = "auto"
-    num_actors: int = 1  # scorer actors (a ScorerPool); scoring scales separately from generation
-    num_cpus: float = 0  # logical CPUs reserved per scorer actor (0: shares the generators' cores)
-
-    def __post_init__(self):
-        require(self.kind not in ("classifier", "ensemble", "laplace") or bool(self.path), "path",
-                f"a reward-model directory when kind is {self.kind!r}", self.path)
-        require(self.kind != "combined" or len(self.components) >= 2, "components",
-                "a list of >= 2 rewards when kind is 'combined'", self.components)
-        require(0 <= self.reference_quantile <= 1, "reference_quantile", "a number in [0, 1]", self.reference_quantile)
-        require(self.max_words >= 1, "max_words", "an integer >= 1", self.max_words)
-        require(self.num_actors >= 1, "num_actors", "an integer >= 1", self.num_actors)
-        require(self.num_cpus >= 0, "num_cpus", ">= 0", self.num_cpus)
-        if self.kind in ("ensemble", "laplace"):
-            problem = scorer_dir_problem(self.kind, self.path)
-            require(problem is None, "path", f"a directory written by jobs.train_rm for kind {self.kind!r} ({problem})")
-
-
-def scorer_dir_problem(kind: str, path: str) -> str | None:
-    """Why `path` cannot be loaded as an ensemble or a Laplace posterior (checked before any actor starts)."""
-    from actors.scorer import ENSEMBLE_FILE
-    from align.laplace_reward import META_FILE
-    from align.paths import resolve_input
-
-    p = resolve_input(path)
-    need = {"ensemble": ENSEMBLE_FILE, "laplace": META_FILE}[kind]
-    if not p.is_dir():
-        return f"{path!r} does not exist"
-    return None if (p / need).is_file() else f"{path!r} has no {need}"
-
-
-@dataclass
-class PenaltyConfig:
-    """Ranking by the reward model's uncertainty instead of its mean."""
-
-    kind: Literal["none", "ensemble", "laplace"] = "none"  # ensemble needs reward.kind ensemble; laplace needs reward.kind laplace
-    ensemble_mode: Literal["mean", "worst", "uncertainty_weighted"] = "mean"  # kind ensemble
-    coef: float = 0.0  # uncertainty_weighted: mean - coef * variance; laplace: mu - coef * sigma
-
-    def __post_init__(self):
-        require(self.coef >= 0, "coef", "a number >= 0", self.coef)
-
-
-@dataclass
-class RbonConfig:
-    """Regularized BoN (Jinnai et al. 2404.01054), used when selection is rbon_kl or rbon_wd."""
-
-    beta: float = 0.1  # weight of the proximity term; 0 is plain argmax
-    embedder: str = "minilm"  # rbon_wd: sentence encoder for the cost 1 - cosine similarity
-
-    def __post_init__(self):
-        require(self.beta >= 0, "beta", "a number >= 0", self.beta)
-
-
-@dataclass
-class SamplingConfig:
-    n: int = 8
-    temperature: float = 1.0
-    max_new_tokens: int = 24
-    min_new_tokens: int = 16
-    stop_at_eos: bool = True
-
-    def __post_init__(self):
-        require(self.n >= 1, "n", "an integer >= 1", self.n)
-        require(self.temperature > 0, "temperature", "a number > 0", self.temperature)
-        require(self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1", self.max_new_tokens)
-        require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", f"0 <= min_new_tokens <= max_new_tokens ({self.max_new_tokens})", self.min_new_tokens)
-
-
-@dataclass
-class PromptsConfig:
-    source: str = "default"  # "default" | a .jsonl/.json/.csv/.txt file | a saved datasets dir | an HF dataset
-    split: str = "test"
-    column: str = "prompt"
-    limit: int | None = None  # use the first `limit` prompts
-    repeats: int = 1  # each prompt this many times, with independent samples (more BoN groups per prompt)
-
-    def __post_init__(self):
-        require(self.limit is None or self.limit >= 1, "limit", "null or an integer >= 1", self.limit)
-        require(self.repeats >= 1, "repeats", "an integer >= 1", self.repeats)
-
-
-@dataclass
-class PoolConfig:
-    num_actors: int = 2
-    num_cpus_per_actor: float = 1
-    num_gpus_per_actor: float = 0
-    batch_size: int = 16  # prompts per actor call (each yields batch_size * (n + 1) rows)
-    cache: Literal["auto", "shared_prefix", "expanded"] = "auto"  # how decoding holds the shared prompt
-    compile: bool = False  # torch.compile the decode step (pays a compilation in every actor)
-
-    def __post_init__(self):
-        require(self.num_actors >= 1, "num_actors", "an integer >= 1", self.num_actors)
-        require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
-        require(self.num_cpus_per_actor > 0 or self.num_gpus_per_actor > 0, "num_cpus_per_actor", "> 0 (or num_gpus_per_actor > 0)", self.num_cpus_per_actor)
-
-
-@dataclass
-class SpeculativeConfig:
-    """Speculative rejection (align.speculative): sampling.n continuations start, the partial ones are
-    scored with the configured reward at each decision point and the lowest rejection_rate dropped."""
-
-    rejection_rate: float = 0.5  # fraction of the running candidates dropped at each decision point
-    decision_tokens: list[int] = field(default_factory=lambda: [8])  # completion lengths of the decision points
-
-    def __post_init__(self):
-        require(0 <= self.rejection_rate < 1, "rejection_rate", "a number in [0, 1)", self.rejection_rate)
-        ok = len(self.decision_tokens) >= 1 and all(t >= 1 for t in self.decision_tokens)
-        ok = ok and all(a < b for a, b in zip(self.decision_tokens, self.decision_tokens[1:]))
-        require(ok, "decision_tokens", "a non-empty, strictly increasing list of integers >= 1", self.decision_tokens)
 
 
 @dataclass
@@ -232,9 +87,9 @@ def record(s, index: int, batch: int, cfg: BonConfig) -> dict:
 
 
 def choose(s, n: int, cfg: BonConfig) -> tuple[int, dict]:
-    """The chosen candidate of one prompt's n (align.selection) and what it was chosen by."""
-    from align.scoring import cosine_cost
-    from align.selection import prompt_ranking, select
+    """The chosen candidate of one prompt's n (align.math.selection) and what it was chosen by."""
+    from align.math.scoring import cosine_cost
+    from align.math.selection import prompt_ranking, select
 
     members = s.reward_members[:n] if s.reward_members is not None else None
     ranking = prompt_ranking(s.rewards[:n], s.reward_var[:n], members, cfg.penalty.kind, cfg.penalty.ensemble_mode, cfg.penalty.coef)
@@ -268,7 +123,7 @@ def read_records(path: Path, batch_sizes: dict[int, int]) -> dict[int, dict]:
 def summarize(records: list[dict], n: int, seconds: float, new_tokens: int, vocabulary: set[str] | None,
               selection: str = "argmax") -> dict:
     """BoN vs pi_0 metrics from samples.jsonl records (scored candidates plus one pi_0 sample each)."""
-    from align.bon import bon_win_rate_closed_form, tie_rate, win_rate
+    from align.math.bon import bon_win_rate_closed_form, tie_rate, win_rate
 
     bon_r = torch.tensor([r["rewards"][r["chosen"]] for r in records], dtype=torch.float64)
     base_r = torch.tensor([r["pi0_reward"] for r in records], dtype=torch.float64)
@@ -287,7 +142,7 @@ def summarize(records: list[dict], n: int, seconds: float, new_tokens: int, voca
         "sampling_seconds": seconds,
     }
     if vocabulary is not None:
-        from align.corpus import fluency
+        from align.task.corpus import fluency
 
         metrics["fluency_bon"] = fluency([r["completions"][r["chosen"]] for r in records], vocabulary)
         metrics["fluency_pi0"] = fluency([r["pi0_completion"] for r in records], vocabulary)
@@ -316,16 +171,6 @@ def print_report(metrics: dict, records: list[dict], n: int, k: int, stride: int
         print(f"\n  prompt: {r['prompt']!r}")
         print(f"    BoN  ({r['rewards'][r['chosen']]:+.3f}): {r['completions'][r['chosen']]!r}")
         print(f"    pi_0 ({r['pi0_reward']:+.3f}): {r['pi0_completion']!r}")
-
-
-def reward_spec(r: RewardConfig) -> dict:
-    """A reward config as actors.scorer.make_scorer's dict (model directories resolved)."""
-    from align.models import resolve_model_path
-
-    return {"kind": r.kind, "device": r.device, "max_words": r.max_words, "combine": r.combine,
-            "reference_quantile": r.reference_quantile,
-            "path": resolve_model_path(r.path) if r.path else None,
-            "components": [{**to_dict(c), "path": resolve_model_path(c.path) if c.path else None} for c in r.components]}
 
 
 def scorer_spec(cfg: BonConfig) -> dict:
@@ -358,9 +203,9 @@ def check_resources(cfg: BonConfig) -> None:
 
 
 def prepare_output(cfg: BonConfig, out: Path, batch_sizes: dict[int, int]) -> dict[int, dict]:
-    """Check the output directory against this config (align.runstate), save the config, and return
+    """Check the output directory against this config (align.runtime.runstate), save the config, and return
     the records a previous run of the same config already finished."""
-    from align.runstate import check_resume, drop_keys, write_atomic
+    from align.runtime.runstate import check_resume, drop_keys, write_atomic
 
     final, partial, saved_cfg = out / "samples.jsonl", out / "samples.partial.jsonl", out / "config.yaml"
     current = drop_keys(to_dict(cfg), NOT_IN_RESULT)
@@ -391,10 +236,10 @@ def run(cfg: BonConfig) -> dict:
     from actors.cluster import init_ray
     from actors.generator import GeneratorPool
     from actors.scorer import ScorerPool, ship_spec
-    from align.data import load_prompts
-    from align.models import resolve_model_path
-    from align.paths import resolve_output
-    from align.runstate import write_atomic
+    from align.data.prompts import load_prompts
+    from align.engine.models import resolve_model_path
+    from align.runtime.paths import resolve_output
+    from align.runtime.runstate import write_atomic
 
     prompts = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.column, cfg.prompts.limit)
     prompts = [p for p in prompts for _ in range(cfg.prompts.repeats)]
@@ -404,12 +249,12 @@ def run(cfg: BonConfig) -> dict:
     batches = {b: prompts[i : i + bs] for b, i in enumerate(range(0, len(prompts), bs))}
     out = resolve_output(cfg.output_dir)
     model_path = resolve_model_path(cfg.model.path)
-    from align.models import check_prompts_fit
+    from align.engine.models import check_prompts_fit
 
     check_prompts_fit(model_path, list(dict.fromkeys(prompts)), cfg.sampling.max_new_tokens)
     vocabulary = None
     if cfg.model.path == "default":
-        from align.default_task import ensure_default_task
+        from align.task.default_task import ensure_default_task
 
         task = ensure_default_task()
         vocabulary = task.vocabulary()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from align.config import parse_args
-from align.default_task import DefaultTaskConfig, config_hash, ensure_default_task
+from align.runtime.config import parse_args
+from align.task.default_task import DefaultTaskConfig, config_hash, ensure_default_task
 
 
 def run(cfg: DefaultTaskConfig) -> dict:

@@ -1,4 +1,4 @@
-"""Decoding-time realignment over a lambda sweep (Liu et al. 2402.02992; align/dera.py): for every
+"""Decoding-time realignment over a lambda sweep (Liu et al. 2402.02992; align/math/dera.py): for every
 lambda, n samples per prompt from softmax(lam * aligned + (1 - lam) * reference logits), without
 training anything. All lambdas decode in one pass (one lambda per batch row) on a GeneratorPool whose
 actors hold both models; a ScorerPool scores them with the gold reward (and a proxy, if given).
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.config import ConfigError, require, run_job
-from jobs.bon import PoolConfig, PromptsConfig, RewardConfig, SamplingConfig
+from align.runtime.config import ConfigError, require, run_job
+from jobs.sections import PoolConfig, PromptsConfig, RewardConfig, SamplingConfig
 
 
 @dataclass
@@ -41,8 +41,8 @@ class DeraConfig:
 
 def per_lambda(rows: list[dict], lambdas: list[float], n: int) -> list[dict]:
     """Metrics per lambda from the scored samples (rows: one per (lambda, prompt))."""
-    from align.bon import win_rate
-    from align.stats import clustered_mean_stderr, win_rate_interval
+    from align.math.bon import win_rate
+    from align.math.stats import clustered_mean_stderr, win_rate_interval
 
     base = {r["prompt_index"]: torch.tensor(r["gold"], dtype=torch.float64) for r in rows if r["lambda"] == 0.0}
     out = []
@@ -94,12 +94,12 @@ def run(cfg: DeraConfig) -> dict:
     from actors.cluster import init_ray
     from actors.generator import GeneratorPool
     from actors.scorer import ScorerPool
-    from align.data import load_prompts
-    from align.models import model_path_problem, resolve_model_path
-    from align.paths import resolve_output
-    from align.runstate import write_atomic
-    from jobs.benchmarking import format_table, write_results
-    from jobs.bon import reward_spec
+    from align.data.prompts import load_prompts
+    from align.engine.models import model_path_problem, resolve_model_path
+    from align.runtime.paths import resolve_output
+    from align.runtime.runstate import write_atomic
+    from jobs.tables import format_table, write_results
+    from jobs.sections import reward_spec
 
     for name in ("reference", "aligned"):  # here, not at load: the YAML's default points at a job's output
         problem = model_path_problem(getattr(cfg, name))

@@ -40,10 +40,10 @@ from typing import Literal
 
 import torch
 
-from align.config import require, run_job, to_dict
-from align.runstate import write_atomic
-from align.stats import clustered_mean_stderr
-from jobs.bon import PromptsConfig, RewardConfig, SamplingConfig
+from align.runtime.config import require, run_job, to_dict
+from align.runtime.runstate import write_atomic
+from align.math.stats import clustered_mean_stderr
+from jobs.sections import PromptsConfig, RewardConfig, SamplingConfig
 
 log = logging.getLogger("sweetspot.evaluate")
 
@@ -120,7 +120,7 @@ def process_of(cfg: EvalConfig, tokenizer) -> dict:
 
 
 class DeraLM:
-    """DeRa's process as one model (align.dera): logits lam * aligned + (1 - lam) * reference. Called like
+    """DeRa's process as one model (align.math.dera): logits lam * aligned + (1 - lam) * reference. Called like
     a causal LM (a full forward, for continuation_logprobs); sampling runs both models in NSampler's one
     decode loop with `dera_mix`. torch.lerp is exact at both ends: lam 0 is the reference's logits and
     lam 1 the aligned model's, bit for bit."""
@@ -129,7 +129,7 @@ class DeraLM:
         self.reference, self.aligned, self.lam = reference, aligned, float(lam)
 
     def __call__(self, **inputs):
-        from align.dera import dera_logits
+        from align.math.dera import dera_logits
 
         return SimpleNamespace(logits=dera_logits(self.reference(**inputs).logits, self.aligned(**inputs).logits, self.lam))
 
@@ -140,8 +140,8 @@ class DeraLM:
 def draw_batches(model, tokenizer, prompts, cfg: EvalConfig, seed: int, n: int, batch_size: int):
     """Yield (input_ids, attention_mask, Samples) per batch of `batch_size` prompts: n samples per prompt
     from `model` (a causal LM, or a DeraLM) run as the evaluation's process; batch b is seeded seed + b."""
-    from align.models import encode_prompts
-    from align.sampling import NSampler, sample_n
+    from align.engine.models import encode_prompts
+    from align.engine.sampling import NSampler, sample_n
 
     device = next(model.parameters()).device
     process = process_of(cfg, tokenizer)
@@ -150,7 +150,7 @@ def draw_batches(model, tokenizer, prompts, cfg: EvalConfig, seed: int, n: int, 
         ids, mask = encode_prompts(tokenizer, prompts[i : i + batch_size], device)
         gen = torch.Generator(device=device).manual_seed(seed + b)
         if isinstance(model, DeraLM):
-            from align.dera import dera_mix
+            from align.math.dera import dera_mix
 
             with torch.no_grad():
                 s = NSampler([model.reference, model.aligned], ids, mask, n, s_cfg.max_new_tokens, s_cfg.temperature,
@@ -166,7 +166,7 @@ def sample_and_score(model, tokenizer, ref_model, prompts, cfg: EvalConfig, seed
     """n samples per prompt from `model` (a causal LM, or a DeraLM), as texts, with log pi(y|x) and
     log pi_0(y|x) per sample, both under the same sampling process and by the same full forward (so
     pi = pi_0 gives exactly 0)."""
-    from align.sampling import continuation_logprobs
+    from align.engine.sampling import continuation_logprobs
 
     n = cfg.sampling.n
     process = process_of(cfg, tokenizer)
@@ -211,7 +211,7 @@ class Decoded:
 def run_decoder(spec: DecoderSpec, ref, tok, prompts, cfg: EvalConfig, seed: int, gold) -> Decoded:
     """sampling.n outputs per prompt from decoder `spec` over the reference model `ref` (and its
     tokenizer), seeded by `seed`; `gold` is the gold scorer, the selector when spec.selector is null."""
-    from align.models import load_causal_lm
+    from align.engine.models import load_causal_lm
 
     if spec.kind == "dera":
         aligned, aligned_tok = load_causal_lm(spec.aligned, next(ref.parameters()).device, "float32")
@@ -224,19 +224,19 @@ def run_decoder(spec: DecoderSpec, ref, tok, prompts, cfg: EvalConfig, seed: int
 
 def select_candidates(spec: DecoderSpec, ref, tok, prompts, cfg: EvalConfig, seed: int, gold) -> Decoded:
     """bon / rbon_kl / rbon_wd: for each of the sampling.n outputs of a prompt, n fresh candidates from
-    pi_0 under the evaluation's process, ranked by the selector and picked by align.selection.select
+    pi_0 under the evaluation's process, ranked by the selector and picked by align.math.selection.select
     (argmax, or RBoN with log pi_0 from the sampler / the cosine cost of sentence embeddings)."""
     from actors.scorer import make_scorer
-    from align.scoring import cosine_cost
-    from align.selection import select
-    from jobs.bon import reward_spec
+    from align.math.scoring import cosine_cost
+    from align.math.selection import select
+    from jobs.sections import reward_spec
 
     m, n = cfg.sampling.n, spec.n
     selector = gold if spec.selector is None else make_scorer(reward_spec(spec.selector))
     embedder = None
     if spec.kind == "rbon_wd":
-        from align.embeddings import SentenceEmbedder
-        from align.models import pick_device
+        from align.engine.embeddings import SentenceEmbedder
+        from align.engine.models import pick_device
 
         embedder = SentenceEmbedder(spec.embedder, device=str(pick_device(cfg.device)))
     method = {"bon": "argmax", "rbon_kl": "rbon_kl", "rbon_wd": "rbon_wd"}[spec.kind]
@@ -270,8 +270,8 @@ def describe(spec: DecoderSpec) -> str:
 def win_metrics(texts, rep, r_ref, scorer, cfg: EvalConfig) -> dict:
     """Gold win rate (ties 1/2, bootstrap interval over prompts) and mean gold reward of outputs
     against the shared pi_0 samples' rewards."""
-    from align.bon import tie_rate, win_rate
-    from align.stats import win_rate_interval
+    from align.math.bon import tie_rate, win_rate
+    from align.math.stats import win_rate_interval
 
     r = scorer.score(rep, texts).mean
     low, high = win_rate_interval(r, r_ref, cfg.sampling.n, seed=cfg.seed)
@@ -290,7 +290,7 @@ def evaluate_policy(policy, tok, ref, prompts, rep, r_ref, scorer, cfg: EvalConf
 def evaluate_decoder(spec: DecoderSpec, decoded: Decoded, tok, rep, r_ref, scorer, cfg: EvalConfig) -> dict:
     """A decoder's row: win rate and mean gold reward as for a policy; KL by Monte Carlo (dera), BoN's
     closed form (bon) or none (rbon_*: null)."""
-    from align.bon import bon_kl_closed_form
+    from align.math.bon import bon_kl_closed_form
 
     metrics = win_metrics(decoded.texts, rep, r_ref, scorer, cfg)
     if spec.kind == "dera":
@@ -331,10 +331,10 @@ def run(cfg: EvalConfig) -> dict:
     Returns the policy's metrics (also eval_metrics.json next to it or in output_dir), or with no
     policy the comparison (comparison.json's content)."""
     from actors.scorer import make_scorer
-    from align.data import load_prompts
-    from align.models import load_causal_lm, model_path_problem
-    from align.paths import resolve_input, resolve_output
-    from jobs.bon import reward_spec
+    from align.data.prompts import load_prompts
+    from align.engine.models import load_causal_lm, model_path_problem
+    from align.runtime.paths import resolve_input, resolve_output
+    from jobs.sections import reward_spec
 
     for i, spec in enumerate(cfg.decoders):  # checked here, not at load: an earlier pipeline stage may write it
         problem = model_path_problem(spec.aligned) if spec.aligned else None
@@ -386,8 +386,8 @@ def compare_table(rows: list[dict], decoder_rows: list[dict], cfg: EvalConfig, o
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from align.bon import bon_kl_closed_form, bon_win_rate_closed_form
-    from jobs.benchmarking import format_table
+    from align.math.bon import bon_kl_closed_form, bon_win_rate_closed_form
+    from jobs.tables import format_table
 
     for r in rows + decoder_rows:
         r["win_rate_ci"] = "{:.3f}-{:.3f}".format(*r["win_rate_ci95"])

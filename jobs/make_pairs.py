@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from align.config import require, run_job
+from align.runtime.config import require, run_job
 from jobs.bon import BonConfig
 
 log = logging.getLogger("sweetspot.pairs")
@@ -39,7 +39,7 @@ def sample_split(cfg: MakePairsConfig, split: str, out: Path):
     """BoN samples for one prompt split -> (bon metrics, best/worst pairs, random pairs)."""
     import datasets
 
-    from align.pairs import bon_pairs, random_pairs
+    from align.data.pairs import bon_pairs, random_pairs
     from jobs import bon
 
     log.info("sampling split %r", split)
@@ -55,8 +55,8 @@ def run(cfg: MakePairsConfig) -> dict:
     import ray
 
     from actors.cluster import init_ray
-    from align.paths import resolve_output
-    from align.runstate import replace_dir
+    from align.runtime.paths import resolve_output
+    from align.runtime.runstate import replace_dir
 
     out = resolve_output(cfg.output_dir)
     best_worst, rand, metrics = {}, {}, {}

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from align.config import require, run_job
-from jobs.bon import PoolConfig, PromptsConfig, SamplingConfig
+from align.runtime.config import require, run_job
+from jobs.sections import PoolConfig, PromptsConfig, SamplingConfig
 from jobs.make_pairs import MakePairsConfig
 from jobs.train_rm import RmJobConfig
 
@@ -85,7 +85,7 @@ class OveroptConfig:
 
 def data_key(cfg: OveroptConfig) -> dict:
     """What the scored samples depend on: a rerun under another key draws and scores again."""
-    from align.config import to_dict
+    from align.runtime.config import to_dict
 
     d = to_dict(cfg)
     return {k: d[k] for k in ("policy", "pairs", "proxy", "prompts", "sampling", "seed")} | {"embedder": cfg.remedies.embedder}
@@ -96,8 +96,8 @@ def draw_and_score(cfg: OveroptConfig, proxy_dir) -> dict[str, torch.Tensor]:
     Returns [P, N] tensors gold, logp, words, lap_mean, lap_var; members [k, P, N]; emb [P, N, d]."""
     from actors.generator import GeneratorPool
     from actors.scorer import ScorerPool
-    from align.data import load_prompts
-    from align.models import resolve_model_path
+    from align.data.prompts import load_prompts
+    from align.engine.models import resolve_model_path
 
     prompts = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.column, cfg.prompts.limit)
     N, s = cfg.sampling.n, cfg.sampling
@@ -134,7 +134,7 @@ def draw_and_score(cfg: OveroptConfig, proxy_dir) -> dict[str, torch.Tensor]:
 def remedy_rankings(d: dict, p: RemedyParams) -> dict[str, tuple]:
     """name -> (ranking [P, N] or None, selection method, beta). The plain proxy is ensemble member 0,
     the model the Laplace posterior is fitted around (its GLM mean is member 0's reward)."""
-    from align.scoring import ensemble_reward, penalized_reward
+    from align.math.scoring import ensemble_reward, penalized_reward
 
     members = d["members"]
     return {
@@ -162,8 +162,8 @@ def pick(values: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 
 def select_in_blocks(ranking, method, beta, d, n) -> torch.Tensor:
     """Chosen index within each block of n, [P * N/n]."""
-    from align.scoring import cosine_cost
-    from align.selection import select
+    from align.math.scoring import cosine_cost
+    from align.math.selection import select
 
     cost = cosine_cost(blocks(d["emb"], n)) if method == "rbon_wd" else None
     return select(blocks(ranking, n), method, beta, blocks(d["logp"], n), cost)
@@ -172,7 +172,7 @@ def select_in_blocks(ranking, method, beta, d, n) -> torch.Tensor:
 def overopt_curves(d: dict, ns: list[int], p: RemedyParams) -> list[dict]:
     """Gold and proxy reward of the selected sample per (remedy, n): mean over prompts and blocks, and
     the standard error over prompts."""
-    from align.bon import bon_kl_closed_form
+    from align.math.bon import bon_kl_closed_form
 
     P = d["gold"].shape[0]
     rows = []
@@ -190,7 +190,7 @@ def two_reward_rows(d: dict, ns: list[int], t: TwoRewardParams) -> list[dict]:
     """Proxy sentiment + brevity combined by sum_raw and sum_of_lsc (each alone for reference): share
     of selected outputs good on both (gold > 0 and at most max_words words), mean and low quantile
     over prompts."""
-    from align.scoring import combine_rewards, reference_reward
+    from align.math.scoring import combine_rewards, reference_reward
 
     P = d["gold"].shape[0]
     rewards = torch.stack([d["members"][0], t.max_words - d["words"]])  # (2, P, N)
@@ -244,10 +244,10 @@ def run(cfg: OveroptConfig) -> dict:
     import ray
 
     from actors.cluster import init_ray
-    from align.paths import resolve_output
-    from align.runstate import write_atomic
+    from align.runtime.paths import resolve_output
+    from align.runtime.runstate import write_atomic
     from jobs import make_pairs, train_rm
-    from jobs.benchmarking import format_table, write_results
+    from jobs.tables import format_table, write_results
 
     out = resolve_output(cfg.output_dir)
     started = init_ray()

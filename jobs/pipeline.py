@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.config import ConfigError, require, run_job
+from align.runtime.config import ConfigError, require, run_job
 
 # The jobs a stage may run (each has run(cfg) and a typed config).
 JOBS = ("make_pairs", "train_rm", "train_bonbon", "train_dpo", "train_vbon", "evaluate", "dera", "bon", "overopt")
@@ -117,8 +117,8 @@ def substitute(text: str, values: dict) -> str:
 def input_fingerprints(cfg_dict: dict, out: Path) -> dict:
     """Files and directories the stage reads that live outside the pipeline (a local model, a prompt
     file): their fingerprints join the key, so replacing one reruns the stage."""
-    from align.paths import resolve_input
-    from align.runstate import flatten, path_fingerprint
+    from align.runtime.paths import resolve_input
+    from align.runtime.runstate import flatten, path_fingerprint
 
     found = {}
     for k, v in flatten(cfg_dict).items():
@@ -143,9 +143,9 @@ def place(cfg, stage_dir: Path, name: str):
 
 def plan(cfg: PipelineConfig) -> list[Stage]:
     """Every stage's config, loaded and validated, its key and directory, before any work starts."""
-    from align.config import load_config, to_dict
-    from align.paths import resolve_output
-    from align.runstate import digest
+    from align.runtime.config import load_config, to_dict
+    from align.runtime.paths import resolve_output
+    from align.runtime.runstate import digest
 
     out = resolve_output(cfg.output_dir)
     dirs: dict[str, Path | str] = dict(cfg.vars)
@@ -175,7 +175,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
 
 def headline(metrics: dict) -> str:
     """Up to three well-known scalars of a stage's result (nested results by their dotted names)."""
-    from align.runstate import flatten
+    from align.runtime.runstate import flatten
 
     flat = flatten(metrics) if isinstance(metrics, dict) else {}
     parts = []
@@ -207,9 +207,9 @@ def run(cfg: PipelineConfig) -> dict:
     import ray
 
     from actors.cluster import init_ray
-    from align.paths import resolve_output
-    from align.runstate import write_atomic
-    from jobs.benchmarking import format_table
+    from align.runtime.paths import resolve_output
+    from align.runtime.runstate import write_atomic
+    from jobs.tables import format_table
 
     stages = plan(cfg)  # a config error in any stage stops here
     last = len(stages) if cfg.stop_after is None else [s.spec.name for s in stages].index(cfg.stop_after) + 1
@@ -233,7 +233,7 @@ def run(cfg: PipelineConfig) -> dict:
             metrics = importlib.import_module(f"jobs.{s.spec.job}").run(s.cfg)
             metrics = json.loads(json.dumps(metrics if isinstance(metrics, dict) else {"result": metrics}, default=str))
             wall = time.perf_counter() - t0
-            from align.config import to_dict
+            from align.runtime.config import to_dict
 
             write_atomic(marker, json.dumps({"key": s.key, "job": s.spec.job, "config": to_dict(s.cfg), "wall_s": wall,
                                              "metrics": metrics}, indent=2, default=str))

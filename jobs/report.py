@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.config import require, run_job
+from align.runtime.config import require, run_job
 from jobs.pipeline import PipelineConfig, StageSpec
 
 # The stages each section reads (name -> job); a report config must have them.
@@ -74,13 +74,13 @@ def parts(*oks: bool) -> bool | str:
 
 
 def md_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    from jobs.benchmarking import format_table
+    from jobs.tables import format_table
 
     return format_table(rows, columns)[1]
 
 
 def section_bon(ev: dict, pairs: dict) -> tuple[str, list[dict]]:
-    from align.bon import bon_kl_closed_form
+    from align.math.bon import bon_kl_closed_form
 
     rows = []
     for r in ev["rows"]:
@@ -107,7 +107,7 @@ def section_bon(ev: dict, pairs: dict) -> tuple[str, list[dict]]:
 
 
 def section_bonbon(ev: dict) -> str:
-    from align.bon import bon_kl_closed_form
+    from align.math.bon import bon_kl_closed_form
 
     by = ev["by_name"]
     rows = [dict(by[k]) for k in ("bonbon", "dpo", "ipo", "BoN n=8") if k in by]
@@ -274,7 +274,7 @@ def plot_policies(ev: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from align.bon import bon_kl_closed_form
+    from align.math.bon import bon_kl_closed_form
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ns = [2, 4, 8, 16, 32, 64, 128, 256]
@@ -364,7 +364,7 @@ def write_report(cfg: ReportConfig, result: dict, t0: float) -> Path:
     import os
     import shutil
 
-    from align.runstate import write_atomic
+    from align.runtime.runstate import write_atomic
 
     stages = {r["stage"]: r for r in result["stages"]}
     dirs = {k: Path(r["dir"]) for k, r in stages.items()}

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from actors.train_config import TrainConfig
-from align.config import require, run_job
-from jobs.training import PairDataConfig
+from align.runtime.config import require, run_job
+from jobs.sections import PairDataConfig
 
 
 @dataclass
@@ -36,7 +36,7 @@ class BonbonJobConfig:
 
 def check_n_matches_data(cfg: BonbonJobConfig) -> None:
     """The pairs' own n (column "n", written by jobs.make_pairs) must be the n that sets beta*_n."""
-    from align.config import ConfigError
+    from align.runtime.config import ConfigError
     from jobs.training import load_pair_dataset
 
     ds = load_pair_dataset(cfg.data)

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from actors.train_config import TrainConfig
-from align.config import require, run_job
-from jobs.training import PairDataConfig
+from align.runtime.config import require, run_job
+from jobs.sections import PairDataConfig
 
 log = logging.getLogger("sweetspot.dpo")
 

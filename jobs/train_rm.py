@@ -13,7 +13,7 @@ over the LoRA weights (laplace.enabled; reward.kind=laplace).
     ray job submit --working-dir . -- python -m jobs.train_rm --config configs/train_rm.yaml
 
 Outputs: <output_dir>/model (one model; member 0 of an ensemble), <output_dir>/ensemble/ (member_<i>/
-and ensemble.json) when members > 1, <output_dir>/laplace/ (align.laplace_reward) when enabled.
+and ensemble.json) when members > 1, <output_dir>/laplace/ (align.rewards.laplace_posterior) when enabled.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from actors.train_config import TrainConfig
-from align.config import require, run_job
-from jobs.training import PairDataConfig
+from align.runtime.config import require, run_job
+from jobs.sections import PairDataConfig
 
 
 @dataclass
@@ -83,8 +83,8 @@ class RmJobConfig:
 
 def heldout_agreement(model_dir: str, cfg: RmJobConfig) -> dict:
     """Share of held-out pairs on which the trained reward orders chosen above rejected (ties 1/2)."""
-    from align.bon import win_rate
-    from align.rewards import SequenceClassifierReward
+    from align.math.bon import win_rate
+    from align.rewards.functions import SequenceClassifierReward
     from jobs.training import load_pair_dataset
 
     source = cfg.eval.source or cfg.data.source
@@ -106,8 +106,8 @@ def run(cfg: RmJobConfig) -> dict:
     import shutil
     from dataclasses import asdict
 
-    from align.paths import resolve_output
-    from align.runstate import write_atomic
+    from align.runtime.paths import resolve_output
+    from align.runtime.runstate import write_atomic
     from jobs.training import run_training
 
     lora = {k: v for k, v in asdict(cfg.lora).items() if k != "enabled"} if cfg.lora.enabled else None
@@ -146,14 +146,14 @@ def run(cfg: RmJobConfig) -> dict:
 
 def fit_laplace(cfg: RmJobConfig, out) -> dict:
     """Fit the Laplace posterior over the trained adapter (model/lora) on the training pairs, in this
-    process, and save it to <output_dir>/laplace (align.laplace_reward)."""
+    process, and save it to <output_dir>/laplace (align.rewards.laplace_posterior)."""
     import time
 
     from peft import PeftModel
 
     from actors.trainer import LORA_DIR
-    from align.laplace_reward import LaplaceReward
-    from align.models import build_model_for, load_tokenizer, resolve_model_path
+    from align.rewards.laplace_posterior import LaplaceReward
+    from align.engine.models import build_model_for, load_tokenizer, resolve_model_path
     from jobs.training import load_pair_dataset, tokenize_pairs
 
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Variational best-of-n (Amini, Vieira, Cotterell 2407.06057; align/vbon.py): fine-tune pi_0 on its
+"""Variational best-of-n (Amini, Vieira, Cotterell 2407.06057; align/math/vbon.py): fine-tune pi_0 on its
 own samples so that one sample behaves like best-of-n, minimising KL(pi_theta || pi_bon), i.e.
 maximising E[log F_x(r)] - KL(pi_theta || pi_0) / (n - 1).
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from actors.train_config import TrainConfig
-from align.config import require, run_job
-from jobs.bon import PoolConfig, PromptsConfig, RewardConfig
+from align.runtime.config import require, run_job
+from jobs.sections import PoolConfig, PromptsConfig, RewardConfig
 
 log = logging.getLogger("sweetspot.vbon")
 
@@ -52,7 +52,7 @@ class VbonParams:
 
     @property
     def kl_weight(self) -> float:
-        from align.vbon import vbon_beta
+        from align.math.vbon import vbon_beta
 
         return vbon_beta(self.n) if self.mode == "vbon" else float(self.beta)
 
@@ -98,8 +98,8 @@ def reference_rewards(cfg: VbonJobConfig, prompts: list[str], pool, scorers, out
     import torch
 
     from actors.best_of_n import sample_and_score
-    from align.config import to_dict
-    from align.runstate import digest
+    from align.runtime.config import to_dict
+    from align.runtime.runstate import digest
 
     key = digest({"model": cfg.model, "prompts": prompts, "reward": to_dict(cfg.reward), "m": cfg.vbon.reference_samples,
                   "sampling": to_dict(cfg.sampling), "seed": cfg.seed})
@@ -141,12 +141,12 @@ def run(cfg: VbonJobConfig) -> dict:
     from actors.scorer import ScorerPool
     from actors.train_launcher import launch_training
     from actors.vbon_trainer import vbon_worker
-    from align.config import to_dict
-    from align.data import load_prompts
-    from align.models import resolve_model_path
-    from align.paths import resolve_output
-    from align.runstate import digest, path_fingerprint
-    from jobs.bon import reward_spec
+    from align.runtime.config import to_dict
+    from align.data.prompts import load_prompts
+    from align.engine.models import resolve_model_path
+    from align.runtime.paths import resolve_output
+    from align.runtime.runstate import digest, path_fingerprint
+    from jobs.sections import reward_spec
     from jobs.training import finish, start_run
 
     start = time.perf_counter()
@@ -176,8 +176,8 @@ def run(cfg: VbonJobConfig) -> dict:
         metrics = launch_training("vbon", params, ship_dir(model_path), data_ref, cfg.train, out, storage,
                                   loop=vbon_worker, extra={"generators": pool.actors, "scorers": scorers.actors})
         # the generators hold the last weights pushed: they must be the trained model's, bit for bit
-        from align.models import load_causal_lm
-        from align.vbon import state_digest
+        from align.engine.models import load_causal_lm
+        from align.math.vbon import state_digest
 
         trained, _ = load_causal_lm(str(out / "model"), device="cpu")
         metrics["sync_exact"] = float(all(d == state_digest(trained.state_dict())
@@ -190,7 +190,7 @@ def run(cfg: VbonJobConfig) -> dict:
             ray.shutdown()
     result = finish(f"vBoN ({cfg.vbon.mode}, n={cfg.vbon.n})", metrics, out, time.perf_counter() - start)
     if cfg.evaluate.enabled:
-        from jobs.bon import SamplingConfig
+        from jobs.sections import SamplingConfig
         from jobs.evaluate import EvalConfig
         from jobs.evaluate import run as evaluate
 

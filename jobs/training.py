@@ -1,37 +1,23 @@
-"""What the three trainer jobs share: the pair-data section of their configs, turning a pair dataset
+"""What the trainer jobs share: turning a pair dataset (jobs.sections.PairDataConfig)
 into the tokenized pairs the workers read (through the object store), the run key that decides
 whether a checkpoint may be resumed, and the end-of-run summary. Not an entry point."""
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-
-from align.config import ConfigError, require
+from align.runtime.config import ConfigError
+from jobs.sections import PairDataConfig
 
 log = logging.getLogger("sweetspot.train")
-
-
-@dataclass
-class PairDataConfig:
-    source: str = "outputs/pairs/bonbon"  # saved datasets dir (jobs.make_pairs) or .jsonl with prompt/chosen/rejected
-    split: str = "train"  # used when the source holds several splits
-    limit: int | None = None  # first `limit` pairs
-    eval_split: str | None = None  # held-out pairs scored every train.eval_every steps (val/loss, val/... metrics)
-    eval_limit: int | None = None  # first `eval_limit` of them
-
-    def __post_init__(self):
-        require(self.limit is None or self.limit >= 1, "limit", "null or an integer >= 1", self.limit)
-        require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "null or an integer >= 1", self.eval_limit)
 
 
 def check_pair_file(path: Path, source: str) -> None:
     """A JSON Lines pair file, line by line, before `datasets` reads it: UTF-8, one JSON object per
     line, prompt / chosen / rejected strings. Errors name data.source, the file and the line."""
-    from align.data import read_json_objects
-    from align.pairs import PAIR_COLUMNS
+    from align.data.prompts import read_json_objects
+    from align.data.pairs import PAIR_COLUMNS
 
     if path.suffix != ".jsonl":
         return
@@ -51,9 +37,9 @@ def load_pair_dataset(cfg: PairDataConfig):
     """A `datasets.Dataset` of pairs from a saved dataset dir or a JSON/JSONL file; columns checked."""
     import datasets
 
-    from align.pairs import check_pair_columns
+    from align.data.pairs import check_pair_columns
 
-    from align.paths import resolve_input
+    from align.runtime.paths import resolve_input
 
     path = resolve_input(cfg.source)
     if not path.exists():
@@ -78,8 +64,8 @@ def load_pair_dataset(cfg: PairDataConfig):
 
 def tokenize_pairs(ds, tokenizer, max_length: int):
     """The pairs with the token ids the workers train on (the sampled ids when the tokenizer matches)."""
-    from align.models import tokenizer_fingerprint
-    from align.pairs import tokenize_pair_batch
+    from align.engine.models import tokenizer_fingerprint
+    from align.data.pairs import tokenize_pair_batch
 
     fingerprint = tokenizer_fingerprint(tokenizer)
     # In memory: a map over a saved dataset would otherwise write cache files into the source directory.
@@ -94,9 +80,9 @@ def run_key(objective: str, params: dict, model_path: str, data: PairDataConfig,
     """What shapes a training run's result: a checkpoint resumes only under the same key."""
     from dataclasses import asdict
 
-    from align.paths import resolve_input
+    from align.runtime.paths import resolve_input
     from actors.train_config import TrainConfig
-    from align.runstate import drop_keys, path_fingerprint
+    from align.runtime.runstate import drop_keys, path_fingerprint
 
     source = resolve_input(data.source)
     model_dir = Path(model_path)
@@ -110,7 +96,7 @@ def run_key(objective: str, params: dict, model_path: str, data: PairDataConfig,
 
 def finish(name: str, metrics: dict, output_dir: Path, seconds: float) -> dict:
     """Print the run summary (with trainer throughput) and write metrics.json."""
-    from align.runstate import write_atomic
+    from align.runtime.runstate import write_atomic
 
     rows = [(k, metrics[k]) for k in sorted(metrics) if isinstance(metrics[k], (int, float))]
     print(f"\n  {name}: final metrics")
@@ -132,8 +118,8 @@ def start_run(title: str, cfg, out: Path, storage: str, key: dict) -> bool:
     import yaml
 
     from actors.train_launcher import check_resources, prepare_run
-    from align.config import to_dict
-    from align.runstate import write_atomic
+    from align.runtime.config import to_dict
+    from align.runtime.runstate import write_atomic
 
     check_resources(cfg.train)
     resumed = prepare_run(cfg.train, storage, out, key)
@@ -157,8 +143,8 @@ def run_training(title: str, objective: str, params: dict, cfg, lora: dict | Non
 
     from actors.cluster import init_ray, ship_dir
     from actors.train_launcher import launch_training
-    from align.models import load_tokenizer, resolve_model_path
-    from align.paths import resolve_output
+    from align.engine.models import load_tokenizer, resolve_model_path
+    from align.runtime.paths import resolve_output
 
     start = time.perf_counter()
     out = resolve_output(cfg.output_dir)

@@ -110,7 +110,7 @@ class GeneratorDeployment:
                  batching: dict | None = None, reward: dict | None = None):
         """reward: a scorer spec to score in this replica too (`colocate_scorer`), or None."""
         from actors.generator import Generator
-        from align.models import resolve_model_path
+        from align.engine.models import resolve_model_path
 
         self.generator = Generator(resolve_model_path(model), device=device, num_threads=num_threads,
                                    aligned_path=resolve_model_path(aligned) if aligned else None)
@@ -361,7 +361,7 @@ class Api:
     def answer(s, req: SamplingRequest, lam: float | None = None) -> dict:
         import torch
 
-        from align.selection import prompt_ranking, select
+        from align.math.selection import prompt_ranking, select
 
         if isinstance(req, BonRequest):
             ranking = prompt_ranking(s.rewards, s.reward_var, s.reward_members, req.penalty, req.ensemble_mode, req.coef)

@@ -3,7 +3,7 @@
 
 Sampling calls are grouped by what one decode loop must share (n, temperature, min_tokens, and
 whether DeRa's second model runs); inside a group every prompt keeps its own max_tokens, its own
-lambda and its own random stream (`align.sampling.NSampler`). Prompt j of a request with seed s is
+lambda and its own random stream (`align.engine.sampling.NSampler`). Prompt j of a request with seed s is
 seeded by batch_seed(s, j) whether it runs alone or beside other requests, so an answer does not
 depend on which requests it was batched with.
 

@@ -153,7 +153,7 @@ def ray_session(ray_cluster):
 @pytest.fixture(scope="session")
 def small_task():
     """The default task at its reduced test size, cached in the repo's .sweetspot_cache across runs."""
-    from align.default_task import DefaultTaskConfig, ensure_default_task
+    from align.task.default_task import DefaultTaskConfig, ensure_default_task
 
     return ensure_default_task(DefaultTaskConfig.small(), progress=False)
 
@@ -161,7 +161,7 @@ def small_task():
 @pytest.fixture(scope="session")
 def small_pairs(ray_session, small_task, tmp_path_factory):
     """jobs.make_pairs on the small default task: best/worst and random pair datasets, train and test."""
-    from align.config import load_config
+    from align.runtime.config import load_config
     from jobs.make_pairs import MakePairsConfig, run
 
     out = tmp_path_factory.mktemp("pairs")

@@ -11,7 +11,7 @@ import pytest
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from align.config import ConfigError, load_config  # noqa: E402
+from align.runtime.config import ConfigError, load_config  # noqa: E402
 
 
 def bon(tmp, *overrides, config="configs/bon.yaml"):

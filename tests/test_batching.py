@@ -1,4 +1,4 @@
-"""Batching requests (serve/batching.py, align.sampling.NSampler's per-prompt streams): a request's
+"""Batching requests (serve/batching.py, align.engine.sampling.NSampler's per-prompt streams): a request's
 samples and rewards are the same whether it runs alone or batched with others."""
 import pytest
 import torch
@@ -25,8 +25,8 @@ def alone(generator, call):
 def test_per_prompt_streams_and_budgets_match_each_prompt_alone(tiny_lm_dir):
     """Two prompts in one NSampler, each with its own generator and max_new_tokens, draw exactly what
     each draws alone; the shorter budget stops its rows there."""
-    from align.models import encode_prompts, load_causal_lm
-    from align.sampling import NSampler
+    from align.engine.models import encode_prompts, load_causal_lm
+    from align.engine.sampling import NSampler
 
     model, tok = load_causal_lm(str(tiny_lm_dir), device="cpu")
     ids, mask = encode_prompts(tok, ["the movie was", "a bad film with a plot"], "cpu")

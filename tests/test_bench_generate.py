@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jobs.bench_generate import METHODS, BenchGenerateConfig, ModelShape, cells, main, run
+from jobs.bench.generate import METHODS, BenchGenerateConfig, ModelShape, cells, main, run
 
 
 def test_bench_generate_smoke(tmp_path):
@@ -38,14 +38,14 @@ def test_per_model_grid_and_bad_config(tmp_path, capsys):
     got = [(s.name, L, n) for s, L, n in cells(cfg)]
     assert got == [("a", 4, 2), ("a", 4, 3), ("b", 5, 8)]
     with pytest.raises(SystemExit) as e:
-        main(["--config", "configs/bench_generate.yaml", "max_new_tokens=1", f"output_dir={tmp_path}"])
+        main(["--config", "configs/bench/generate.yaml", "max_new_tokens=1", f"output_dir={tmp_path}"])
     assert e.value.code == 2
     assert "max_new_tokens" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
 @pytest.mark.ray
 def test_bench_ray_smoke(ray_session, tiny_lm_dir, tmp_path):
-    from jobs.bench_ray import BenchRayConfig, run
+    from jobs.bench.ray_overhead import BenchRayConfig, run
 
     (tmp_path / "p.txt").write_text("the movie was\na bad\nthe plot\n")
     result = run(BenchRayConfig(model=str(tiny_lm_dir), prompts=str(tmp_path / "p.txt"), quick=True, actors=[1],
@@ -69,7 +69,7 @@ def test_bench_ray_smoke(ray_session, tiny_lm_dir, tmp_path):
 
 
 def test_frame_owner_names_whose_code_a_py_spy_frame_is():
-    from jobs.bench_ray import frame_owner
+    from jobs.bench.ray_overhead import frame_owner
 
     site = "/x/.venv/lib/python3.11/site-packages"
     assert frame_owner("sample_together (serve/batching.py:57)") == "sweetspot"  # relative to the repo root

@@ -2,8 +2,8 @@
 own environment and is skipped here), the table written, a bad method named."""
 import pytest
 
-from align.config import ConfigError, load_config
-from jobs.bench_train import BenchTrainConfig, make_pairs, run
+from align.runtime.config import ConfigError, load_config
+from jobs.bench.train import BenchTrainConfig, make_pairs, run
 
 
 def test_bench_train_quick(tmp_path):
@@ -20,5 +20,5 @@ def test_pairs_end_in_eos_and_bad_method():
     pairs = make_pairs(BenchTrainConfig(quick=True, pairs_per_step=2, steps=2, warmup_steps=1, prompt_len=4, completion_len=4))
     assert len(pairs) == 6 and all(p["chosen_ids"][-1] == 0 and len(p["rejected_ids"]) == 4 for p in pairs)
     with pytest.raises(ConfigError) as err:
-        load_config(BenchTrainConfig, "configs/bench_train.yaml", ["methods=[trl, deepspeed]"])
+        load_config(BenchTrainConfig, "configs/bench/train.yaml", ["methods=[trl, deepspeed]"])
     assert err.value.field == "methods"

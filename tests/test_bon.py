@@ -1,4 +1,4 @@
-"""align/bon.py against brute force, closed forms, Monte Carlo and hand-worked cases."""
+"""align/math/bon.py against brute force, closed forms, Monte Carlo and hand-worked cases."""
 
 import itertools
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from align.bon import (
+from align.math.bon import (
     bon_distribution,
     bon_kl_closed_form,
     bon_select,

@@ -12,8 +12,8 @@ import pytest
 from actors.best_of_n import sample_and_score
 from actors.generator import GeneratorPool
 from actors.scorer import ScorerPool
-from align.config import load_config
-from align.runstate import StaleStateError
+from align.runtime.config import load_config
+from align.runtime.runstate import StaleStateError
 from jobs.bon import BonConfig, run
 
 pytestmark = pytest.mark.ray

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from align.config import ConfigError, load_config
+from align.runtime.config import ConfigError, load_config
 from jobs.bon import BonConfig, run
 
 

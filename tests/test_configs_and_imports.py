@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from align.config import ConfigError, load_config
+from align.runtime.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["align", "actors", "jobs", "serve", "tune"]
@@ -15,9 +15,9 @@ PACKAGES = ["align", "actors", "jobs", "serve", "tune"]
 
 def all_modules():
     for pkg in PACKAGES:
+        for info in pkgutil.walk_packages([str(ROOT / pkg)], prefix=f"{pkg}."):
+            yield info.name
         yield pkg
-        for info in pkgutil.iter_modules([str(ROOT / pkg)]):
-            yield f"{pkg}.{info.name}"
 
 
 @pytest.mark.parametrize("name", list(all_modules()))
@@ -26,16 +26,20 @@ def test_module_imports(name):
 
 
 def config_class(yaml_path: Path):
-    """configs/X.yaml documents jobs/X.py (configs/tune_X.yaml: tune/X.py); the job's config class is
-    the dataclass `run` takes."""
+    """configs/X.yaml documents jobs/X.py (configs/tune_X.yaml: tune/X.py; configs/bench/X.yaml:
+    jobs/bench/X.py); the job's config class is the dataclass `run` takes."""
     import typing
 
     stem = yaml_path.stem
-    module = importlib.import_module(f"tune.{stem.removeprefix('tune_')}" if stem.startswith("tune_") else f"jobs.{stem}")
+    if yaml_path.parent.name == "bench":
+        module = importlib.import_module(f"jobs.bench.{stem}")
+    else:
+        module = importlib.import_module(f"tune.{stem.removeprefix('tune_')}" if stem.startswith("tune_") else f"jobs.{stem}")
     return typing.get_type_hints(module.run)["cfg"]
 
 
-JOB_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "serve.yaml")  # serve.yaml: a Ray Serve file
+JOB_CONFIGS = sorted(p for p in [*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "bench").glob("*.yaml")]
+                     if p.name != "serve.yaml")  # serve.yaml: a Ray Serve file
 
 
 def test_serve_config_builds_the_app():
@@ -65,7 +69,7 @@ def test_serve_config_builds_the_app():
         build_app({**app["args"], "reward": {"kind": "bleu"}})
 
 
-@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_yaml_config_loads(path):
     cfg = load_config(config_class(path), path)
     assert cfg is not None
@@ -83,7 +87,7 @@ def undocumented_fields(cls, data: dict, prefix: str = ""):
             yield from undocumented_fields(tp, data[name], f"{prefix}{name}.")
 
 
-@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_yaml_names_every_knob(path):
     """The YAML is the documentation of every knob: it names every field of its dataclass tree."""
     import yaml
@@ -103,8 +107,8 @@ def test_laplace_installed_without_torchvision():
 
 def test_align_imports_without_ray_or_deepspeed():
     code = ("import sys; sys.modules['ray'] = None; sys.modules['deepspeed'] = None\n"
-            "import align.bon, align.losses, align.sampling, align.config, align.pairs, align.models, align.rewards\n"
-            "import align.scoring, align.selection, align.embeddings, align.laplace_reward\n")
+            "import align.math.bon, align.math.losses, align.engine.sampling, align.runtime.config, align.data.pairs, align.engine.models, align.rewards.functions\n"
+            "import align.math.scoring, align.math.selection, align.engine.embeddings, align.rewards.laplace_posterior\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

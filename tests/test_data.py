@@ -1,4 +1,4 @@
-"""align/data.py: load_prompts from every local source kind (text, JSONL, JSON, CSV, Parquet, a folder
+"""align/data/prompts.py: load_prompts from every local source kind (text, JSONL, JSON, CSV, Parquet, a folder
 of <split>.jsonl files, saved datasets directories), limit, and the errors that name a config field."""
 
 import json
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from align.data import load_prompts
+from align.data.prompts import load_prompts
 
 PROMPTS = ["The movie was", "I thought the plot", "Honestly, the acting", "Four stars because"]
 

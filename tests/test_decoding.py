@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from align.decoding import ExpandedCacheState, SharedPrefixState, head_logits, prefill
-from align.sampling import NSampler, continuation_logprobs, sample_n
-from align.shared_prefix import UnsupportedModel, attend, merge_attention
+from align.engine.decoding import ExpandedCacheState, SharedPrefixState, head_logits, prefill
+from align.engine.sampling import NSampler, continuation_logprobs, sample_n
+from align.engine.shared_prefix import UnsupportedModel, attend, merge_attention
 
 V = 97
 
@@ -164,7 +164,7 @@ def test_sampler_log_probs_survive_dropped_rows(make):
 
 
 def test_fused_gelu_is_the_same_function():
-    from align.models import fuse_gelu
+    from align.engine.models import fuse_gelu
 
     model, (ids, mask) = gpt2(), prompts()
     with torch.no_grad():

@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from align import corpus
-from align.config import ConfigError, load_config
-from align.default_task import (DefaultTaskConfig, build_default_task, config_hash, ensure_default_task,
+from align.task import corpus
+from align.runtime.config import ConfigError, load_config
+from align.task.default_task import (DefaultTaskConfig, build_default_task, config_hash, ensure_default_task,
                                 heldout_loss_per_token, sample_completions)
 
 # The small build's bars (DefaultTaskConfig.small docstring); it measured 1.41 nats/token, fluency 0.985.
@@ -125,7 +125,7 @@ def test_words_and_fluency_by_hand():
 def test_second_call_reuses_the_cache(built, caplog):
     cfg, task = built
     mtime = (task.root / "report.json").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="align.default_task"):
+    with caplog.at_level(logging.INFO, logger="align.task.default_task"):
         again = ensure_default_task(cfg, progress=False)
     assert again.reused and not task.reused and again.root == task.root
     assert (task.root / "report.json").stat().st_mtime_ns == mtime
@@ -140,7 +140,7 @@ def test_cache_key_follows_the_build_config_only(tmp_path):
 
 
 def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
-    import align.default_task as dt
+    import align.task.default_task as dt
 
     def boom(*args, **kwargs):
         raise RuntimeError("killed mid-build")

@@ -1,10 +1,10 @@
-"""DeRa (align/dera.py and the Generator's lam): the one-step closed form pi_0 exp(lam r / beta), and
+"""DeRa (align/math/dera.py and the Generator's lam): the one-step closed form pi_0 exp(lam r / beta), and
 the generator at lam = 0 / 1 drawing the reference's / aligned model's own samples token for token."""
 import pytest
 import torch
 from torch.testing import assert_close
 
-from align.dera import dera_logits, dera_mix
+from align.math.dera import dera_logits, dera_mix
 
 F64 = dict(dtype=torch.float64)
 
@@ -83,7 +83,7 @@ def test_generator_lambda_errors(two_models):
 def test_dera_job_sweeps_lambdas_in_one_pass(ray_session, two_models, tiny_ensemble_dir, tmp_path):
     import json
 
-    from align.config import load_config
+    from align.runtime.config import load_config
     from jobs.dera import DeraConfig, run
 
     prompts = tmp_path / "prompts.jsonl"
@@ -105,7 +105,7 @@ def test_dera_job_sweeps_lambdas_in_one_pass(ray_session, two_models, tiny_ensem
 
 
 def test_dera_config_errors(tmp_path):
-    from align.config import ConfigError, load_config
+    from align.runtime.config import ConfigError, load_config
     from jobs.dera import DeraConfig, run
 
     with pytest.raises(ConfigError, match="lambdas"):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from align.config import ConfigError, load_config
-from align.sampling import continuation_logprobs
-from align.stats import clustered_mean_stderr
+from align.runtime.config import ConfigError, load_config
+from align.engine.sampling import continuation_logprobs
+from align.math.stats import clustered_mean_stderr
 from jobs.evaluate import DecoderSpec, EvalConfig, decoder_seed, run, run_decoder, sample_and_score
 
 V, EOS = 4, 0  # tokens: 0 = end of sequence, 1..3 = "a", "b", "c"
@@ -128,7 +128,7 @@ def test_kl_zero_against_itself_and_positive_otherwise(tiny_lm_dir, tmp_path):
 def test_compare_policies_against_one_set_of_pi0_samples(tiny_lm_dir, tmp_path):
     """`compare`: each policy's row equals its own single evaluation (the same pi_0 samples, seeds),
     and the table and plot carry BoN's closed forms."""
-    from align.bon import bon_kl_closed_form, bon_win_rate_closed_form
+    from align.math.bon import bon_kl_closed_form, bon_win_rate_closed_form
     from conftest import save_tiny_lm
 
     prompts = tmp_path / "p.txt"
@@ -155,7 +155,7 @@ def test_bon_decoder_with_the_gold_selector_matches_the_closed_form(small_task, 
     short completions score exactly 0, and ties counted 1/2 put BoN below n / (n + 1))."""
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-    from align.bon import bon_kl_closed_form
+    from align.math.bon import bon_kl_closed_form
 
     rm, tok = tmp_path / "rm", AutoTokenizer.from_pretrained(small_task.policy_dir)
     torch.manual_seed(1)  # one layer, 16 wide: 12,800 texts to score, cheaply
@@ -180,7 +180,7 @@ def test_bon_decoder_with_the_gold_selector_matches_the_closed_form(small_task, 
 def test_dera_decoder_at_lambda_0_is_pi0_and_at_1_the_aligned_model(tiny_lm_dir, tmp_path):
     """The same seed: lambda 0 draws pi_0's samples with KL exactly 0, lambda 1 the aligned model's,
     token for token, with exactly its log-probs (lerp is exact at both ends; full forwards on both sides)."""
-    from align.models import load_causal_lm
+    from align.engine.models import load_causal_lm
     from conftest import save_tiny_lm
 
     aligned_dir = str(save_tiny_lm(tmp_path / "aligned", seed=1))
@@ -200,7 +200,7 @@ def test_dera_decoder_at_lambda_0_is_pi0_and_at_1_the_aligned_model(tiny_lm_dir,
 
 def test_rbon_kl_decoder_at_beta_0_is_bon_and_at_large_beta_the_likeliest_candidate(tiny_lm_dir):
     from actors.scorer import make_scorer
-    from align.models import load_causal_lm
+    from align.engine.models import load_causal_lm
 
     cfg = load_config(EvalConfig, None, ["sampling.n=3", "sampling.max_new_tokens=5", "sampling.min_new_tokens=1",
                                          "batch_size=8", "device=cpu"])  # 8 // n = 2 prompts a batch
@@ -221,7 +221,7 @@ def test_rbon_kl_decoder_at_beta_0_is_bon_and_at_large_beta_the_likeliest_candid
 def test_decoders_alone_are_rows_of_the_comparison(tiny_lm_dir, tmp_path):
     """policy: null with one decoder of every kind: comparison.md/json and pareto.png list each, with
     its KL source; no eval_metrics.json."""
-    from align.bon import bon_kl_closed_form
+    from align.math.bon import bon_kl_closed_form
     from conftest import save_tiny_lm
 
     aligned = save_tiny_lm(tmp_path / "aligned", seed=1)

@@ -10,8 +10,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_sampling_on_cuda_matches_the_process_log_probs(tiny_lm_dir):
     from actors.generator import Generator
-    from align.models import encode_prompts
-    from align.sampling import continuation_logprobs
+    from align.engine.models import encode_prompts
+    from align.engine.sampling import continuation_logprobs
 
     gen = Generator(str(tiny_lm_dir), device="cuda", dtype="float32")
     assert gen.device.type == "cuda"
@@ -29,7 +29,7 @@ def test_sampling_on_cuda_matches_the_process_log_probs(tiny_lm_dir):
 def test_classifier_scoring_on_cuda_matches_cpu(tiny_lm_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from align.rewards import SequenceClassifierReward
+    from align.rewards.functions import SequenceClassifierReward
 
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_lm_dir), num_labels=1)
     model.config.pad_token_id = AutoTokenizer.from_pretrained(str(tiny_lm_dir)).pad_token_id
@@ -43,7 +43,7 @@ def test_classifier_scoring_on_cuda_matches_cpu(tiny_lm_dir, tmp_path):
 
 @pytest.mark.ray
 def test_training_step_on_gpu_with_nccl_and_bf16(ray_session, tiny_lm_dir, tmp_path):
-    from align.config import load_config
+    from align.runtime.config import load_config
     from jobs.train_dpo import DpoJobConfig, run
 
     pairs = tmp_path / "pairs.jsonl"

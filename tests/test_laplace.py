@@ -1,4 +1,4 @@
-"""align/laplace_reward.py: Laplace-LoRA reward posterior (Yang et al. 2402.13210).
+"""align/rewards/laplace_posterior.py: Laplace-LoRA reward posterior (Yang et al. 2402.13210).
 
 One module-scoped fixture trains a MiniLM + LoRA reward model in-process (plain torch, Adam, the
 Bradley-Terry loss) on synthetic movie-review pairs and fits the KFAC posterior once; the other tests
@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from align.laplace_reward import LaplaceReward, RewardPairModel, pack
+from align.rewards.laplace_posterior import LaplaceReward, RewardPairModel, pack
 
 LORA_BERT = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"])
 
@@ -57,7 +57,7 @@ def make_pairs(n: int, seed: int = 0):
 
 def bt_train(model, tokenizer, chosen, rejected, steps: int, lr: float, batch: int = 16, seed: int = 0):
     """Plain-torch Bradley-Terry training: Adam on -log sigmoid(r_chosen - r_rejected)."""
-    from align.pairs import pad_right
+    from align.data.pairs import pad_right
 
     rng = random.Random(seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -107,8 +107,8 @@ def one_thread():
 def trained():
     """MiniLM + LoRA (74k trainable) trained 30 Adam steps on 96 synthetic pairs, and its KFAC posterior
     (marginal-likelihood prior precision)."""
-    from align.models import build_model_for, load_tokenizer
-    from align.pairs import concat_token_ids
+    from align.engine.models import build_model_for, load_tokenizer
+    from align.data.pairs import concat_token_ids
 
     torch.manual_seed(0)
     tok = load_tokenizer("minilm")
@@ -143,7 +143,7 @@ def test_variance_is_higher_off_distribution(trained):
     KFAC; 360x-5000x over training seeds 0-3, and 37x-9000x for 4-8 token recipe / code snippets, so
     not a length effect). Held-out in-domain sentences (review openings and continuations recombined,
     not in the training set) stay near the training variance: the variance tracks the domain."""
-    from align.pairs import concat_token_ids
+    from align.data.pairs import concat_token_ids
 
     lr, tok = trained["lr"], trained["tok"]
     train_seqs = trained["chosen"][:16] + trained["rejected"][:16]
@@ -206,7 +206,7 @@ def test_diag_variance_equals_j_sigma_jt(trained):
 @pytest.fixture(scope="module")
 def tiny_gpt2(tiny_lm_dir):
     """A random 2-layer GPT-2 (pad == eos) as a LoRA reward model, ~550 trainable parameters."""
-    from align.models import build_model_for, load_tokenizer
+    from align.engine.models import build_model_for, load_tokenizer
 
     torch.manual_seed(1)
     tok = load_tokenizer(str(tiny_lm_dir))
@@ -242,7 +242,7 @@ def test_wrapper_scores_as_the_classifier_with_pad_equal_eos(tiny_gpt2):
     assert_close(single[:, 0], expected, rtol=1e-5, atol=1e-6)
     assert_close(pairs.reshape(-1), expected[:4], rtol=1e-5, atol=1e-6)
     # A mask taken from ids != pad would drop the inner eos and change those rewards.
-    from align.pairs import pad_right
+    from align.data.pairs import pad_right
 
     ids, _ = pad_right(seqs, tok.pad_token_id)
     with torch.no_grad():

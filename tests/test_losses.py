@@ -1,4 +1,4 @@
-"""align/losses.py: hand-worked values, gradcheck, TR-DPO, masking, the one-step BoNBoN optimum."""
+"""align/math/losses.py: hand-worked values, gradcheck, TR-DPO, masking, the one-step BoNBoN optimum."""
 
 import math
 from types import SimpleNamespace
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from align.bon import bon_distribution, kl_divergence, worst_best_joint
-from align.losses import (
+from align.math.bon import bon_distribution, kl_divergence, worst_best_joint
+from align.math.losses import (
     bonbon_beta,
     bonbon_loss,
     bradley_terry_loss,

@@ -4,7 +4,7 @@ models: it runs as `python -m jobs.overopt`, not in CI.)"""
 import pytest
 import torch
 
-from align.config import ConfigError, load_config
+from align.runtime.config import ConfigError, load_config
 from jobs.overopt import OveroptConfig, RemedyParams, TwoRewardParams, blocks, overopt_curves, two_reward_rows
 
 F64 = dict(dtype=torch.float64)

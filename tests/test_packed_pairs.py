@@ -6,8 +6,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from actors.objectives import pair_logps
-from align.losses import dpo_loss
-from align.pairs import collate_packed_pairs, collate_pairs
+from align.math.losses import dpo_loss
+from align.data.pairs import collate_packed_pairs, collate_pairs
 
 V, EOS = 53, 1
 

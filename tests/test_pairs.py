@@ -1,12 +1,12 @@
-"""align/pairs: best/worst and random pairs keep the sampled token ids and process; the trainers'
+"""align/data/pairs: best/worst and random pairs keep the sampled token ids and process; the trainers'
 batches hold exactly the sampled tokens, and their log-probs are the sampler's own."""
 import json
 
 import pytest
 import torch
 
-from align.models import load_tokenizer, tokenizer_fingerprint
-from align.pairs import bon_pairs, collate_pairs, random_pairs, tokenize_pair_batch
+from align.engine.models import load_tokenizer, tokenizer_fingerprint
+from align.data.pairs import bon_pairs, collate_pairs, random_pairs, tokenize_pair_batch
 
 
 def row(rewards, prompt="the plot", fp="fp"):
@@ -75,7 +75,7 @@ def test_collate_layout_and_eos_blocked_positions():
 
 def test_trainer_log_probs_are_the_samplers(tiny_lm_dir):
     """Samples drawn with temperature and early EOS blocking, through pairs and collation, score
-    under the trainer's log-prob (align.losses) exactly as the sampler recorded them."""
+    under the trainer's log-prob (align.math.losses) exactly as the sampler recorded them."""
     from actors.generator import Generator
     from actors.objectives import pair_logps
 
@@ -103,8 +103,9 @@ def test_trainer_log_probs_are_the_samplers(tiny_lm_dir):
 def test_trainer_sees_exactly_the_sampled_ids(small_task, small_pairs):
     """jobs.make_pairs -> the tokenized data the training workers read: every pair's completion ids
     are the ids that were sampled and scored (end-of-sequence included where sampled)."""
-    from align.models import load_tokenizer
-    from jobs.training import PairDataConfig, load_pair_dataset, tokenize_pairs
+    from align.engine.models import load_tokenizer
+    from jobs.sections import PairDataConfig
+    from jobs.training import load_pair_dataset, tokenize_pairs
 
     sampled = {}
     for line in (small_pairs / "samples_train" / "samples.jsonl").read_text().splitlines():

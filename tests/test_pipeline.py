@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from align.config import ConfigError, load_config
+from align.runtime.config import ConfigError, load_config
 from jobs.pipeline import PipelineConfig, plan, run
 
 

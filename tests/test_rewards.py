@@ -1,11 +1,11 @@
-"""align/rewards.py: VADER's exact compound scores, a tiny sequence-classifier reward matched against a
+"""align/rewards/functions.py: VADER's exact compound scores, a tiny sequence-classifier reward matched against a
 hand-computed forward (padding and batch size must not change a score), and make_reward."""
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from align.rewards import SequenceClassifierReward, VaderReward, make_reward
+from align.rewards.functions import SequenceClassifierReward, VaderReward, make_reward
 from tests.conftest import save_tiny_lm
 
 COMPLETIONS = [

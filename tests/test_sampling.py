@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from align.sampling import draw_tokens, sample_n, sample_n_repeated
+from align.engine.sampling import sample_n, sample_n_repeated
+from align.math.draw import draw_tokens
 
 V = 6  # tiny vocabulary so the distribution over 2-token completions (36 outcomes) is enumerable
 

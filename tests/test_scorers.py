@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from actors.generator import PromptSamples
+from align.engine.samples import PromptSamples
 from actors.scorer import CombinedScorer, EnsembleScorer, RewardScorer, ScorerPool, make_scorer
-from align.config import ConfigError, load_config
-from align.rewards import SequenceClassifierReward
+from align.runtime.config import ConfigError, load_config
+from align.rewards.functions import SequenceClassifierReward
 
 PROMPTS = ["the movie was", "the movie was", "the movie was", "a bad", "a bad"]
 COMPLETIONS = ["great and wonderful .", "awful .", "fine , the music is lovely and the cast is weak .",
@@ -147,7 +147,7 @@ def test_bon_job_with_ensemble_penalty_and_rbon(ray_session, tiny_lm_dir, tiny_e
         assert all(v <= 0 for v in r["rewards"]) and r["chosen"] == int(torch.tensor(r["rewards"]).argmax())
         assert parts[1].tolist() == [3.0 - len(c.split()) for c in r["completions"]]
     wd = bon("wd", "selection=rbon_wd", "rbon.beta=0.5")
-    from align.embeddings import SentenceEmbedder
+    from align.engine.embeddings import SentenceEmbedder
 
     embedder = SentenceEmbedder("minilm")
     for r in wd:

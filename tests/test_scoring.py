@@ -1,4 +1,4 @@
-"""align/scoring.py and align/embeddings.py: hand-worked values, limits in beta, validation."""
+"""align/math/scoring.py and align/engine/embeddings.py: hand-worked values, limits in beta, validation."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from align.bon import bon_select
-from align.scoring import (
+from align.math.bon import bon_select
+from align.math.scoring import (
     combine_rewards,
     cosine_cost,
     ensemble_reward,
@@ -277,8 +277,8 @@ def test_validation_errors_name_the_field(call, match):
 def test_sentence_embedder_matches_sentence_transformers():
     from sentence_transformers import SentenceTransformer
 
-    from align.embeddings import SentenceEmbedder
-    from align.models import resolve_model_path
+    from align.engine.embeddings import SentenceEmbedder
+    from align.engine.models import resolve_model_path
 
     texts = [
         "A man is playing a guitar.",

@@ -306,7 +306,7 @@ def test_playground_in_headless_chromium(server):
 
 
 def test_load_test_counts_every_answer_and_reads_replica_memory(server, tmp_path):
-    from jobs.load_test import LoadTestConfig, percentile, run
+    from jobs.bench.load_test import LoadTestConfig, percentile, run
 
     assert [percentile(list(range(1, 101)), q) for q in (0.5, 0.95, 0.99, 1.0)] == [50, 95, 99, 100]
     assert percentile([7.0], 0.99) == 7.0 and percentile([], 0.5) is None
@@ -392,7 +392,7 @@ def test_generator_replica_killed_under_load_gives_503s_and_the_server_recovers(
 
     import ray
 
-    from jobs.load_test import serve_replicas
+    from jobs.bench.load_test import serve_replicas
 
     def replica():
         (r,) = serve_replicas("sweetspot", "GeneratorDeployment")

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from align.config import ConfigError, load_config
-from align.speculative import average_ranks, best_survives, expected_tokens, rank_correlation, rows_to_keep, survivors
+from align.runtime.config import ConfigError, load_config
+from align.math.speculative import average_ranks, best_survives, expected_tokens, rank_correlation, rows_to_keep, survivors
 
 
 def test_survivors_and_expected_tokens():
@@ -49,8 +49,8 @@ def test_rank_correlation_and_best_survives_by_hand():
 
 def test_generator_keeps_the_best_partial_completions(tiny_lm_dir):
     from actors.generator import Generator
-    from align.rewards import make_reward
-    from align.speculative import rows_to_keep as keep_rule
+    from align.rewards.functions import make_reward
+    from align.math.speculative import rows_to_keep as keep_rule
 
     gen = Generator(str(tiny_lm_dir))
     prompts, n, t = ["the movie was", "a bad"], 9, 3  # 8 candidates + the exempt pi_0 row
@@ -105,10 +105,10 @@ def test_speculative_config_errors(overrides, field, allowed):
 
 @pytest.mark.ray
 def test_bench_speculative_table_and_plot(ray_session, tiny_lm_dir, tmp_path):
-    from jobs.bench_speculative import BenchSpeculativeConfig, run
+    from jobs.bench.speculative import BenchSpeculativeConfig, run
 
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in ["the movie was", "a bad", "the plot"]))
-    cfg = load_config(BenchSpeculativeConfig, "configs/bench_speculative.yaml", [
+    cfg = load_config(BenchSpeculativeConfig, "configs/bench/speculative.yaml", [
         f"bon.model.path={tiny_lm_dir}", f"bon.prompts.source={tmp_path / 'p.jsonl'}", "bon.prompts.column=text",
         "bon.prompts.repeats=1", "bon.sampling.max_new_tokens=6", "bon.sampling.min_new_tokens=6", "bon.pool.num_actors=1",
         "ns=[2,4]", "reference_n=4", "settings=[{n: 4, rejection_rate: 0.5, decision_tokens: [2]}]", f"output_dir={tmp_path / 'b'}"])
@@ -125,8 +125,8 @@ def test_bench_speculative_table_and_plot(ray_session, tiny_lm_dir, tmp_path):
     assert sorted(quality) == [2, 4] and all(q["candidates"] == 4 and q["keep"] == 1 and q["chance"] == 0.25 for q in quality.values())
     assert all(0 <= q["best_kept"] <= 1 and (q["spearman"] is None or -1 <= q["spearman"] <= 1) for q in quality.values())
     # Recomputed by hand from the reference run's samples: partial VADER of the first 2 tokens.
-    from align.models import load_tokenizer
-    from align.rewards import make_reward
+    from align.engine.models import load_tokenizer
+    from align.rewards.functions import make_reward
 
     records = [json.loads(line) for line in (tmp_path / "b" / "bon_n4" / "samples.jsonl").read_text().splitlines()]
     tok, vader = load_tokenizer(str(tiny_lm_dir)), make_reward("vader", None, "cpu")

@@ -1,11 +1,11 @@
-"""Error bars (align/stats.py): the clustered standard error and the bootstrap interval of the win
+"""Error bars (align/math/stats.py): the clustered standard error and the bootstrap interval of the win
 rate, whose coverage is checked on a distribution with a known win rate."""
 import math
 
 import pytest
 import torch
 
-from align.stats import win_rate_interval
+from align.math.stats import win_rate_interval
 
 
 def test_win_rate_interval_edges_and_errors():

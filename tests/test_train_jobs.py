@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from align.config import ConfigError, load_config
+from align.runtime.config import ConfigError, load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -50,8 +50,8 @@ def test_train_rm_end_to_end(reward_model, small_pairs):
     # The agreement is the paired win rate of the saved model's rewards on the held-out pairs' sampled ids.
     import datasets
 
-    from align.bon import win_rate
-    from align.rewards import SequenceClassifierReward
+    from align.math.bon import win_rate
+    from align.rewards.functions import SequenceClassifierReward
 
     test = datasets.load_from_disk(str(small_pairs / "random"))["test"]
     reward = SequenceClassifierReward(str(out / "model"), device="cpu")
@@ -70,8 +70,8 @@ def test_train_rm_ensemble_members_and_laplace_posterior(reward_model, small_pai
     import torch
 
     from actors.scorer import make_scorer
-    from align.laplace_reward import LaplaceReward
-    from align.rewards import SequenceClassifierReward
+    from align.rewards.laplace_posterior import LaplaceReward
+    from align.rewards.functions import SequenceClassifierReward
 
     out, metrics = reward_model
     ens = out / "ensemble"

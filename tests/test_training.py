@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.config import load_config
+from align.runtime.config import load_config
 from jobs.train_dpo import DpoJobConfig
 from jobs.train_dpo import run as run_dpo
 
@@ -162,7 +162,7 @@ def checkpoint_dirs(cfg):
 
 
 def test_rerun_under_another_config_stops_naming_the_keys(ray_session, tmp_path, tiny_lm_dir, pairs_file):
-    from align.runstate import StaleStateError
+    from align.runtime.runstate import StaleStateError
 
     common = ["train.workers.num_workers=1", "train.steps=2", "train.run.checkpoint_every=1", "dpo.ref_update=none"]
     first = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "stale", *common, "dpo.beta=0.1")
@@ -249,8 +249,8 @@ def test_frozen_reference_log_probs_computed_on_the_workers_under_zero3(ray_sess
     validation pass (train.eval_every) reports the DPO loss of the held-out pairs under the trained
     policy and pi_0, as computed here from the saved model."""
     from actors.objectives import PreferenceObjective, pair_logps
-    from align.models import load_causal_lm, load_tokenizer
-    from align.pairs import collate_packed_pairs
+    from align.engine.models import load_causal_lm, load_tokenizer
+    from align.data.pairs import collate_packed_pairs
     from jobs.training import load_pair_dataset, tokenize_pairs
 
     common = ["dpo.ref_update=none", "dpo.precompute_reference=true", "train.steps=3", "train.eval_every=3",

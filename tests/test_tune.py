@@ -34,7 +34,7 @@ def test_parse_space_kinds():
     ({}, "search"),
 ])
 def test_parse_space_errors_name_the_knob(search, field):
-    from align.config import ConfigError
+    from align.runtime.config import ConfigError
     from tune.space import parse_space
 
     with pytest.raises(ConfigError, match=f"'{field}'"):
@@ -42,7 +42,7 @@ def test_parse_space_errors_name_the_knob(search, field):
 
 
 def test_pareto_front():
-    from align.pareto import pareto_front
+    from align.math.pareto import pareto_front
 
     kl = [0.0, 1.0, 2.0, 2.0, 3.0, 1.5]
     reward = [0.1, 0.5, 0.4, 0.7, 0.7, 0.5]
@@ -62,7 +62,7 @@ def sweep_setup(tiny_lm_dir, tmp_path_factory):
 
 
 def sweep_config(root, tiny_lm_dir, aligned, *overrides):
-    from align.config import load_config
+    from align.runtime.config import load_config
     from tune.dera import TuneDeraConfig
 
     return load_config(TuneDeraConfig, "configs/tune_dera.yaml", [
@@ -76,7 +76,7 @@ def sweep_config(root, tiny_lm_dir, aligned, *overrides):
 def test_dera_sweep_metrics_resume_and_stale_config(ray_session, tiny_lm_dir, sweep_setup):
     from actors.generator import Generator, prompt_seeds
     from actors.scorer import make_scorer
-    from align.runstate import StaleStateError
+    from align.runtime.runstate import StaleStateError
     from tune.dera import run
 
     root, aligned = sweep_setup
@@ -195,7 +195,7 @@ def test_train_sweep_asha_evaluates_and_keeps_the_best(ray_session, tiny_lm_dir,
     steps. beta 1 runs first and lowers the validation loss faster than beta 0.1 does: at the step-2
     rung beta 0.1 lags, and ASHA stops it there, unevaluated. beta 1 finishes, is evaluated (gold,
     win rate, KL) and is the one trial that keeps its model."""
-    from align.config import load_config
+    from align.runtime.config import load_config
     from tune.train import TuneTrainConfig, run
 
     pairs = tmp_path / "pairs.jsonl"
@@ -227,7 +227,7 @@ def test_train_sweep_asha_evaluates_and_keeps_the_best(ray_session, tiny_lm_dir,
 @pytest.mark.ray
 def test_train_sweep_that_cannot_place_a_trial_stops_naming_the_knob(ray_session, tmp_path):
     """The session's cluster has 4 CPUs: a trial whose 8 workers need 8 would wait forever."""
-    from align.config import ConfigError, load_config
+    from align.runtime.config import ConfigError, load_config
     from tune.train import TuneTrainConfig, run
 
     cfg = load_config(TuneTrainConfig, "configs/tune_train.yaml", [

@@ -1,4 +1,4 @@
-"""Variational BoN math (align/vbon.py) against closed forms: the smoothed log-CDF, RLOO advantages,
+"""Variational BoN math (align/math/vbon.py) against closed forms: the smoothed log-CDF, RLOO advantages,
 the exact expected gradient of the estimator, and the one-step problem where the optimum is pi_bon."""
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from align.vbon import log_cdf, policy_gradient_loss, rloo_advantages, vbon_beta
+from align.math.vbon import log_cdf, policy_gradient_loss, rloo_advantages, vbon_beta
 
 
 def test_log_cdf_closed_forms_and_edges():
@@ -102,7 +102,7 @@ def test_ppo_clip_stops_the_gradient_past_the_clip():
 
 def test_exact_gradient_ascent_reaches_pi_bon():
     """Maximising the objective exactly lands on pi_0 F^(n-1) / Z, within KL 0.05 of pi_bon (n = 4)."""
-    from align.bon import bon_distribution
+    from align.math.bon import bon_distribution
 
     n = 4
     pi0, rewards = one_step_problem()
@@ -122,7 +122,7 @@ def test_exact_gradient_ascent_reaches_pi_bon():
 def test_sampled_rloo_loop_reaches_pi_bon():
     """The same problem learned from samples: k completions per step from pi_theta, log F estimated
     from M pi_0 rewards (log_cdf), the RLOO loss: KL(pi_theta || pi_bon) < 0.05 for n = 4."""
-    from align.bon import bon_distribution
+    from align.math.bon import bon_distribution
 
     n, k, m = 4, 16, 4000
     pi0, rewards = one_step_problem()
@@ -145,7 +145,7 @@ def test_sampled_rloo_loop_reaches_pi_bon():
 
 
 def vbon_config(tmp_path, tiny_lm_dir, name, *overrides):
-    from align.config import load_config
+    from align.runtime.config import load_config
     from jobs.train_vbon import VbonJobConfig
 
     prompts = tmp_path / "prompts.txt"
@@ -196,8 +196,8 @@ def test_vbon_generator_killed_resumes_bit_identical(zero3_run, tiny_lm_dir, tmp
     refuses to sample with them (StaleWeightsError), so the group restarts from the step-2 checkpoint
     and pushes those weights to the generator; the run ends bit-identical to the uninterrupted one,
     with the generator holding the final weights."""
-    from align.models import load_causal_lm
-    from align.vbon import state_digest
+    from align.engine.models import load_causal_lm
+    from align.math.vbon import state_digest
     from jobs.train_vbon import run
 
     clean_dir, clean = zero3_run
@@ -214,8 +214,8 @@ def test_completion_batch_scores_what_the_generator_drew(tiny_lm_dir):
     """The trainer's log-probs of sampled ids (right-padded rows, end-of-sequence blocked where the
     sampler blocked it) equal the sampler's own, so PPO's ratio starts at exactly 1."""
     from actors.generator import Generator
-    from align.losses import model_sequence_logps
-    from align.vbon import completion_batch
+    from align.math.losses import model_sequence_logps
+    from align.math.vbon import completion_batch
 
     gen = Generator(str(tiny_lm_dir), device="cpu")
     drawn = gen.sample(["the movie was", "a bad"], 3, 6, temperature=0.8, min_new_tokens=2, seed=4)["samples"]

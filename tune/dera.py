@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from align.config import ConfigError, require, run_job
-from jobs.bon import PromptsConfig, RewardConfig, SamplingConfig
+from align.runtime.config import ConfigError, require, run_job
+from jobs.sections import PromptsConfig, RewardConfig, SamplingConfig
 
 log = logging.getLogger("sweetspot.tune.dera")
 
@@ -48,7 +48,7 @@ class TuneDeraConfig:
     gpus_per_trial: float = 0
     max_concurrent_trials: int = 2
     seed: int = 0
-    resume: str = "auto"  # auto | never | must (align.runstate)
+    resume: str = "auto"  # auto | never | must (align.runtime.runstate)
     ray_address: str | None = None
     output_dir: str = "outputs/tune_dera"
 
@@ -113,8 +113,8 @@ def trial(config: dict, setup: dict) -> None:
 
 def sweep_key(cfg: TuneDeraConfig) -> dict:
     """What the sweep's trials depend on (not where they run, how many at once, or resume)."""
-    from align.config import to_dict
-    from align.runstate import drop_keys
+    from align.runtime.config import to_dict
+    from align.runtime.runstate import drop_keys
 
     return drop_keys(to_dict(cfg), ["resume", "ray_address", "output_dir", "max_concurrent_trials"])
 
@@ -122,10 +122,10 @@ def sweep_key(cfg: TuneDeraConfig) -> dict:
 def run(cfg: TuneDeraConfig) -> dict:
     from ray import tune
 
-    from align.data import load_prompts
-    from align.models import model_path_problem, resolve_model_path
-    from align.paths import resolve_output
-    from jobs.bon import reward_spec
+    from align.data.prompts import load_prompts
+    from align.engine.models import model_path_problem, resolve_model_path
+    from align.runtime.paths import resolve_output
+    from jobs.sections import reward_spec
     from tune import sweep
     from tune.results import write_sweep
     from tune.space import grid_size, parse_space

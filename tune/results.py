@@ -38,9 +38,9 @@ def write_sweep(out: Path, rows: list[dict], columns: list[tuple[str, str, str]]
                 label, title: str) -> str:
     """Sort `rows` (one per trial) by `objective`, mark the reward-KL Pareto front, write results.csv,
     results.md, results.json and pareto.png under `out`, and return the printed table."""
-    from align.pareto import pareto_front
-    from align.runstate import write_atomic
-    from jobs.benchmarking import format_table
+    from align.math.pareto import pareto_front
+    from align.runtime.runstate import write_atomic
+    from jobs.tables import format_table
 
     rows = sorted(rows, key=lambda r: -r[objective])
     scored = [r for r in rows if r.get("kl") is not None and r.get(reward) is not None]  # a trial stopped early has none

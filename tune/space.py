@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from align.config import ConfigError
+from align.runtime.config import ConfigError
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform")
 

@@ -6,15 +6,15 @@ import json
 import shutil
 from pathlib import Path
 
-from align.config import ConfigError
+from align.runtime.config import ConfigError
 
 
 def prepare(out: Path, key: dict, mode: str, experiment: str) -> bool:
-    """Whether to resume the Tune experiment `out/tune/<experiment>` (align.runstate.check_resume on
+    """Whether to resume the Tune experiment `out/tune/<experiment>` (align.runtime.runstate.check_resume on
     the key saved in out/sweep.json); starting over removes it. Saves this sweep's key."""
     from ray import tune
 
-    from align.runstate import check_resume, write_atomic
+    from align.runtime.runstate import check_resume, write_atomic
 
     state, key_file = out / "tune", out / "sweep.json"
     saved = json.loads(key_file.read_text()) if key_file.is_file() else None

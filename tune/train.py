@@ -19,8 +19,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-from align.config import ConfigError, require, run_job
-from jobs.bon import PromptsConfig, RewardConfig
+from align.runtime.config import ConfigError, require, run_job
+from jobs.sections import PromptsConfig, RewardConfig
 
 log = logging.getLogger("sweetspot.tune.train")
 
@@ -92,7 +92,7 @@ class TuneTrainConfig:
         import importlib
         import typing
 
-        from align.config import load_config
+        from align.runtime.config import load_config
 
         module = importlib.import_module(f"jobs.{self.job}")
         cls = typing.get_type_hints(module.run)["cfg"]
@@ -163,7 +163,7 @@ def trial(config: dict, setup: dict) -> None:
         raise box["error"]
     done = {**last, "finished": 1}
     if cfg.evaluate.enabled:
-        from jobs.bon import SamplingConfig
+        from jobs.sections import SamplingConfig
         from jobs.evaluate import EvalConfig
         from jobs.evaluate import run as evaluate
 
@@ -189,8 +189,8 @@ def check_fits(cfg: TuneTrainConfig, base) -> None:
 
 
 def sweep_key(cfg: TuneTrainConfig) -> dict:
-    from align.config import to_dict
-    from align.runstate import drop_keys
+    from align.runtime.config import to_dict
+    from align.runtime.runstate import drop_keys
 
     return drop_keys(to_dict(cfg), ["resume", "ray_address", "output_dir", "max_concurrent_trials", "keep_best"])
 
@@ -202,7 +202,7 @@ def run(cfg: TuneTrainConfig) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from align.paths import resolve_output
+    from align.runtime.paths import resolve_output
     from tune import sweep
     from tune.results import write_sweep
     from tune.space import grid_size, parse_space

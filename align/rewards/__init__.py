@@ -1,0 +1,1 @@
+"""Rewards: reward functions and the scorers built from them."""

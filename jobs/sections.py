@@ -1,0 +1,180 @@
+"""Config sections shared by several jobs: the model, the reward, sampling, prompts, the generator
+pool, the BoN selection variants, and the pair data of the trainers. Each is a typed dataclass
+validated in __post_init__ (align.runtime.config); a job's own config composes them. Not an entry point.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from align.runtime.config import require, to_dict
+
+
+@dataclass
+class ModelConfig:
+    path: str = "default"  # "default" (embedded task), an HF model name, or a local directory
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    def __post_init__(self):
+        from align.engine.models import model_path_problem
+
+        problem = model_path_problem(self.path)
+        require(problem is None, "path", "'default', an HF model name or a directory with config.json", self.path)
+
+
+@dataclass
+class RewardComponent:
+    """One reward of a combined scorer (reward.kind: combined)."""
+
+    kind: Literal["vader", "brevity", "classifier", "ensemble", "laplace"] = "vader"
+    path: str | None = None
+    max_words: int = 12  # kind brevity
+
+    def __post_init__(self):
+        require(self.kind not in ("classifier", "ensemble", "laplace") or bool(self.path), "path",
+                f"a directory when kind is {self.kind!r}", self.path)
+        require(self.max_words >= 1, "max_words", "an integer >= 1", self.max_words)
+
+
+@dataclass
+class RewardConfig:
+    kind: Literal["vader", "brevity", "classifier", "ensemble", "laplace", "combined"] = "vader"
+    path: str | None = None  # classifier: an HF name or directory; ensemble / laplace: the directory jobs.train_rm wrote
+    max_words: int = 12  # kind brevity: reward = max_words - words in the completion
+    components: list[RewardComponent] = field(default_factory=list)  # kind combined: the rewards combined
+    combine: Literal["sum_of_lsc", "sum_raw"] = "sum_of_lsc"  # kind combined: sum of log sigmoid(r - r_ref(x)), or of raw rewards
+    reference_quantile: float = 0.5  # kind combined: r_ref(x) = this quantile of r over the prompt's pi_0 samples
+    device: str = "auto"
+    num_actors: int = 1  # scorer actors (a ScorerPool); scoring scales separately from generation
+    num_cpus: float = 0  # logical CPUs reserved per scorer actor (0: shares the generators' cores)
+
+    def __post_init__(self):
+        require(self.kind not in ("classifier", "ensemble", "laplace") or bool(self.path), "path",
+                f"a reward-model directory when kind is {self.kind!r}", self.path)
+        require(self.kind != "combined" or len(self.components) >= 2, "components",
+                "a list of >= 2 rewards when kind is 'combined'", self.components)
+        require(0 <= self.reference_quantile <= 1, "reference_quantile", "a number in [0, 1]", self.reference_quantile)
+        require(self.max_words >= 1, "max_words", "an integer >= 1", self.max_words)
+        require(self.num_actors >= 1, "num_actors", "an integer >= 1", self.num_actors)
+        require(self.num_cpus >= 0, "num_cpus", ">= 0", self.num_cpus)
+        if self.kind in ("ensemble", "laplace"):
+            problem = scorer_dir_problem(self.kind, self.path)
+            require(problem is None, "path", f"a directory written by jobs.train_rm for kind {self.kind!r} ({problem})")
+
+
+def scorer_dir_problem(kind: str, path: str) -> str | None:
+    """Why `path` cannot be loaded as an ensemble or a Laplace posterior (checked before any actor starts)."""
+    from actors.scorer import ENSEMBLE_FILE
+    from align.rewards.laplace_posterior import META_FILE
+    from align.runtime.paths import resolve_input
+
+    p = resolve_input(path)
+    need = {"ensemble": ENSEMBLE_FILE, "laplace": META_FILE}[kind]
+    if not p.is_dir():
+        return f"{path!r} does not exist"
+    return None if (p / need).is_file() else f"{path!r} has no {need}"
+
+
+@dataclass
+class PenaltyConfig:
+    """Ranking by the reward model's uncertainty instead of its mean."""
+
+    kind: Literal["none", "ensemble", "laplace"] = "none"  # ensemble needs reward.kind ensemble; laplace needs reward.kind laplace
+    ensemble_mode: Literal["mean", "worst", "uncertainty_weighted"] = "mean"  # kind ensemble
+    coef: float = 0.0  # uncertainty_weighted: mean - coef * variance; laplace: mu - coef * sigma
+
+    def __post_init__(self):
+        require(self.coef >= 0, "coef", "a number >= 0", self.coef)
+
+
+@dataclass
+class RbonConfig:
+    """Regularized BoN (Jinnai et al. 2404.01054), used when selection is rbon_kl or rbon_wd."""
+
+    beta: float = 0.1  # weight of the proximity term; 0 is plain argmax
+    embedder: str = "minilm"  # rbon_wd: sentence encoder for the cost 1 - cosine similarity
+
+    def __post_init__(self):
+        require(self.beta >= 0, "beta", "a number >= 0", self.beta)
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 24
+    min_new_tokens: int = 16
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        require(self.n >= 1, "n", "an integer >= 1", self.n)
+        require(self.temperature > 0, "temperature", "a number > 0", self.temperature)
+        require(self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", f"0 <= min_new_tokens <= max_new_tokens ({self.max_new_tokens})", self.min_new_tokens)
+
+
+@dataclass
+class PromptsConfig:
+    source: str = "default"  # "default" | a .jsonl/.json/.csv/.txt file | a saved datasets dir | an HF dataset
+    split: str = "test"
+    column: str = "prompt"
+    limit: int | None = None  # use the first `limit` prompts
+    repeats: int = 1  # each prompt this many times, with independent samples (more BoN groups per prompt)
+
+    def __post_init__(self):
+        require(self.limit is None or self.limit >= 1, "limit", "null or an integer >= 1", self.limit)
+        require(self.repeats >= 1, "repeats", "an integer >= 1", self.repeats)
+
+
+@dataclass
+class PoolConfig:
+    num_actors: int = 2
+    num_cpus_per_actor: float = 1
+    num_gpus_per_actor: float = 0
+    batch_size: int = 16  # prompts per actor call (each yields batch_size * (n + 1) rows)
+    cache: Literal["auto", "shared_prefix", "expanded"] = "auto"  # how decoding holds the shared prompt
+    compile: bool = False  # torch.compile the decode step (pays a compilation in every actor)
+
+    def __post_init__(self):
+        require(self.num_actors >= 1, "num_actors", "an integer >= 1", self.num_actors)
+        require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        require(self.num_cpus_per_actor > 0 or self.num_gpus_per_actor > 0, "num_cpus_per_actor", "> 0 (or num_gpus_per_actor > 0)", self.num_cpus_per_actor)
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative rejection (align.math.speculative): sampling.n continuations start, the partial ones are
+    scored with the configured reward at each decision point and the lowest rejection_rate dropped."""
+
+    rejection_rate: float = 0.5  # fraction of the running candidates dropped at each decision point
+    decision_tokens: list[int] = field(default_factory=lambda: [8])  # completion lengths of the decision points
+
+    def __post_init__(self):
+        require(0 <= self.rejection_rate < 1, "rejection_rate", "a number in [0, 1)", self.rejection_rate)
+        ok = len(self.decision_tokens) >= 1 and all(t >= 1 for t in self.decision_tokens)
+        ok = ok and all(a < b for a, b in zip(self.decision_tokens, self.decision_tokens[1:]))
+        require(ok, "decision_tokens", "a non-empty, strictly increasing list of integers >= 1", self.decision_tokens)
+
+
+@dataclass
+class PairDataConfig:
+    source: str = "outputs/pairs/bonbon"  # saved datasets dir (jobs.make_pairs) or .jsonl with prompt/chosen/rejected
+    split: str = "train"  # used when the source holds several splits
+    limit: int | None = None  # first `limit` pairs
+    eval_split: str | None = None  # held-out pairs scored every train.eval_every steps (val/loss, val/... metrics)
+    eval_limit: int | None = None  # first `eval_limit` of them
+
+    def __post_init__(self):
+        require(self.limit is None or self.limit >= 1, "limit", "null or an integer >= 1", self.limit)
+        require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "null or an integer >= 1", self.eval_limit)
+
+
+def reward_spec(r: RewardConfig) -> dict:
+    """A reward config as actors.scorer.make_scorer's dict (model directories resolved)."""
+    from align.engine.models import resolve_model_path
+
+    return {"kind": r.kind, "device": r.device, "max_words": r.max_words, "combine": r.combine,
+            "reference_quantile": r.reference_quantile,
+            "path": resolve_model_path(r.path) if r.path else None,
+            "components": [{**to_dict(c), "path": resolve_model_path(c.path) if c.path else None} for c in r.components]}
