@@ -15,7 +15,7 @@ from align.engine.samples import PromptSamples
 from actors.scorer import ScorerPool
 
 
-def sample_and_score(pool: GeneratorPool, scorers: ScorerPool, batches: dict[int, list[str]], n: int,
+def scored_batches(pool: GeneratorPool, scorers: ScorerPool, batches: dict[int, list[str]], n: int,
                      max_new_tokens: int, seed: int = 0, **sampling) -> Iterator[tuple[int, list[PromptSamples], int]]:
     """Yield (batch index, scored PromptSamples, new tokens) for every batch, in completion order.
 

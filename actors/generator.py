@@ -84,7 +84,7 @@ class Generator:
         sample's `ref_logprob` is then its log-prob under the reference run as the same process.
 
         rejection: speculative rejection (`align.math.speculative`), a dict with `rejection_rate`,
-        `decision_tokens` and `reward` (make_reward's kind, path, device). The last of the n rows is
+        `decision_tokens` and `reward` (a reward spec: align.rewards.registry). The last of the n rows is
         an independent sample that is never rejected; each prompt ends with the survivors plus it.
 
         seeds, and max_new_tokens as a list: one per prompt, so prompts batched together from several

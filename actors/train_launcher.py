@@ -12,10 +12,14 @@ import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from actors.checkpoints import LOG_FILE, MODEL_DIR, RAY_SNAPSHOT, RUN_FILE, RunDir
 from actors.train_config import TrainConfig
 from align.runtime.runstate import replace_dir, write_atomic
+
+if TYPE_CHECKING:
+    from align.objectives.base import Objective
 
 log = logging.getLogger("sweetspot.train")
 
@@ -74,24 +78,27 @@ def prepare_run(train: TrainConfig, storage_path: str, output_dir: Path, run_key
     return resume
 
 
-def launch_training(objective: str, objective_params: dict, model, data_ref, train: TrainConfig,
-                    output_dir: Path, storage_path: str, lora: dict | None = None, loop=None,
-                    extra: dict | None = None) -> dict:
+def launch_training(objective: Objective | None, model, data_ref, train: TrainConfig, output_dir: Path,
+                    storage_path: str, lora: dict | None = None, loop=None, extra: dict | None = None) -> dict:
     """Run the training worker group to completion (or resume it); returns the last logged metrics.
 
-    model: a path, hub name or actors.cluster.ShippedDir; data_ref: an ObjectRef of the tokenized
-    pairs (a pyarrow Table), so workers on any node read it from the object store. loop: the
-    per-worker function (default actors.trainer.train_worker, the offline loop; vBoN passes its
-    on-policy one), extra: more entries of its config (actor handles, say).
+    objective: the align.objectives instance the workers minimise; it travels in their config as
+    itself (pickled), with "saved_as": {"objective": its name, **its fields} for the final model's
+    sweetspot.json. model: a path, hub name or actors.cluster.ShippedDir; data_ref: an ObjectRef of
+    the tokenized pairs (a pyarrow Table), so workers on any node read it from the object store.
+    loop: the per-worker function (default actors.trainer.train_worker, the offline loop; vBoN passes
+    its on-policy one, objective None, and its own "saved_as" and parameters in extra), extra: more
+    entries of its config (actor handles, say).
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actors.trainer import train_worker
 
-    config = {"objective": objective, "objective_params": objective_params, "model": model, "data": data_ref,
-              "output_dir": str(output_dir), "storage_path": storage_path, "train": asdict(train), "lora": lora,
-              **(extra or {})}
+    config = {"objective": objective, "model": model, "data": data_ref, "output_dir": str(output_dir),
+              "storage_path": storage_path, "train": asdict(train), "lora": lora, **(extra or {})}
+    if objective is not None:
+        config["saved_as"] = {"objective": objective.NAME, **asdict(objective)}
     w = train.workers
     trainer = TorchTrainer(
         loop or train_worker,
@@ -107,7 +114,7 @@ def launch_training(objective: str, objective_params: dict, model, data_ref, tra
             logging_config=LoggingConfig(log_level="WARNING"),  # our own per-step lines say what happens
         ),
     )
-    log.info("training %s on %d worker(s), ZeRO-%d, run %r in %s", objective, w.num_workers,
+    log.info("training %s on %d worker(s), ZeRO-%d, run %r in %s", config["saved_as"]["objective"], w.num_workers,
              train.deepspeed.zero_stage, train.run.name, storage_path)
     run_dir = RunDir(storage_path, train.run.name)
     progress = ProgressPrinter(run_dir, train.steps)

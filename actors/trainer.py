@@ -18,8 +18,12 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from align.objectives.base import Objective
 
 log = logging.getLogger("sweetspot.trainer")
 
@@ -147,7 +151,7 @@ def reference_table(model, data, micro: int, pad_id: int, eos_id: int | None, ra
     of forwards (ZeRO-3 gathers parameters inside each one)."""
     import torch.distributed as dist
 
-    from actors.objectives import pair_logps
+    from align.objectives.base import pair_logps
 
     n = len(data)
     per_rank = -(-n // world)
@@ -190,9 +194,10 @@ def worker_setup(config: dict) -> tuple[int, int, bool, int]:
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train `train_loop_per_worker`. config: {"objective", "objective_params", "model" (a path, hub
-    name or actors.cluster.ShippedDir), "data" (ObjectRef of the tokenized pairs' arrow table),
-    "output_dir", "storage_path", "train": TrainConfig as a dict, "lora": dict | None}."""
+    """Ray Train `train_loop_per_worker`. config: {"objective" (an align.objectives.base.Objective),
+    "saved_as", "model" (a path, hub name or actors.cluster.ShippedDir), "data" (ObjectRef of the
+    tokenized pairs' arrow table), "output_dir", "storage_path", "train": TrainConfig as a dict,
+    "lora": dict | None} (actors.train_launcher.launch_training)."""
     import datasets
     import deepspeed
     import ray
@@ -200,27 +205,26 @@ def train_worker(config: dict) -> None:
 
     from actors.checkpoints import RunDir
     from actors.cluster import local_dir
-    from actors.objectives import make_objective
     from align.engine.models import build_model_for, load_tokenizer
     from align.data.pairs import collate_packed_pairs, collate_pairs
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed renames, inside DeepSpeed
     rank, world, bf16, zero_stage = worker_setup(config)
     train = config["train"]
-    objective = make_objective(config["objective"], config["objective_params"])
-    packed = train.get("prefix_sharing", True) and objective.kind == "causal_lm"
+    objective: Objective = config["objective"]
+    packed = train.get("prefix_sharing", True) and objective.model_kind == "causal_lm"
     collate = collate_packed_pairs if packed else collate_pairs
     model_path = local_dir(config["model"])
     tokenizer = load_tokenizer(model_path)
-    objective.eos_token_id = tokenizer.eos_token_id
-    model = build_model_for(objective.kind, model_path, tokenizer, config.get("lora"))
+    eos = tokenizer.eos_token_id
+    model = build_model_for(objective.model_kind, model_path, tokenizer, config.get("lora"))
     if train["disable_dropout"]:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
     ref_model = None
     if objective.live_reference:
-        ref_model = build_model_for(objective.kind, model_path, tokenizer, None).eval().requires_grad_(False)
+        ref_model = build_model_for(objective.model_kind, model_path, tokenizer, None).eval().requires_grad_(False)
     data = datasets.Dataset(datasets.table.InMemoryTable(ray.get(config["data"])))
     micro = train["batch_size"] // world
     engine, _, _, _ = deepspeed.initialize(
@@ -252,7 +256,7 @@ def train_worker(config: dict) -> None:
             eval_ref_logps = load_file(os.path.join(d, EVAL_REF_LOGPS_FILE))["logps"]
 
     step = resume_newest(engine, run_dir, rank, load_extra)
-    table = lambda d: reference_table(engine.module, d, micro, tokenizer.pad_token_id, tokenizer.eos_token_id,  # noqa: E731
+    table = lambda d: reference_table(engine.module, d, micro, tokenizer.pad_token_id, eos,  # noqa: E731
                                       rank, world, engine.device, collate)
     if objective.stored_reference and ref_logps is None:
         ref_logps = table(data)
@@ -268,14 +272,15 @@ def train_worker(config: dict) -> None:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         inject_failure(train, step, rank, world, config["output_dir"])
         engine.train()
-        loss, metrics = objective(engine, ref_model, batch)
+        loss, metrics = objective.compute_loss(engine, ref_model, batch, eos)
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on in engine.step)
         engine.backward(loss)
         engine.step()
         step += 1
         tokens += int(batch["num_tokens"])  # prompt + completion of both sides, however they are laid out
-        if objective.ref_update != "none" and step % objective.ref_tau == 0:
-            update_reference(engine.module, ref_model, objective.ref_update, objective.ref_alpha, zero_stage)
+        mode = objective.reference_update(step)
+        if mode is not None:
+            update_reference(engine.module, ref_model, mode, objective.ref_alpha, zero_stage)
 
         last = step == train["steps"]
         if step % run["log_every"] == 0 or step % run["checkpoint_every"] == 0 or last:
@@ -286,7 +291,7 @@ def train_worker(config: dict) -> None:
             report.update(step=step, lr=lr)
             if eval_data is not None and (step % eval_every == 0 or last):
                 report.update(validation_metrics(engine, ref_model, objective, eval_data, eval_ref_logps, micro, rank,
-                                                 world, tokenizer.pad_token_id, collate))
+                                                 world, tokenizer.pad_token_id, eos, collate))
             if rank == 0:
                 rewrite_log(run_dir, lambda rows: rows + [report])  # the driver prints it from there
             if step % run["checkpoint_every"] == 0 or last:
@@ -305,12 +310,12 @@ def train_worker(config: dict) -> None:
             # checkpoint, as each call blocks on the controller's poll (about 1.7 s in Ray 2.60).
             tokens, t0 = 0, time.perf_counter()
 
-    upload_final_model(engine, zero_stage, rank, objective.kind, model_path, config, tokenizer, run_dir)
+    upload_final_model(engine, zero_stage, rank, objective.model_kind, model_path, config, tokenizer, run_dir)
 
 
 @torch.no_grad()
-def validation_metrics(engine, ref_model, objective, data, ref_table, micro: int, rank: int, world: int, pad_id: int,
-                       collate) -> dict[str, float]:
+def validation_metrics(engine, ref_model, objective: Objective, data, ref_table, micro: int, rank: int, world: int,
+                       pad_id: int, eos_id: int | None, collate) -> dict[str, float]:
     """The objective's loss and metrics on held-out pairs, as "val/<name>", averaged over the pairs.
     Every rank scores the same number of full micro-batches (ZeRO-3 gathers parameters inside each
     forward), so the first len(data) // (micro * world) * (micro * world) pairs are used."""
@@ -324,7 +329,7 @@ def validation_metrics(engine, ref_model, objective, data, ref_table, micro: int
         if ref_table is not None:
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_table[idx, 0], ref_table[idx, 1]
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        loss, metrics = objective(engine, ref_model, batch)
+        loss, metrics = objective.compute_loss(engine, ref_model, batch, eos_id)
         for k, v in {"loss": loss, **metrics}.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     engine.module.train(was_training)
@@ -428,7 +433,8 @@ LORA_DIR = "lora"  # inside the saved model: the unmerged adapter (LoRA weights 
 
 def save_final_model(kind: str, model_path: str, config: dict, tokenizer, state: dict, dtype: str, out: str) -> None:
     """Save the trained weights in HF format (safetensors, LoRA merged, in `dtype`) into `out`, so the
-    generator pool and scorers load the result by path like any model."""
+    generator pool and scorers load the result by path like any model, and sweetspot.json: what
+    trained it, config["saved_as"] ({"objective": name, **params})."""
     from align.engine.models import build_model_for
 
     model = build_model_for(kind, model_path, tokenizer, config.get("lora"))
@@ -439,4 +445,4 @@ def save_final_model(kind: str, model_path: str, config: dict, tokenizer, state:
     model = model.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (Path(out) / "sweetspot.json").write_text(json.dumps({"objective": config["objective"], **config["objective_params"]}))
+    (Path(out) / "sweetspot.json").write_text(json.dumps(config["saved_as"]))

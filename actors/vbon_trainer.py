@@ -48,8 +48,8 @@ def push_weights(engine, zero_stage: int, rank: int, generators: list, version: 
 
 
 def vbon_worker(config: dict) -> None:
-    """Ray Train `train_loop_per_worker` for vBoN. config: the offline trainer's keys (objective
-    "vbon", objective_params, model, output_dir, storage_path, train, lora None), "data": an
+    """Ray Train `train_loop_per_worker` for vBoN. config: the offline trainer's keys (objective None,
+    saved_as, model, output_dir, storage_path, train, lora None), "objective_params", "data": an
     ObjectRef of {"prompts": [...], "ref_rewards": (N, M) tensor}, "generators" and "scorers": lists
     of actor handles (actors.generator.Generator, actors.scorer.ScorerActor)."""
     import deepspeed

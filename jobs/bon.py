@@ -1,5 +1,5 @@
 """Best-of-n sampling over a prompt set: a GeneratorPool draws n+1 completions per prompt, a
-RewardScorer scores them, the best of the first n is BoN's answer and the (n+1)-th is an independent
+ScorerPool scores them, the best of the first n is BoN's answer and the (n+1)-th is an independent
 pi_0 sample to compare against.
 
     python -m jobs.bon --config configs/bon.yaml                      # one machine
@@ -232,7 +232,7 @@ def run(cfg: BonConfig) -> dict:
     import ray
     from tqdm.auto import tqdm
 
-    from actors.best_of_n import sample_and_score
+    from actors.best_of_n import scored_batches
     from actors.cluster import init_ray
     from actors.generator import GeneratorPool
     from actors.scorer import ScorerPool, ship_spec
@@ -278,7 +278,7 @@ def run(cfg: BonConfig) -> dict:
             scorers = ScorerPool(spec, cfg.reward.num_actors, cfg.reward.num_cpus)
             start = time.perf_counter()
             # n+1 draws: the first n for BoN, the last an independent pi_0 sample for the win rate.
-            scored = sample_and_score(pool, scorers, todo, n + 1, cfg.sampling.max_new_tokens, cfg.seed,
+            scored = scored_batches(pool, scorers, todo, n + 1, cfg.sampling.max_new_tokens, cfg.seed,
                                       temperature=cfg.sampling.temperature, min_new_tokens=cfg.sampling.min_new_tokens,
                                       stop_at_eos=cfg.sampling.stop_at_eos, rejection=rejection_spec(cfg, spec))
             with (out / "samples.partial.jsonl").open("a") as f, \

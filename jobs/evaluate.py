@@ -162,7 +162,7 @@ def draw_batches(model, tokenizer, prompts, cfg: EvalConfig, seed: int, n: int, 
         yield ids, mask, s
 
 
-def sample_and_score(model, tokenizer, ref_model, prompts, cfg: EvalConfig, seed: int):
+def sample_with_logprobs(model, tokenizer, ref_model, prompts, cfg: EvalConfig, seed: int):
     """n samples per prompt from `model` (a causal LM, or a DeraLM), as texts, with log pi(y|x) and
     log pi_0(y|x) per sample, both under the same sampling process and by the same full forward (so
     pi = pi_0 gives exactly 0)."""
@@ -217,7 +217,7 @@ def run_decoder(spec: DecoderSpec, ref, tok, prompts, cfg: EvalConfig, seed: int
         aligned, aligned_tok = load_causal_lm(spec.aligned, next(ref.parameters()).device, "float32")
         if aligned_tok.get_vocab() != tok.get_vocab():
             raise ValueError(f"decoder {spec.name!r}: the aligned model must share the reference's tokenizer ({spec.aligned})")
-        texts, logp, logp_ref = sample_and_score(DeraLM(ref, aligned, spec.lam), tok, ref, prompts, cfg, seed)
+        texts, logp, logp_ref = sample_with_logprobs(DeraLM(ref, aligned, spec.lam), tok, ref, prompts, cfg, seed)
         return Decoded(texts, logp=logp, logp_ref=logp_ref)
     return select_candidates(spec, ref, tok, prompts, cfg, seed, gold)
 
@@ -281,7 +281,7 @@ def win_metrics(texts, rep, r_ref, scorer, cfg: EvalConfig) -> dict:
 
 def evaluate_policy(policy, tok, ref, prompts, rep, r_ref, scorer, cfg: EvalConfig) -> dict:
     """Win rate over the given pi_0 rewards and the Monte Carlo KL of one policy."""
-    texts, logp, logp_ref = sample_and_score(policy, tok, ref, prompts, cfg, cfg.seed)
+    texts, logp, logp_ref = sample_with_logprobs(policy, tok, ref, prompts, cfg, cfg.seed)
     kl, kl_se = clustered_mean_stderr(logp - logp_ref, cfg.sampling.n)
     return {**win_metrics(texts, rep, r_ref, scorer, cfg), "kl_to_pi0": kl, "kl_to_pi0_stderr": kl_se,
             "process": process_of(cfg, tok)}
@@ -344,7 +344,7 @@ def run(cfg: EvalConfig) -> dict:
     ref, ref_tok = load_causal_lm(cfg.reference, cfg.device, "float32")
     scorer = make_scorer(reward_spec(cfg.reward))
     rep = [p for p in prompts for _ in range(cfg.sampling.n)]
-    ref_texts, _, _ = sample_and_score(ref, ref_tok, None, prompts, cfg, cfg.seed + 10_000)
+    ref_texts, _, _ = sample_with_logprobs(ref, ref_tok, None, prompts, cfg, cfg.seed + 10_000)
     r_ref = scorer.score(rep, ref_texts).mean  # one set of pi_0 samples for every policy and decoder
 
     out = resolve_output(cfg.output_dir) if cfg.output_dir else resolve_input(cfg.policy).parent

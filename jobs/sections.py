@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from align.runtime.config import require, to_dict
+from align.runtime.config import require
 
 
 @dataclass
@@ -24,56 +24,33 @@ class ModelConfig:
 
 
 @dataclass
-class RewardComponent:
-    """One reward of a combined scorer (reward.kind: combined)."""
-
-    kind: Literal["vader", "brevity", "classifier", "ensemble", "laplace"] = "vader"
-    path: str | None = None
-    max_words: int = 12  # kind brevity
-
-    def __post_init__(self):
-        require(self.kind not in ("classifier", "ensemble", "laplace") or bool(self.path), "path",
-                f"a directory when kind is {self.kind!r}", self.path)
-        require(self.max_words >= 1, "max_words", "an integer >= 1", self.max_words)
-
-
-@dataclass
 class RewardConfig:
-    kind: Literal["vader", "brevity", "classifier", "ensemble", "laplace", "combined"] = "vader"
+    """The reward: a registered kind (align.rewards.registry) with its own params, and how many scorer
+    actors run it."""
+
+    kind: str = "vader"  # vader | brevity | classifier | ensemble | laplace | combined, or "module:kind" registered in your module
     path: str | None = None  # classifier: an HF name or directory; ensemble / laplace: the directory jobs.train_rm wrote
-    max_words: int = 12  # kind brevity: reward = max_words - words in the completion
-    components: list[RewardComponent] = field(default_factory=list)  # kind combined: the rewards combined
-    combine: Literal["sum_of_lsc", "sum_raw"] = "sum_of_lsc"  # kind combined: sum of log sigmoid(r - r_ref(x)), or of raw rewards
-    reference_quantile: float = 0.5  # kind combined: r_ref(x) = this quantile of r over the prompt's pi_0 samples
+    params: dict = field(default_factory=dict)  # the kind's own knobs: brevity {max_words}; laplace {chunk_size}; combined {components, combine, reference_quantile}
     device: str = "auto"
     num_actors: int = 1  # scorer actors (a ScorerPool); scoring scales separately from generation
     num_cpus: float = 0  # logical CPUs reserved per scorer actor (0: shares the generators' cores)
 
     def __post_init__(self):
-        require(self.kind not in ("classifier", "ensemble", "laplace") or bool(self.path), "path",
-                f"a reward-model directory when kind is {self.kind!r}", self.path)
-        require(self.kind != "combined" or len(self.components) >= 2, "components",
-                "a list of >= 2 rewards when kind is 'combined'", self.components)
-        require(0 <= self.reference_quantile <= 1, "reference_quantile", "a number in [0, 1]", self.reference_quantile)
-        require(self.max_words >= 1, "max_words", "an integer >= 1", self.max_words)
+        from align.rewards.registry import check_spec
+
         require(self.num_actors >= 1, "num_actors", "an integer >= 1", self.num_actors)
         require(self.num_cpus >= 0, "num_cpus", ">= 0", self.num_cpus)
-        if self.kind in ("ensemble", "laplace"):
-            problem = scorer_dir_problem(self.kind, self.path)
-            require(problem is None, "path", f"a directory written by jobs.train_rm for kind {self.kind!r} ({problem})")
+        require(not {"kind", "path", "device", "embedder"} & set(self.params), "params",
+                "the kind's own knobs (kind, path and device are fields of reward itself)", self.params)
+        spec = check_spec({**self.params, "kind": self.kind, "path": self.path}, field="", params_field="params")
+        self.params = {k: v for k, v in spec.items() if k not in ("kind", "path")}  # typed, defaults filled
 
+    def spec(self) -> dict:
+        """The flat spec actors.scorer.make_scorer takes, model directories resolved ("default", "minilm")."""
+        from align.engine.models import resolve_model_path
+        from align.rewards.registry import map_paths
 
-def scorer_dir_problem(kind: str, path: str) -> str | None:
-    """Why `path` cannot be loaded as an ensemble or a Laplace posterior (checked before any actor starts)."""
-    from actors.scorer import ENSEMBLE_FILE
-    from align.rewards.laplace_posterior import META_FILE
-    from align.runtime.paths import resolve_input
-
-    p = resolve_input(path)
-    need = {"ensemble": ENSEMBLE_FILE, "laplace": META_FILE}[kind]
-    if not p.is_dir():
-        return f"{path!r} does not exist"
-    return None if (p / need).is_file() else f"{path!r} has no {need}"
+        return map_paths({"kind": self.kind, "path": self.path, "device": self.device, **self.params}, resolve_model_path)
 
 
 @dataclass
@@ -172,9 +149,4 @@ class PairDataConfig:
 
 def reward_spec(r: RewardConfig) -> dict:
     """A reward config as actors.scorer.make_scorer's dict (model directories resolved)."""
-    from align.engine.models import resolve_model_path
-
-    return {"kind": r.kind, "device": r.device, "max_words": r.max_words, "combine": r.combine,
-            "reference_quantile": r.reference_quantile,
-            "path": resolve_model_path(r.path) if r.path else None,
-            "components": [{**to_dict(c), "path": resolve_model_path(c.path) if c.path else None} for c in r.components]}
+    return r.spec()

@@ -11,25 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from actors.train_config import TrainConfig
-from align.runtime.config import require, run_job
+from align.objectives.bonbon import BonbonObjective
+from align.runtime.config import run_job
 from jobs.sections import PairDataConfig
-
-
-@dataclass
-class BonbonParams:
-    n: int = 8  # samples per prompt the best/worst pairs were drawn from (sets beta*_n); >= 2
-    alpha: float = 0.5  # SFT weight in [0, 1]; 1 = SFT on best-of-n only
-
-    def __post_init__(self):
-        require(self.n >= 2, "n", "an integer >= 2 (best and worst of n samples)", self.n)
-        require(0 <= self.alpha <= 1, "alpha", "a number in [0, 1]", self.alpha)
 
 
 @dataclass
 class BonbonJobConfig:
     model: str = "default"  # pi_0: the policy to start from and the reference
     data: PairDataConfig = field(default_factory=PairDataConfig)
-    bonbon: BonbonParams = field(default_factory=BonbonParams)
+    bonbon: BonbonObjective = field(default_factory=BonbonObjective)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "outputs/bonbon"
 
@@ -50,8 +41,7 @@ def run(cfg: BonbonJobConfig) -> dict:
     from jobs.training import run_training
 
     check_n_matches_data(cfg)
-    return run_training(f"BoNBoN (n={cfg.bonbon.n}, alpha={cfg.bonbon.alpha})", "bonbon",
-                        {"n": cfg.bonbon.n, "alpha": cfg.bonbon.alpha}, cfg)
+    return run_training(cfg.bonbon, cfg)
 
 
 def main(argv=None) -> dict:

@@ -84,7 +84,7 @@ class RmJobConfig:
 def heldout_agreement(model_dir: str, cfg: RmJobConfig) -> dict:
     """Share of held-out pairs on which the trained reward orders chosen above rejected (ties 1/2)."""
     from align.math.bon import win_rate
-    from align.rewards.functions import SequenceClassifierReward
+    from align.rewards.classifier import SequenceClassifierReward
     from jobs.training import load_pair_dataset
 
     source = cfg.eval.source or cfg.data.source
@@ -106,6 +106,7 @@ def run(cfg: RmJobConfig) -> dict:
     import shutil
     from dataclasses import asdict
 
+    from align.objectives.bradley_terry import BradleyTerryObjective
     from align.runtime.paths import resolve_output
     from align.runtime.runstate import write_atomic
     from jobs.training import run_training
@@ -122,9 +123,10 @@ def run(cfg: RmJobConfig) -> dict:
         member = cfg if i == 0 else replace(cfg, output_dir=str(out / "ensemble" / f"member_{i}"),
                                             train=replace(cfg.train, seed=cfg.train.seed + i,
                                                           run=replace(cfg.train.run, name=f"{cfg.train.run.name}-member{i}")))
-        title = "reward model (Bradley-Terry)" + (f", ensemble member {i + 1}/{cfg.ensemble.members}" if cfg.ensemble.members > 1 else "")
-        metrics = run_training(title, "bradley_terry", {}, member, lora=lora,
-                               bootstrap_seed=i if i > 0 and cfg.ensemble.bootstrap else None)
+        objective = BradleyTerryObjective()
+        title = objective.describe() + (f", ensemble member {i + 1}/{cfg.ensemble.members}" if cfg.ensemble.members > 1 else "")
+        metrics = run_training(objective, member, lora=lora, bootstrap_seed=i if i > 0 and cfg.ensemble.bootstrap else None,
+                               title=title)
         agreement = heldout_agreement(str(resolve_output(member.output_dir) / "model"), cfg)
         if agreement:
             print(f"  held-out agreement with the labels: {agreement['heldout_agreement']:.3f} on {agreement['heldout_pairs']} pairs")

@@ -97,7 +97,7 @@ def reference_rewards(cfg: VbonJobConfig, prompts: list[str], pool, scorers, out
     the same model, prompts, reward, M, sampling and seed; drawn and scored otherwise."""
     import torch
 
-    from actors.best_of_n import sample_and_score
+    from actors.best_of_n import scored_batches
     from align.runtime.config import to_dict
     from align.runtime.runstate import digest
 
@@ -117,7 +117,7 @@ def reference_rewards(cfg: VbonJobConfig, prompts: list[str], pool, scorers, out
     rows: dict[int, list] = {}
     s = cfg.sampling
     with tqdm(total=len(prompts), desc=f"F_x: {cfg.vbon.reference_samples} pi_0 samples per prompt", unit="prompt") as bar:
-        for b, scored, _ in sample_and_score(pool, scorers, batches, cfg.vbon.reference_samples, s.max_new_tokens,
+        for b, scored, _ in scored_batches(pool, scorers, batches, cfg.vbon.reference_samples, s.max_new_tokens,
                                              seed=cfg.seed + 1, temperature=s.temperature,
                                              min_new_tokens=s.min_new_tokens, stop_at_eos=s.stop_at_eos):
             rows[b] = [x.rewards for x in scored]
@@ -173,8 +173,10 @@ def run(cfg: VbonJobConfig) -> dict:
         scorers = ScorerPool(reward_spec(cfg.reward), cfg.reward.num_actors, cfg.reward.num_cpus)
         ref = reference_rewards(cfg, prompts, pool, scorers, out)
         data_ref = ray.put({"prompts": prompts, "ref_rewards": ref})
-        metrics = launch_training("vbon", params, ship_dir(model_path), data_ref, cfg.train, out, storage,
-                                  loop=vbon_worker, extra={"generators": pool.actors, "scorers": scorers.actors})
+        # Its own loop, not a registered objective: the loop reads objective_params; the model records saved_as.
+        metrics = launch_training(None, ship_dir(model_path), data_ref, cfg.train, out, storage, loop=vbon_worker,
+                                  extra={"objective_params": params, "saved_as": {"objective": "vbon", **params},
+                                         "generators": pool.actors, "scorers": scorers.actors})
         # the generators hold the last weights pushed: they must be the trained model's, bit for bit
         from align.engine.models import load_causal_lm
         from align.math.vbon import state_digest

@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from align.runtime.config import ConfigError
 from jobs.sections import PairDataConfig
+
+if TYPE_CHECKING:
+    from align.objectives.base import Objective
 
 log = logging.getLogger("sweetspot.train")
 
@@ -76,8 +80,9 @@ def tokenize_pairs(ds, tokenizer, max_length: int):
     return ds
 
 
-def run_key(objective: str, params: dict, model_path: str, data: PairDataConfig, train, lora: dict | None) -> dict:
-    """What shapes a training run's result: a checkpoint resumes only under the same key."""
+def run_key(objective: Objective, model_path: str, data: PairDataConfig, train, lora: dict | None) -> dict:
+    """What shapes a training run's result: a checkpoint resumes only under the same key. A plain
+    dict: the objective (an align.objectives instance) as its registered name and its fields."""
     from dataclasses import asdict
 
     from align.runtime.paths import resolve_input
@@ -86,7 +91,7 @@ def run_key(objective: str, params: dict, model_path: str, data: PairDataConfig,
 
     source = resolve_input(data.source)
     model_dir = Path(model_path)
-    return {"objective": objective, "params": params, "lora": lora,
+    return {"objective": objective.NAME, "params": asdict(objective), "lora": lora,
             "model": {"path": model_path, "files": path_fingerprint(model_dir) if model_dir.is_dir() else None},
             "data": {"source": str(source), "split": data.split, "limit": data.limit, "files": path_fingerprint(source),
                      "eval_split": data.eval_split, "eval_limit": data.eval_limit},
@@ -128,14 +133,16 @@ def start_run(title: str, cfg, out: Path, storage: str, key: dict) -> bool:
     return resumed
 
 
-def run_training(title: str, objective: str, params: dict, cfg, lora: dict | None = None,
-                 bootstrap_seed: int | None = None) -> dict:
-    """Tokenize the pairs, start (or join) Ray, hand the data and the model to the worker group through
-    the object store, run it (resuming when the run key matches), print the summary.
+def run_training(objective: Objective, cfg, lora: dict | None = None, bootstrap_seed: int | None = None,
+                 title: str | None = None) -> dict:
+    """Tokenize the pairs, start (or join) Ray, hand the objective, the data and the model to the
+    worker group (the data through the object store), run it (resuming when the run key matches),
+    print the summary.
 
-    cfg: the job's config, with model, data (PairDataConfig), train (TrainConfig) and output_dir.
-    bootstrap_seed: train on a resample of the pairs with replacement, drawn with this seed (the
-    members of a reward-model ensemble); part of the run key.
+    objective: an align.objectives instance (align.objectives.base.Objective). cfg: the job's config,
+    with model, data (PairDataConfig), train (TrainConfig) and output_dir. bootstrap_seed: train on a
+    resample of the pairs with replacement, drawn with this seed (the members of a reward-model
+    ensemble); part of the run key. title: what the job prints (default objective.describe()).
     """
     import time
 
@@ -147,12 +154,13 @@ def run_training(title: str, objective: str, params: dict, cfg, lora: dict | Non
     from align.runtime.paths import resolve_output
 
     start = time.perf_counter()
+    title = title or objective.describe()
     out = resolve_output(cfg.output_dir)
     storage = cfg.train.run.storage_path
     storage = storage if "://" in storage else str(resolve_output(storage))
     ds = load_pair_dataset(cfg.data)  # data errors stop here, before a model is loaded or Ray starts
     model_path = resolve_model_path(cfg.model)
-    key = run_key(objective, params, model_path, cfg.data, cfg.train, lora)
+    key = run_key(objective, model_path, cfg.data, cfg.train, lora)
     if bootstrap_seed is not None:
         import torch
 
@@ -173,7 +181,7 @@ def run_training(title: str, objective: str, params: dict, cfg, lora: dict | Non
         start_run(title, cfg, out, storage, key)
         data_ref = ray.put(ds.flatten_indices().data.table)
         extra = {"eval_data": ray.put(eval_ds.flatten_indices().data.table)} if eval_ds is not None else None
-        metrics = launch_training(objective, params, ship_dir(model_path), data_ref, cfg.train, out, storage, lora=lora,
+        metrics = launch_training(objective, ship_dir(model_path), data_ref, cfg.train, out, storage, lora=lora,
                                   extra=extra)
     finally:
         if started:

@@ -142,7 +142,7 @@ class GeneratorDeployment:
         self.generator.check_context(list(call.prompts), call.max_tokens)
         return await self.batcher(call)
 
-    async def sample_and_score(self, call) -> list:
+    async def sample_colocated(self, call) -> list:
         """One request's samples, scored in this replica (the app was built with colocate_scorer)."""
         return await self.score((await self.sample(call))["samples"])
 
@@ -247,11 +247,13 @@ class Api:
         """A 422 naming `field` when this server cannot answer DeRa requests."""
         if not self.has_aligned:
             raise HTTPException(422, detail=f"{field}: this server has no aligned model (start it with `aligned`)")
-        if self.reward_kind == "combined":  # its LSC reference is a quantile over pi_0's own samples
-            raise HTTPException(422, detail=f"{field}: the combined (LSC) reward ranks pi_0 samples against each "
+        from align.rewards.registry import reward_kind
+
+        if reward_kind(self.reward_kind).scores_within_prompt:  # e.g. combined: its LSC reference is a quantile over pi_0's samples
+            raise HTTPException(422, detail=f"{field}: the {self.reward_kind} reward ranks pi_0 samples against each "
                                             "other; DeRa samples need another reward kind")
 
-    async def sample_and_score(self, prompts: list[str], req: SamplingRequest, lam: float | None = None):
+    async def scored_samples(self, prompts: list[str], req: SamplingRequest, lam: float | None = None):
         """Sample on the generator deployment, score on the scorer deployment. A full queue on either,
         or a replica that died while it held the request (Serve starts a new one), is a 503 with
         Retry-After: the request can be sent again as it was."""
@@ -266,7 +268,7 @@ class Api:
         retry = {"Retry-After": str(math.ceil(self.retry_after_s))}
         try:
             if self.scorer is None:  # colocate_scorer: the generator replica scores too
-                return await self.generator.sample_and_score.remote(call)
+                return await self.generator.sample_colocated.remote(call)
             # Awaited here, not handed on to the scorer as a response: a generator replica that dies
             # must reach this handler as its own error (a 503), not as the scorer's failed argument.
             result = await self.generator.sample.remote(call)
@@ -324,7 +326,7 @@ class Api:
         prompts = self.check(sampling)
         if self.eos_token_id is None:  # asked once: finish_reason is "stop" when a completion drew it
             self.eos_token_id = await self.generator.eos_token_id.remote()
-        scored = await self.sample_and_score(prompts, sampling, req.dera_lambda)
+        scored = await self.scored_samples(prompts, sampling, req.dera_lambda)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         choices, completion_tokens = [], 0
         for s in scored:
@@ -348,14 +350,14 @@ class Api:
         if req.penalty != "none" and req.penalty != self.reward_kind:
             raise HTTPException(422, detail=f"penalty: '{req.penalty}' needs the server's reward kind to be "
                                             f"'{req.penalty}' (it is '{self.reward_kind}')")
-        return fast_json({"results": [self.answer(s, req) for s in await self.sample_and_score(prompts, req)]})
+        return fast_json({"results": [self.answer(s, req) for s in await self.scored_samples(prompts, req)]})
 
     @app.post("/v1/dera")
     async def dera(self, req: DeraRequest) -> dict:
         """Samples at DeRa strength lambda; with n > 1 the best of them by the server's reward."""
         prompts = self.check(req)
         self.check_dera("lambda")
-        return fast_json({"results": [self.answer(s, req, lam=req.lam) for s in await self.sample_and_score(prompts, req, req.lam)]})
+        return fast_json({"results": [self.answer(s, req, lam=req.lam) for s in await self.scored_samples(prompts, req, req.lam)]})
 
     @staticmethod
     def answer(s, req: SamplingRequest, lam: float | None = None) -> dict:
@@ -407,10 +409,9 @@ DEPLOYMENT_OPTIONS = {
 def bind_app(a: AppArgs, options: dict[str, dict] | None = None) -> serve.Application:
     """Generator and scorer deployments bound into the ingress; `options` replaces a deployment's
     default options (DEPLOYMENT_OPTIONS) by its name."""
-    from actors.scorer import SCORER_KINDS
+    from align.rewards.registry import check_spec
 
-    if a.reward.get("kind") not in SCORER_KINDS:
-        raise ValueError(f"reward.kind must be one of {' | '.join(SCORER_KINDS)}, got {a.reward.get('kind')!r}")
+    check_spec(a.reward, "reward")  # a ConfigError (a ValueError) naming reward.<field>, before any replica starts
     opts = {**DEPLOYMENT_OPTIONS, **(options or {})}
     batching = a.batching.model_dump()
     spec = {"device": a.device, **a.reward}

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from actors.best_of_n import sample_and_score
+from actors.best_of_n import scored_batches
 from actors.generator import GeneratorPool
 from actors.scorer import ScorerPool
 from align.runtime.config import load_config
@@ -32,7 +32,7 @@ def collect(pool, scorers, kill=None):
     runs once, after the first batch is back and while others are in flight."""
     batches = {b: [p] for b, p in enumerate(PROMPTS)}
     out = {}
-    for b, samples, _ in sample_and_score(pool, scorers, batches, 4, 12, seed=3, min_new_tokens=12):
+    for b, samples, _ in scored_batches(pool, scorers, batches, 4, 12, seed=3, min_new_tokens=12):
         (s,) = samples
         out[b] = (s.prompt, s.completion_ids, s.logprobs, s.rewards)
         if kill is not None:

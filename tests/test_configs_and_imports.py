@@ -107,8 +107,9 @@ def test_laplace_installed_without_torchvision():
 
 def test_align_imports_without_ray_or_deepspeed():
     code = ("import sys; sys.modules['ray'] = None; sys.modules['deepspeed'] = None\n"
-            "import align.math.bon, align.math.losses, align.engine.sampling, align.runtime.config, align.data.pairs, align.engine.models, align.rewards.functions\n"
-            "import align.math.scoring, align.math.selection, align.engine.embeddings, align.rewards.laplace_posterior\n")
+            "import align.math.bon, align.math.losses, align.engine.sampling, align.runtime.config, align.data.pairs, align.engine.models, align.rewards.registry, align.rewards.vader\n"
+            "import align.math.scoring, align.math.selection, align.engine.embeddings, align.rewards.laplace_posterior\n"
+            "import align.objectives.preference, align.objectives.bonbon, align.objectives.bradley_terry\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

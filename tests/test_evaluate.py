@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from align.runtime.config import ConfigError, load_config
 from align.engine.sampling import continuation_logprobs
 from align.math.stats import clustered_mean_stderr
-from jobs.evaluate import DecoderSpec, EvalConfig, decoder_seed, run, run_decoder, sample_and_score
+from jobs.evaluate import DecoderSpec, EvalConfig, decoder_seed, run, run_decoder, sample_with_logprobs
 
 V, EOS = 4, 0  # tokens: 0 = end of sequence, 1..3 = "a", "b", "c"
 
@@ -85,7 +85,7 @@ def test_kl_matches_exact_enumeration_of_the_sampled_process(temperature):
         got = continuation_logprobs(pi, rep, torch.ones_like(rep), toks, mask, temperature, min_new, EOS)
         torch.testing.assert_close(got.double(), torch.tensor([math.log(p[y]) for y in seqs], dtype=torch.float64),
                                    atol=1e-5, rtol=0)
-    texts, logp, logp_ref = sample_and_score(pi, tok, pi0, prompts, cfg, seed=0)
+    texts, logp, logp_ref = sample_with_logprobs(pi, tok, pi0, prompts, cfg, seed=0)
     kl = logp - logp_ref  # (P * n,)
     mc = kl.double().view(len(prompts), -1).mean(1)  # per prompt
     se = kl.double().view(len(prompts), -1).std(1) / math.sqrt(cfg.sampling.n)
@@ -135,7 +135,7 @@ def test_compare_policies_against_one_set_of_pi0_samples(tiny_lm_dir, tmp_path):
     prompts.write_text("the movie was\na good film\n")
     other = save_tiny_lm(tmp_path / "other", seed=1)
     common = [f"reference={tiny_lm_dir}", f"prompts.source={prompts}", "sampling.n=4", "sampling.max_new_tokens=4",
-              "sampling.min_new_tokens=4", "device=cpu", "reward.kind=brevity", "reward.max_words=3", "bon_n=[2, 8]"]
+              "sampling.min_new_tokens=4", "device=cpu", "reward.kind=brevity", "reward.params.max_words=3", "bon_n=[2, 8]"]
     alone = run(load_config(EvalConfig, "configs/evaluate.yaml", [f"policy={other}", f"output_dir={tmp_path / 'a'}", *common]))
     run(load_config(EvalConfig, "configs/evaluate.yaml", [f"policy={tiny_lm_dir}", f"output_dir={tmp_path / 'b'}",
                                                           f"compare=[{{name: other, path: {other}}}]", *common]))
@@ -190,10 +190,10 @@ def test_dera_decoder_at_lambda_0_is_pi0_and_at_1_the_aligned_model(tiny_lm_dir,
     prompts, seed = ["the movie was", "a good film", "the plot"], decoder_seed(0, 0)
     at = {lam: run_decoder(DecoderSpec("d", "dera", lam=lam, aligned=aligned_dir), ref, tok, prompts, cfg, seed, None)
           for lam in (0.0, 1.0)}
-    assert at[0.0].texts == sample_and_score(ref, tok, None, prompts, cfg, seed)[0]
+    assert at[0.0].texts == sample_with_logprobs(ref, tok, None, prompts, cfg, seed)[0]
     assert torch.equal(at[0.0].logp, at[0.0].logp_ref)
     assert clustered_mean_stderr(at[0.0].logp - at[0.0].logp_ref, 4) == (0.0, 0.0)
-    texts, logp, logp_ref = sample_and_score(aligned, tok, ref, prompts, cfg, seed)
+    texts, logp, logp_ref = sample_with_logprobs(aligned, tok, ref, prompts, cfg, seed)
     assert at[1.0].texts == texts and torch.equal(at[1.0].logp, logp) and torch.equal(at[1.0].logp_ref, logp_ref)
     assert at[0.0].texts != at[1.0].texts and (logp - logp_ref).abs().max() > 0
 
@@ -234,7 +234,7 @@ def test_decoders_alone_are_rows_of_the_comparison(tiny_lm_dir, tmp_path):
     table = run(load_config(EvalConfig, "configs/evaluate.yaml", [
         "policy=null", f"decoders={decoders}", f"output_dir={out}", f"reference={tiny_lm_dir}", f"prompts.source={prompts}",
         "sampling.n=2", "sampling.max_new_tokens=4", "sampling.min_new_tokens=2", "device=cpu", "reward.kind=brevity",
-        "reward.max_words=3", "bon_n=[4]"]))
+        "reward.params.max_words=3", "bon_n=[4]"]))
     assert table == json.loads((out / "comparison.json").read_text()) and table["policies"] == []
     rows = {r["name"]: r for r in table["decoders"]}
     assert list(rows) == ["best of 4", "rbon-kl", "rbon-wd", "dera 0", "dera 0.5"]

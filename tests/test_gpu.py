@@ -29,7 +29,7 @@ def test_sampling_on_cuda_matches_the_process_log_probs(tiny_lm_dir):
 def test_classifier_scoring_on_cuda_matches_cpu(tiny_lm_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from align.rewards.functions import SequenceClassifierReward
+    from align.rewards.classifier import SequenceClassifierReward
 
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_lm_dir), num_labels=1)
     model.config.pad_token_id = AutoTokenizer.from_pretrained(str(tiny_lm_dir)).pad_token_id

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from actors.objectives import pair_logps
+from align.objectives.base import pair_logps
 from align.math.losses import dpo_loss
 from align.data.pairs import collate_packed_pairs, collate_pairs
 

@@ -77,7 +77,7 @@ def test_trainer_log_probs_are_the_samplers(tiny_lm_dir):
     """Samples drawn with temperature and early EOS blocking, through pairs and collation, score
     under the trainer's log-prob (align.math.losses) exactly as the sampler recorded them."""
     from actors.generator import Generator
-    from actors.objectives import pair_logps
+    from align.objectives.base import pair_logps
 
     gen = Generator(str(tiny_lm_dir), device="cpu")
     out = gen.sample(["the movie was", "a good film", "the plot"], n=8, max_new_tokens=30, temperature=0.8,

@@ -1,11 +1,15 @@
-"""align/rewards/functions.py: VADER's exact compound scores, a tiny sequence-classifier reward matched against a
-hand-computed forward (padding and batch size must not change a score), and make_reward."""
+"""align/rewards/vader.py and classifier.py: VADER's exact compound scores, a tiny sequence-classifier reward
+matched against a hand-computed forward (padding and batch size must not change a score), and building
+them by kind through the registry."""
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from align.rewards.functions import SequenceClassifierReward, VaderReward, make_reward
+from align.rewards.classifier import SequenceClassifierReward
+from align.rewards.registry import build_scorer
+from align.rewards.vader import VaderReward
+from align.runtime.config import ConfigError
 from tests.conftest import save_tiny_lm
 
 COMPLETIONS = [
@@ -131,24 +135,24 @@ def test_classifier_empty_input(tiny_rm_dir):
     assert got.dtype == torch.float64 and got.shape == (0,)
 
 
-# --- make_reward -------------------------------------------------------------------------------------
+# --- built by kind ---------------------------------------------------------------------------------
 
 
 def test_make_reward_vader():
-    r = make_reward("vader")
+    r = build_scorer({"kind": "vader"}).reward
     assert isinstance(r, VaderReward)
     assert r([""], [" wonderful"]).tolist() == VaderReward()([""], [" wonderful"]).tolist()
 
 
 def test_make_reward_classifier(tiny_rm_dir):
-    r = make_reward("classifier", str(tiny_rm_dir), device="cpu")
+    r = build_scorer({"kind": "classifier", "path": str(tiny_rm_dir), "device": "cpu"}).reward
     assert isinstance(r, SequenceClassifierReward)
     assert r.device == torch.device("cpu")
     assert_close(r(RM_PROMPTS, RM_COMPLETIONS), expected_scores(tiny_rm_dir, RM_PROMPTS, RM_COMPLETIONS), rtol=0, atol=1e-6)
 
 
 def test_make_reward_unknown_kind():
-    with pytest.raises(ValueError) as err:
-        make_reward("bogus")
+    with pytest.raises(ConfigError) as err:
+        build_scorer({"kind": "bogus"})
     msg = str(err.value)
     assert "reward.kind" in msg and "'bogus'" in msg

@@ -8,9 +8,12 @@ import torch
 from torch.testing import assert_close
 
 from align.engine.samples import PromptSamples
-from actors.scorer import CombinedScorer, EnsembleScorer, RewardScorer, ScorerPool, make_scorer
+from actors.scorer import ScorerPool, make_scorer
+from align.rewards.base import RewardScores
+from align.rewards.combined import CombinedScorer
+from align.rewards.ensemble import EnsembleScorer
 from align.runtime.config import ConfigError, load_config
-from align.rewards.functions import SequenceClassifierReward
+from align.rewards.classifier import SequenceClassifierReward
 
 PROMPTS = ["the movie was", "the movie was", "the movie was", "a bad", "a bad"]
 COMPLETIONS = ["great and wonderful .", "awful .", "fine , the music is lovely and the cast is weak .",
@@ -18,7 +21,7 @@ COMPLETIONS = ["great and wonderful .", "awful .", "fine , the music is lovely a
 
 
 def test_reward_scorer_is_a_point_estimate():
-    scores = RewardScorer("vader").score(PROMPTS, COMPLETIONS)
+    scores = make_scorer({"kind": "vader"}).score(PROMPTS, COMPLETIONS)
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     analyzer = SentimentIntensityAnalyzer()
@@ -51,9 +54,9 @@ def test_ensemble_of_identical_members_equals_one_member(tiny_ensemble_dir):
 
 
 def test_combined_scorer_is_the_lsc_sum_per_prompt():
-    scorer = CombinedScorer([RewardScorer("vader"), make_scorer({"kind": "brevity", "max_words": 6})], "sum_of_lsc", 0.5)
+    scorer = CombinedScorer([make_scorer({"kind": "vader"}), make_scorer({"kind": "brevity", "max_words": 6})], "sum_of_lsc", 0.5)
     got = scorer.score(PROMPTS, COMPLETIONS)
-    parts = torch.stack([RewardScorer("vader").score(PROMPTS, COMPLETIONS).mean,
+    parts = torch.stack([make_scorer({"kind": "vader"}).score(PROMPTS, COMPLETIONS).mean,
                          make_scorer({"kind": "brevity", "max_words": 6}).score(PROMPTS, COMPLETIONS).mean])
     expected = torch.empty(5, dtype=torch.float64)
     for rows in ([0, 1, 2], [3, 4]):  # the reference is the median of each prompt's own samples
@@ -77,7 +80,7 @@ def test_score_samples_fills_variance_and_members(tiny_ensemble_dir):
 
 
 def test_scorer_spec_errors(tmp_path):
-    with pytest.raises(ValueError, match="reward.kind must be one of vader"):
+    with pytest.raises(ValueError, match=r"'reward.kind': expected one of brevity \| classifier \| combined \| ensemble \| laplace \| vader"):
         make_scorer({"kind": "bleu"})
     with pytest.raises(FileNotFoundError, match="ensemble.json is missing"):
         make_scorer({"kind": "ensemble", "path": str(tmp_path)})
@@ -108,7 +111,13 @@ def test_scorer_pool_matches_in_process_in_order(ray_session, tiny_ensemble_dir)
         got = pool.score(prompts, completions, batch_size=4)
     finally:
         pool.shutdown()
-    want = make_scorer(spec).score(prompts, completions)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each scorer actor (num_cpus 0 -> one thread): the same kernels, bit for bit
+    try:  # the same batches of 4 as the pool (padding to another length moves the last bits)
+        scorer = make_scorer(spec)
+        want = RewardScores.cat([scorer.score(prompts[i : i + 4], completions[i : i + 4]) for i in range(0, len(prompts), 4)])
+    finally:
+        torch.set_num_threads(threads)
     assert_close(got.mean, want.mean, rtol=0, atol=1e-12)
     assert_close(got.var, want.var, rtol=0, atol=1e-12)
     assert_close(got.members, want.members, rtol=0, atol=1e-12)
@@ -141,7 +150,7 @@ def test_bon_job_with_ensemble_penalty_and_rbon(ray_session, tiny_lm_dir, tiny_e
     assert [r["completions"] for r in kl0] == [r["completions"] for r in worst], "same seeds, same samples"
     kl_big = bon("kl_big", "selection=rbon_kl", "rbon.beta=1e6")
     assert [r["chosen"] for r in kl_big] == [int(torch.tensor(r["logprobs"], dtype=torch.float64).argmax()) for r in kl_big]
-    lsc = bon("lsc", "reward.kind=combined", "reward.path=null", "reward.components=[{kind: vader}, {kind: brevity, max_words: 3}]")
+    lsc = bon("lsc", "reward.kind=combined", "reward.path=null", "reward.params.components=[{kind: vader}, {kind: brevity, max_words: 3}]")
     for r in lsc:  # members: (vader, brevity) of each candidate; the rewards their LSC sum against the medians
         parts = torch.tensor(r["reward_members"], dtype=torch.float64).T  # (2, n)
         assert all(v <= 0 for v in r["rewards"]) and r["chosen"] == int(torch.tensor(r["rewards"]).argmax())

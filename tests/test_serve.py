@@ -376,7 +376,7 @@ def test_a_replica_dying_with_the_request_is_a_503_with_retry_after():
     api = SimpleNamespace(generator=SimpleNamespace(sample=SimpleNamespace(remote=died)),
                           scorer=SimpleNamespace(score_samples=None), retry_after_s=2.5)
     with pytest.raises(HTTPException) as err:
-        asyncio.run(Api.sample_and_score(api, ["the plot"], BonRequest(prompt="the plot", n=2, max_tokens=4)))
+        asyncio.run(Api.scored_samples(api, ["the plot"], BonRequest(prompt="the plot", n=2, max_tokens=4)))
     assert err.value.status_code == 503 and err.value.headers == {"Retry-After": "3"}
     assert "a replica failed while holding this request (ActorDiedError)" in err.value.detail
 

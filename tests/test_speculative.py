@@ -49,7 +49,7 @@ def test_rank_correlation_and_best_survives_by_hand():
 
 def test_generator_keeps_the_best_partial_completions(tiny_lm_dir):
     from actors.generator import Generator
-    from align.rewards.functions import make_reward
+    from align.rewards.vader import VaderReward
     from align.math.speculative import rows_to_keep as keep_rule
 
     gen = Generator(str(tiny_lm_dir))
@@ -58,7 +58,7 @@ def test_generator_keeps_the_best_partial_completions(tiny_lm_dir):
     out = gen.sample(prompts, n, 6, stop_at_eos=False, seed=5, rejection=spec)
     # The same seed without rejection draws the same first t tokens for all n rows.
     head = gen.sample(prompts, n, t, stop_at_eos=False, seed=5)
-    reward = make_reward("vader", None, "cpu")
+    reward = VaderReward()
     for p, s, h in zip(prompts, out["samples"], head["samples"]):
         partial = reward([p] * n, h.completions).view(1, n)
         kept = keep_rule(partial, 4, exempt_last=True).tolist()
@@ -126,10 +126,10 @@ def test_bench_speculative_table_and_plot(ray_session, tiny_lm_dir, tmp_path):
     assert all(0 <= q["best_kept"] <= 1 and (q["spearman"] is None or -1 <= q["spearman"] <= 1) for q in quality.values())
     # Recomputed by hand from the reference run's samples: partial VADER of the first 2 tokens.
     from align.engine.models import load_tokenizer
-    from align.rewards.functions import make_reward
+    from align.rewards.vader import VaderReward
 
     records = [json.loads(line) for line in (tmp_path / "b" / "bon_n4" / "samples.jsonl").read_text().splitlines()]
-    tok, vader = load_tokenizer(str(tiny_lm_dir)), make_reward("vader", None, "cpu")
+    tok, vader = load_tokenizer(str(tiny_lm_dir)), VaderReward()
     kept = []
     for r in records:
         partial = vader([r["prompt"]] * 4, tok.batch_decode([ids[:2] for ids in r["completion_ids"]], skip_special_tokens=True))

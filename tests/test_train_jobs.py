@@ -51,7 +51,7 @@ def test_train_rm_end_to_end(reward_model, small_pairs):
     import datasets
 
     from align.math.bon import win_rate
-    from align.rewards.functions import SequenceClassifierReward
+    from align.rewards.classifier import SequenceClassifierReward
 
     test = datasets.load_from_disk(str(small_pairs / "random"))["test"]
     reward = SequenceClassifierReward(str(out / "model"), device="cpu")
@@ -71,7 +71,7 @@ def test_train_rm_ensemble_members_and_laplace_posterior(reward_model, small_pai
 
     from actors.scorer import make_scorer
     from align.rewards.laplace_posterior import LaplaceReward
-    from align.rewards.functions import SequenceClassifierReward
+    from align.rewards.classifier import SequenceClassifierReward
 
     out, metrics = reward_model
     ens = out / "ensemble"

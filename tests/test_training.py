@@ -248,7 +248,8 @@ def test_frozen_reference_log_probs_computed_on_the_workers_under_zero3(ray_sess
     a share, then gathered), and ZeRO-3 with two workers gives what one ZeRO-0 worker gives. The
     validation pass (train.eval_every) reports the DPO loss of the held-out pairs under the trained
     policy and pi_0, as computed here from the saved model."""
-    from actors.objectives import PreferenceObjective, pair_logps
+    from align.objectives.base import pair_logps
+    from align.objectives.preference import PreferenceObjective
     from align.engine.models import load_causal_lm, load_tokenizer
     from align.data.pairs import collate_packed_pairs
     from jobs.training import load_pair_dataset, tokenize_pairs
@@ -271,7 +272,7 @@ def test_frozen_reference_log_probs_computed_on_the_workers_under_zero3(ray_sess
     reference, _ = load_causal_lm(str(tiny_lm_dir), device="cpu")
     with torch.no_grad():
         batch["ref_chosen_logps"], batch["ref_rejected_logps"], _ = pair_logps(reference, batch, tok.eos_token_id)
-        loss, metrics = PreferenceObjective(beta=z0.dpo.beta, eos_token_id=tok.eos_token_id)(policy, None, batch)
+        loss, metrics = PreferenceObjective(beta=z0.dpo.beta).compute_loss(policy, None, batch, tok.eos_token_id)
     for cfg in (z0, z3):
         last = history(cfg)[-1]
         assert last["val/loss"] == pytest.approx(loss.item(), abs=1e-5)

@@ -68,7 +68,7 @@ def sweep_config(root, tiny_lm_dir, aligned, *overrides):
     return load_config(TuneDeraConfig, "configs/tune_dera.yaml", [
         f"reference={tiny_lm_dir}", f"aligned={aligned}", f"prompts.source={root / 'prompts.txt'}",
         "search={lam: {grid: [0.0, 1.0, 2.0]}}", "sampling.n=2", "sampling.max_new_tokens=4",
-        "sampling.min_new_tokens=4", "device=cpu", "reward.kind=brevity", "reward.max_words=4",
+        "sampling.min_new_tokens=4", "device=cpu", "reward.kind=brevity", "reward.params.max_words=4",
         f"output_dir={root / 'out'}", *overrides])
 
 
@@ -154,7 +154,7 @@ def test_dera_sweep_killed_mid_run_resumes_without_rerunning_finished_trials(ray
 
     args = [f"reference={tiny_lm_dir}", f"aligned={aligned}", f"prompts.source={root / 'prompts.txt'}",
             "sampling.n=2", "sampling.max_new_tokens=4", "sampling.min_new_tokens=4", "device=cpu", "reward.kind=brevity",
-            "reward.max_words=4", f"ray_address={ray_cluster[0]}", *extra]
+            "reward.params.max_words=4", f"ray_address={ray_cluster[0]}", *extra]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}  # the experiment state is saved after every result
     proc = subprocess.Popen([sys.executable, "-m", "tune.dera", "--config", "configs/tune_dera.yaml", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -209,7 +209,7 @@ def test_train_sweep_asha_evaluates_and_keeps_the_best(ray_session, tiny_lm_dir,
                  "train.optim.lr=1e-2", "train.workers.collective_timeout_s=30", "dpo.ref_update=none"]
     cfg = load_config(TuneTrainConfig, "configs/tune_train.yaml", [
         f"overrides={json.dumps(overrides)}", "search={dpo.beta: {grid: [1.0, 0.1]}}", "metric=val/loss", "mode=min", "asha.grace_period=2",
-        f"evaluate.prompts.source={prompts}", "evaluate.n=2", "evaluate.reward.kind=brevity", "evaluate.reward.max_words=3",
+        f"evaluate.prompts.source={prompts}", "evaluate.n=2", "evaluate.reward.kind=brevity", "evaluate.reward.params.max_words=3",
         "keep_best=1", f"output_dir={tmp_path / 'sweep'}"])
     result = run(cfg)
     trials = result["trials"]

@@ -153,7 +153,7 @@ def vbon_config(tmp_path, tiny_lm_dir, name, *overrides):
     return load_config(VbonJobConfig, "configs/train_vbon.yaml", [
         f"model={tiny_lm_dir}", f"prompts.source={prompts}", "vbon.n=4", "vbon.k=2", "vbon.reference_samples=8",
         "sampling.max_new_tokens=4", "sampling.min_new_tokens=0", "pool.num_cpus_per_actor=0.5", "reward.kind=brevity",
-        "reward.max_words=3", "evaluate.reward.kind=brevity", "evaluate.reward.max_words=3",
+        "reward.params.max_words=3", "evaluate.reward.kind=brevity", "evaluate.reward.params.max_words=3",
         "train.steps=4", "train.batch_size=2", "train.optim.lr=1e-3", "train.workers.cpus_per_worker=1",
         "train.workers.collective_timeout_s=30", "train.run.checkpoint_every=2", "train.run.log_every=1",
         f"train.run.name={name}", f"train.run.storage_path={tmp_path / 'runs'}", f"evaluate.prompts.source={prompts}",

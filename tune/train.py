@@ -7,8 +7,8 @@ against pi_0), so the sweep ends with a reward-KL plot and its Pareto front.
     python -m tune.train --config configs/tune_train.yaml job=train_bonbon base=configs/train_bonbon.yaml \\
         'search={bonbon.alpha: {grid: [0.1, 0.5, 0.9]}}'
 
-Knobs: train_dpo dpo.beta, dpo.ref_alpha, dpo.ref_tau; train_bonbon bonbon.alpha; train_vbon vbon.n,
-vbon.beta, vbon.k. Each trial is the job's own run(cfg) on `base` + `overrides` + its knob values,
+Knobs: those the job's objective declares sweepable (align.objectives: train_dpo dpo.beta, dpo.ref_alpha,
+dpo.ref_tau; train_bonbon bonbon.alpha); train_vbon vbon.n, vbon.beta, vbon.k. Each trial is the job's own run(cfg) on `base` + `overrides` + its knob values,
 with its outputs in trials/<trial>/ and its checkpoints in runs/<trial>/; the models of all but the
 `keep_best` best finished trials are removed at the end. Writes results.csv/md/json (sorted by the
 metric) and pareto.png; an interrupted sweep resumes like tune.dera.
@@ -19,16 +19,24 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
+from align.objectives.bonbon import BonbonObjective
+from align.objectives.preference import PreferenceObjective
 from align.runtime.config import ConfigError, require, run_job
 from jobs.sections import PromptsConfig, RewardConfig
 
 log = logging.getLogger("sweetspot.tune.train")
 
+
+def sweepable(section: str, objective: type) -> dict[str, tuple]:
+    """The knobs of a job's objective section (its SWEEPABLE), as "section.field" -> allowed range."""
+    return {f"{section}.{k}": bounds for k, bounds in objective.SWEEPABLE.items()}
+
+
 # The job each sweep runs, and the knobs it may vary with their allowed ranges.
 JOBS = {
-    "train_dpo": {"dpo.beta": (1e-9, None), "dpo.ref_alpha": (0.0, 1.0), "dpo.ref_tau": (1, None)},
-    "train_bonbon": {"bonbon.alpha": (0.0, 1.0)},
-    "train_vbon": {"vbon.n": (2, None), "vbon.beta": (1e-9, None), "vbon.k": (2, None)},
+    "train_dpo": sweepable("dpo", PreferenceObjective),
+    "train_bonbon": sweepable("bonbon", BonbonObjective),
+    "train_vbon": {"vbon.n": (2, None), "vbon.beta": (1e-9, None), "vbon.k": (2, None)},  # not a registered objective
 }
 EXPERIMENT = "train"
 

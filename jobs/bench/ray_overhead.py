@@ -1,11 +1,11 @@
 """What Ray's plumbing costs best-of-n: the same sampling and scoring in-process, through a
-GeneratorPool of 1 actor and of 2 actors (actors.best_of_n.sample_and_score), at the default task's
+GeneratorPool of 1 actor and of 2 actors (actors.best_of_n.scored_batches), at the default task's
 sizes, timed in one run.
 
     python -m jobs.bench.ray_overhead --config configs/bench/ray_overhead.yaml
     python -m jobs.bench.ray_overhead --config configs/bench/ray_overhead.yaml quick=true   # smoke run
 
-in_process: a Generator and a RewardScorer built in this process, batch after batch, with as many
+in_process: a Generator and a VADER scorer built in this process, batch after batch, with as many
 threads as one actor gets. pool_k: k generator actors (one model copy each) and one scorer actor,
 sampling and scoring overlapped. Each method in turn is warmed up on one batch (model load, first
 call) and then timed `repeats` times over the whole prompt set; medians are reported. pool_1 / in_process is
@@ -75,10 +75,10 @@ class BenchRayConfig:
 def in_process(cfg: BenchRayConfig, model_path: str, batches: dict[int, list[str]]):
     """f() -> new tokens for the whole prompt set, sampled and scored in this process."""
     from actors.generator import Generator, batch_seed
-    from actors.scorer import RewardScorer
+    from actors.scorer import make_scorer
 
     torch.set_num_threads(cfg.threads_per_actor)
-    gen, scorer = Generator(model_path, num_threads=cfg.threads_per_actor), RewardScorer("vader")
+    gen, scorer = Generator(model_path, num_threads=cfg.threads_per_actor), make_scorer({"kind": "vader"})
 
     def f(which=None):
         tokens = 0
@@ -91,7 +91,7 @@ def in_process(cfg: BenchRayConfig, model_path: str, batches: dict[int, list[str
 
 
 def through_pool(cfg: BenchRayConfig, model_path: str, batches: dict[int, list[str]], k: int):
-    from actors.best_of_n import sample_and_score
+    from actors.best_of_n import scored_batches
     from actors.generator import GeneratorPool
     from actors.scorer import ScorerPool
 
@@ -100,7 +100,7 @@ def through_pool(cfg: BenchRayConfig, model_path: str, batches: dict[int, list[s
 
     def f(which=None):
         todo = {b: batches[b] for b in (which or batches)}
-        return sum(t for _, _, t in sample_and_score(pool, scorers, todo, cfg.n, cfg.max_new_tokens, cfg.seed,
+        return sum(t for _, _, t in scored_batches(pool, scorers, todo, cfg.n, cfg.max_new_tokens, cfg.seed,
                                                       min_new_tokens=cfg.min_new_tokens))
     return f, [pool, scorers]
 

@@ -116,7 +116,8 @@ def project_run(cfg_dict: dict, model_dir: str, pairs: list[dict], packed: bool)
     """Runs in a fresh process: the trainer's per-step work on one CPU; per-step seconds and tokens."""
     from transformers import AutoModelForCausalLM
 
-    from actors.objectives import PreferenceObjective, reference_logps
+    from align.objectives.base import reference_logps
+    from align.objectives.preference import PreferenceObjective
     from align.data.pairs import collate_packed_pairs, collate_pairs
 
     cfg = BenchTrainConfig(**cfg_dict)
@@ -132,7 +133,7 @@ def project_run(cfg_dict: dict, model_dir: str, pairs: list[dict], packed: bool)
                  "rejected_input_ids": p["prompt_ids"] + p["rejected_ids"], "rejected_prompt_len": len(p["prompt_ids"])}
                 for p in pairs]
     collate = collate_packed_pairs if packed else collate_pairs
-    objective = PreferenceObjective(loss="dpo", beta=cfg.beta, eos_token_id=EOS)
+    objective = PreferenceObjective(loss="dpo", beta=cfg.beta)
     k = cfg.pairs_per_step
     with torch.no_grad():  # the frozen reference, precomputed and untimed (as TRL's precompute_ref_log_probs)
         model.eval()
@@ -146,7 +147,7 @@ def project_run(cfg_dict: dict, model_dir: str, pairs: list[dict], packed: bool)
     for s in range(cfg.warmup_steps + cfg.steps):
         start = time.perf_counter()
         batch = collate(examples[s * k : (s + 1) * k], EOS)
-        loss, _ = objective(model, None, batch)
+        loss, _ = objective.compute_loss(model, None, batch, EOS)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
