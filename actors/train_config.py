@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from align.runtime.config import require
+from align.runtime.config import ConfigError, require
 
 
 @dataclass
@@ -66,10 +66,32 @@ class RunConfig:
 
 
 @dataclass
+class StepHookConfig:
+    """A function the loop shell (actors/train_loop.py) calls before every step as
+    fn(step, rank, world, output_dir, context, **args): a profiler, a debugger, or the tests' fault
+    injection (tests/plugins/faults.py). It observes the run; it must not change what it computes."""
+
+    target: str | None = None  # "package.module:function", importable on every worker; null: none
+    args: dict = field(default_factory=dict)  # keyword arguments of the function
+
+    def __post_init__(self):
+        if self.target is not None:
+            import importlib
+
+            module, sep, name = self.target.partition(":")
+            require(bool(sep and module and name), "target", "'package.module:function'", self.target)
+            try:
+                fn = getattr(importlib.import_module(module), name, None)
+            except ImportError as e:
+                raise ConfigError("target", f"an importable module ({e})", self.target) from None
+            require(callable(fn), "target", f"a function defined in {module}", self.target)
+
+
+@dataclass
 class TrainConfig:
-    # Fault injection for tests: how a run fails, never what it computes; left out of every key that
-    # decides whether outputs may be reused (the trainers' run key, a pipeline stage's key).
-    TESTING_KNOBS = ("fail_once_at_step", "fail_rank", "fail_mode")
+    # Knobs that observe a run, never change what it computes: left out of every key that decides
+    # whether outputs may be reused (the trainers' run key, a pipeline stage's key).
+    NOT_IN_RUN_KEY = ("step_hook",)
 
     steps: int = 100  # optimizer steps
     batch_size: int = 16  # global batch (pairs), split evenly over the workers
@@ -82,9 +104,7 @@ class TrainConfig:
     disable_dropout: bool = True  # as TRL: dropout makes policy and reference disagree at theta = theta_ref
     prefix_sharing: bool = True  # policy objectives: one row per pair, the prompt computed once (align.data.pairs.collate_packed_pairs)
     save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the final model's weights (from fp32 masters)
-    fail_once_at_step: int | None = None  # testing: rank fail_rank fails once, during this (1-based) step
-    fail_rank: int = -1  # testing: the rank that fails (-1: the last)
-    fail_mode: Literal["raise", "sigkill", "kill_generator"] = "raise"  # testing: raise, SIGKILL the worker, or kill its generator (vBoN)
+    step_hook: StepHookConfig = field(default_factory=StepHookConfig)  # called before every step (see StepHookConfig)
     eval_every: int = 0  # steps between validation passes over data.eval_split (0: none); logged as val/<metric>
 
     def __post_init__(self):
@@ -93,6 +113,4 @@ class TrainConfig:
         require(self.batch_size % self.workers.num_workers == 0, "batch_size",
                 f"a multiple of workers.num_workers ({self.workers.num_workers})", self.batch_size)
         require(self.max_length >= 2, "max_length", "an integer >= 2", self.max_length)
-        require(-self.workers.num_workers <= self.fail_rank < self.workers.num_workers, "fail_rank",
-                f"a rank in [-{self.workers.num_workers}, {self.workers.num_workers - 1}]", self.fail_rank)
         require(self.eval_every >= 0, "eval_every", "an integer >= 0 (0: no validation)", self.eval_every)

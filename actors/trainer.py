@@ -1,26 +1,24 @@
-"""The training worker: one loop for every objective, run by each Ray Train worker around a DeepSpeed
-engine (ZeRO 0-3; bf16 on GPU, fp32 on CPU over gloo).
+"""The pair objectives' worker (DPO / IPO / TR-DPO, BoNBoN, Bradley-Terry, any registered objective),
+run by each Ray Train worker inside the loop shell (actors/train_loop.py) around a DeepSpeed engine
+(ZeRO 0-3; bf16 on GPU, fp32 on CPU over gloo).
 
 Each step takes a deterministic global batch (a seeded permutation per epoch) and gives rank r the
 r-th contiguous slice, so W workers on slices equal one worker on the whole batch (DeepSpeed averages
-the gradients). Checkpoints are DeepSpeed checkpoints reported to Ray Train with the step count and,
-for TR-DPO, the reference weights; a restarted or resumed run continues bit for bit. The TR-DPO
-reference is a full (unpartitioned) copy on every rank: under ZeRO-3 the policy's parameters are
-gathered around the pure update in align/math/losses.
+the gradients). A frozen reference's log-probs are computed once, at step 0, by all ranks
+(`reference_table`) and kept with every checkpoint; a TR-DPO reference is a full (unpartitioned) copy
+on every rank: under ZeRO-3 the policy's parameters are gathered around the pure update in
+align/math/losses. A restarted or resumed run continues bit for bit.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
-import tempfile
-import time
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from actors.train_loop import batch_indices, gathered, mean_over_ranks, upload_final_model, worker_setup
 
 if TYPE_CHECKING:
     from align.objectives.base import Objective
@@ -30,57 +28,6 @@ log = logging.getLogger("sweetspot.trainer")
 REF_FILE = "reference.safetensors"  # TR-DPO's moving reference weights
 REF_LOGPS_FILE = "reference_logps.safetensors"  # a frozen reference's (N, 2) log-probs, computed at step 0
 EVAL_REF_LOGPS_FILE = "eval_reference_logps.safetensors"  # the same for the validation pairs
-
-
-def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> torch.Tensor:
-    """Example indices of global batch `step`: consecutive slices of a fresh permutation per epoch."""
-    start = step * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), num_examples)
-        perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
-    return torch.tensor(out)
-
-
-def deepspeed_config(train: dict, micro_batch: int, use_bf16: bool) -> dict:
-    """The DeepSpeed config for one rank: AdamW (torch implementation: no JIT build), explicit
-    clipping, ZeRO stage from the job config. The schedule is `linear_schedule` (DeepSpeed's
-    WarmupDecayLR needs >= 1 warmup step and starts at lr 0)."""
-    optim = train["optim"]
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": optim["grad_clip"],
-        "zero_optimization": {"stage": train["deepspeed"]["zero_stage"]},
-        "bf16": {"enabled": use_bf16},
-        "optimizer": {"type": "AdamW", "params": {"lr": optim["lr"], "weight_decay": optim["weight_decay"],
-                                                  "betas": list(optim["adam_betas"]), "torch_adam": True}},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def linear_schedule(steps: int, warmup_steps: int):
-    """lr factor at step s: s / warmup during warmup, then linear decay to 1/steps at the last step
-    (as transformers' get_linear_schedule_with_warmup). Returns DeepSpeed's lr_scheduler callable."""
-    from torch.optim.lr_scheduler import LambdaLR
-
-    def factor(s: int) -> float:
-        if s < warmup_steps:
-            return s / warmup_steps
-        return max(0.0, (steps - s) / max(1, steps - warmup_steps))
-
-    return lambda optimizer: LambdaLR(optimizer, factor)
-
-
-def gathered(params, zero_stage: int, modifier_rank: int | None = None):
-    """Full parameters inside the block under ZeRO-3; a no-op otherwise."""
-    if zero_stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
 def update_reference(model, ref_model, mode: str, alpha: float, zero_stage: int) -> None:
@@ -93,53 +40,6 @@ def update_reference(model, ref_model, mode: str, alpha: float, zero_stage: int)
             soft_update_(ref_model.parameters(), params, alpha)
         else:
             hard_update_(ref_model.parameters(), params)
-
-
-def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """A CPU float32 copy of every parameter and buffer (collective: call on all ranks).
-
-    Parameters come from the optimizer's fp32 master weights where there are any (bf16/fp16 training,
-    ZeRO 1-3; `deepspeed.utils.safe_get_full_fp32_param`, which gathers ZeRO-3 partitions), never
-    from the low-precision module copy; otherwise from the module, gathered under ZeRO-3.
-    """
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    model = engine.module
-    names = {id(p): k for k, p in model.named_parameters()}
-    masters = {}
-    for p in model.parameters():
-        if p.requires_grad:
-            full = safe_get_full_fp32_param(p)
-            if full is not None:
-                masters[names[id(p)]] = full.detach().float().cpu()
-    with gathered(model.parameters(), zero_stage):
-        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    for k, v in masters.items():
-        state[k] = v.view_as(state[k]) if v.numel() == state[k].numel() else v
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
-
-
-def mean_over_ranks(metrics: dict, device) -> dict[str, float]:
-    """Average scalar metrics over ranks (one all-reduce, on the engine's device: NCCL takes no CPU
-    tensors) so logs describe the global batch."""
-    import torch.distributed as dist
-
-    keys = sorted(metrics)
-    vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(vals)
-        vals /= dist.get_world_size()
-    return dict(zip(keys, vals.tolist()))
-
-
-def rewrite_log(run_dir, edit) -> None:
-    """Replace the run's train_log.jsonl (in its storage directory, where the driver reads it) by
-    edit(rows), through a temporary file and a rename."""
-    from actors.checkpoints import LOG_FILE
-
-    text = run_dir.read_text(LOG_FILE) or ""
-    rows = edit([json.loads(line) for line in text.splitlines()])
-    run_dir.write_text(LOG_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 @torch.no_grad()
@@ -181,42 +81,101 @@ def reference_table(model, data, micro: int, pad_id: int, eos_id: int | None, ra
     return table
 
 
-def worker_setup(config: dict) -> tuple[int, int, bool, int]:
-    """This worker's (rank, world size, bf16 on, ZeRO stage), with torch seeded from train.seed."""
-    import ray.train
+class PairObjectiveSteps:
+    """The offline pair objectives as a StepAlgorithm (actors.train_loop): each step a deterministic
+    global batch of pairs, this rank's slice collated, the objective's loss; a frozen reference's
+    log-probs computed at step 0 and kept with every checkpoint, or a live (TR-DPO) reference updated
+    after the steps the objective says."""
 
-    ctx = ray.train.get_context()
-    train = config["train"]
-    use_gpu = train["workers"]["use_gpu"] and torch.cuda.is_available()
-    bf16 = use_gpu if train["deepspeed"]["bf16"] == "auto" else bool(train["deepspeed"]["bf16"])
-    torch.manual_seed(train["seed"])
-    return ctx.get_world_rank(), ctx.get_world_size(), bf16, train["deepspeed"]["zero_stage"]
+    def __init__(self, engine, objective: Objective, ref_model, data, eval_data, tokenizer, collate, train: dict,
+                 rank: int, world: int, zero_stage: int):
+        self.engine, self.objective, self.ref_model, self.data, self.eval_data = engine, objective, ref_model, data, eval_data
+        self.tokenizer, self.collate, self.train, self.rank, self.world, self.zero_stage = \
+            tokenizer, collate, train, rank, world, zero_stage
+        self.micro = train["batch_size"] // world
+        self.ref_logps = self.eval_ref_logps = None
+        self.tokens = 0
+        self.hook_context: dict = {}
+
+    def load_extra(self, d: str) -> None:
+        from safetensors.torch import load_file, load_model
+
+        if self.ref_model is not None:
+            load_model(self.ref_model, os.path.join(d, REF_FILE), device=str(self.engine.device))
+        if os.path.exists(os.path.join(d, REF_LOGPS_FILE)):
+            self.ref_logps = load_file(os.path.join(d, REF_LOGPS_FILE))["logps"]
+        if os.path.exists(os.path.join(d, EVAL_REF_LOGPS_FILE)):
+            self.eval_ref_logps = load_file(os.path.join(d, EVAL_REF_LOGPS_FILE))["logps"]
+
+    def save_extra(self, tmp: str) -> None:
+        from safetensors.torch import save_file, save_model
+
+        if self.ref_model is not None:
+            save_model(self.ref_model, os.path.join(tmp, REF_FILE))
+        if self.ref_logps is not None:
+            save_file({"logps": self.ref_logps.contiguous()}, os.path.join(tmp, REF_LOGPS_FILE))
+        if self.eval_ref_logps is not None:
+            save_file({"logps": self.eval_ref_logps.contiguous()}, os.path.join(tmp, EVAL_REF_LOGPS_FILE))
+
+    def table(self, data) -> torch.Tensor:
+        return reference_table(self.engine.module, data, self.micro, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
+                               self.rank, self.world, self.engine.device, self.collate)
+
+    def start(self, step: int) -> None:
+        if self.objective.stored_reference and self.ref_logps is None:
+            self.ref_logps = self.table(self.data)
+        if self.objective.stored_reference and self.eval_data is not None and self.eval_ref_logps is None:
+            self.eval_ref_logps = self.table(self.eval_data)  # at step 0 (pi_0), kept like the training table
+
+    def loss(self, step: int):
+        micro, rank = self.micro, self.rank
+        idx = batch_indices(step, self.train["batch_size"], len(self.data), self.train["seed"])[rank * micro : (rank + 1) * micro]
+        batch = self.collate([self.data[int(i)] for i in idx], self.tokenizer.pad_token_id)
+        if self.ref_logps is not None:
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = self.ref_logps[idx, 0], self.ref_logps[idx, 1]
+        batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+        self.tokens += int(batch["num_tokens"])  # prompt + completion of both sides, however they are laid out
+        return self.objective.compute_loss(self.engine, self.ref_model, batch, self.tokenizer.eos_token_id)
+
+    def after_step(self, step: int) -> None:
+        mode = self.objective.reference_update(step)
+        if mode is not None:
+            update_reference(self.engine.module, self.ref_model, mode, self.objective.ref_alpha, self.zero_stage)
+
+    def window(self, seconds: float) -> dict:
+        tokens, self.tokens = self.tokens, 0
+        return {"tokens_per_s": tokens / max(seconds, 1e-9)}
+
+    def finish_report(self, report: dict, step: int, last: bool) -> dict:
+        report["tokens_per_s"] *= self.world  # throughput of the whole group
+        every = self.train.get("eval_every", 0)
+        if self.eval_data is not None and (step % every == 0 or last):
+            report.update(validation_metrics(self.engine, self.ref_model, self.objective, self.eval_data, self.eval_ref_logps,
+                                             self.micro, self.rank, self.world, self.tokenizer.pad_token_id,
+                                             self.tokenizer.eos_token_id, self.collate))
+        return report
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train `train_loop_per_worker`. config: {"objective" (an align.objectives.base.Objective),
-    "saved_as", "model" (a path, hub name or actors.cluster.ShippedDir), "data" (ObjectRef of the
-    tokenized pairs' arrow table), "output_dir", "storage_path", "train": TrainConfig as a dict,
-    "lora": dict | None} (actors.train_launcher.launch_training)."""
+    """Ray Train `train_loop_per_worker` of the pair objectives. config: {"objective" (an
+    align.objectives.base.Objective), "saved_as", "model" (a path, hub name or actors.cluster.ShippedDir),
+    "data" (ObjectRef of the tokenized pairs' arrow table), "eval_data" (optional), "output_dir",
+    "storage_path", "train": TrainConfig as a dict, "lora": dict | None} (actors.train_launcher)."""
     import datasets
-    import deepspeed
     import ray
-    import ray.train
 
-    from actors.checkpoints import RunDir
     from actors.cluster import local_dir
-    from align.engine.models import build_model_for, load_tokenizer
+    from actors.train_loop import make_engine, run_steps
     from align.data.pairs import collate_packed_pairs, collate_pairs
+    from align.engine.models import build_model_for, load_tokenizer
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed renames, inside DeepSpeed
     rank, world, bf16, zero_stage = worker_setup(config)
     train = config["train"]
     objective: Objective = config["objective"]
     packed = train.get("prefix_sharing", True) and objective.model_kind == "causal_lm"
-    collate = collate_packed_pairs if packed else collate_pairs
     model_path = local_dir(config["model"])
     tokenizer = load_tokenizer(model_path)
-    eos = tokenizer.eos_token_id
     model = build_model_for(objective.model_kind, model_path, tokenizer, config.get("lora"))
     if train["disable_dropout"]:
         for m in model.modules():
@@ -226,90 +185,15 @@ def train_worker(config: dict) -> None:
     if objective.live_reference:
         ref_model = build_model_for(objective.model_kind, model_path, tokenizer, None).eval().requires_grad_(False)
     data = datasets.Dataset(datasets.table.InMemoryTable(ray.get(config["data"])))
-    micro = train["batch_size"] // world
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(train, micro, bf16),
-        lr_scheduler=linear_schedule(train["steps"], train["optim"]["warmup_steps"]),
-    )
+    engine = make_engine(model, train, train["batch_size"] // world, bf16)
     if ref_model is not None:
         ref_model.to(device=engine.device, dtype=torch.bfloat16 if bf16 else torch.float32)
-
-    eval_every = train.get("eval_every", 0)
     eval_data = None
-    if config.get("eval_data") is not None and eval_every:
+    if config.get("eval_data") is not None and train.get("eval_every", 0):
         eval_data = datasets.Dataset(datasets.table.InMemoryTable(ray.get(config["eval_data"])))
-
-    run = train["run"]
-    run_dir = RunDir(config["storage_path"], run["name"])
-    ref_logps = eval_ref_logps = None
-
-    def load_extra(d: str) -> None:
-        nonlocal ref_logps, eval_ref_logps
-        from safetensors.torch import load_file, load_model
-
-        if ref_model is not None:
-            load_model(ref_model, os.path.join(d, REF_FILE), device=str(engine.device))
-        if os.path.exists(os.path.join(d, REF_LOGPS_FILE)):
-            ref_logps = load_file(os.path.join(d, REF_LOGPS_FILE))["logps"]
-        if os.path.exists(os.path.join(d, EVAL_REF_LOGPS_FILE)):
-            eval_ref_logps = load_file(os.path.join(d, EVAL_REF_LOGPS_FILE))["logps"]
-
-    step = resume_newest(engine, run_dir, rank, load_extra)
-    table = lambda d: reference_table(engine.module, d, micro, tokenizer.pad_token_id, eos,  # noqa: E731
-                                      rank, world, engine.device, collate)
-    if objective.stored_reference and ref_logps is None:
-        ref_logps = table(data)
-    if objective.stored_reference and eval_data is not None and eval_ref_logps is None:
-        eval_ref_logps = table(eval_data)  # at step 0 (pi_0), kept with every checkpoint like the training table
-
-    tokens, t0 = 0, time.perf_counter()
-    while step < train["steps"]:
-        idx = batch_indices(step, train["batch_size"], len(data), train["seed"])[rank * micro : (rank + 1) * micro]
-        batch = collate([data[int(i)] for i in idx], tokenizer.pad_token_id)
-        if ref_logps is not None:
-            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref_logps[idx, 0], ref_logps[idx, 1]
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        inject_failure(train, step, rank, world, config["output_dir"])
-        engine.train()
-        loss, metrics = objective.compute_loss(engine, ref_model, batch, eos)
-        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on in engine.step)
-        engine.backward(loss)
-        engine.step()
-        step += 1
-        tokens += int(batch["num_tokens"])  # prompt + completion of both sides, however they are laid out
-        mode = objective.reference_update(step)
-        if mode is not None:
-            update_reference(engine.module, ref_model, mode, objective.ref_alpha, zero_stage)
-
-        last = step == train["steps"]
-        if step % run["log_every"] == 0 or step % run["checkpoint_every"] == 0 or last:
-            seconds = time.perf_counter() - t0
-            report = mean_over_ranks({"loss": loss.item(), **{k: float(v) for k, v in metrics.items()},
-                                      "tokens_per_s": tokens / max(seconds, 1e-9)}, engine.device)
-            report["tokens_per_s"] *= world  # throughput of the whole group
-            report.update(step=step, lr=lr)
-            if eval_data is not None and (step % eval_every == 0 or last):
-                report.update(validation_metrics(engine, ref_model, objective, eval_data, eval_ref_logps, micro, rank,
-                                                 world, tokenizer.pad_token_id, eos, collate))
-            if rank == 0:
-                rewrite_log(run_dir, lambda rows: rows + [report])  # the driver prints it from there
-            if step % run["checkpoint_every"] == 0 or last:
-                def save_extra(tmp: str) -> None:
-                    from safetensors.torch import save_file, save_model
-
-                    if ref_model is not None:
-                        save_model(ref_model, os.path.join(tmp, REF_FILE))
-                    if ref_logps is not None:
-                        save_file({"logps": ref_logps.contiguous()}, os.path.join(tmp, REF_LOGPS_FILE))
-                    if eval_ref_logps is not None:
-                        save_file({"logps": eval_ref_logps.contiguous()}, os.path.join(tmp, EVAL_REF_LOGPS_FILE))
-
-                save_checkpoint(engine, run_dir, step, report, rank, run["keep_checkpoints"], save_extra)
-            # Metrics reach the driver through the run directory: no ray.train.report without a
-            # checkpoint, as each call blocks on the controller's poll (about 1.7 s in Ray 2.60).
-            tokens, t0 = 0, time.perf_counter()
-
+    steps = PairObjectiveSteps(engine, objective, ref_model, data, eval_data, tokenizer,
+                               collate_packed_pairs if packed else collate_pairs, train, rank, world, zero_stage)
+    run_dir = run_steps(engine, steps, config, rank, world)
     upload_final_model(engine, zero_stage, rank, objective.model_kind, model_path, config, tokenizer, run_dir)
 
 
@@ -338,111 +222,5 @@ def validation_metrics(engine, ref_model, objective: Objective, data, ref_table,
     return {f"val/{k}": v for k, v in means.items()}
 
 
-def inject_failure(train: dict, step: int, rank: int, world: int, output_dir: str, generator=None) -> None:
-    """Testing only (train.fail_once_at_step): once per run, during that (1-based) step, rank
-    train.fail_rank (-1: the last) raises an exception (fail_mode raise), kills its own process with
-    SIGKILL (sigkill: no exception, no cleanup, as when a node dies), or kills the generator actor it
-    samples from (kill_generator, vBoN: Ray restarts the actor, with the weights it was built with).
-    A marker file in the output directory keeps the restarted run from failing again."""
-    fail_at = train.get("fail_once_at_step")
-    marker = Path(output_dir) / ".failed_once"
-    if fail_at is None or step + 1 != fail_at or rank != train.get("fail_rank", -1) % world or marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    mode = train.get("fail_mode", "raise")
-    if mode == "kill_generator":
-        import ray
-
-        if generator is None:
-            raise ValueError("train.fail_mode: kill_generator needs a loop with generator actors (vBoN)")
-        log.warning("rank %d: killing its generator actor at step %d (train.fail_once_at_step)", rank, step + 1)
-        ray.kill(generator, no_restart=False)
-        return
-    if mode == "sigkill":
-        import signal
-
-        log.warning("rank %d: SIGKILL to itself at step %d (train.fail_once_at_step)", rank, step + 1)
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected failure at step {step} (train.fail_once_at_step)")
 
 
-def resume_newest(engine, run_dir, rank: int, load_extra=None) -> int:
-    """Load the run's newest complete checkpoint into `engine` (and its extra files, through
-    load_extra(directory)); returns its step, 0 when there is none. Rank 0 then drops the log rows of
-    steps that will run again and checkpoints a dead rank left half-written."""
-    step = 0
-    newest, bad = run_dir.newest_valid()  # not ray.train.get_checkpoint(): see actors/checkpoints.py
-    for path, problem in bad:
-        log.warning("rank %d: checkpoint %s is corrupted (%s); falling back to %s", rank, path, problem,
-                    newest[1] if newest else "a fresh start")
-    if newest:
-        step, path = newest
-        with run_dir.local_copy(path) as d:
-            _, client = engine.load_checkpoint(d, tag="ds")
-            assert client["step"] == step, (client["step"], step)
-            if load_extra is not None:
-                load_extra(d)
-        log.info("rank %d resumed from %s at step %d", rank, path, step)
-    if rank == 0:
-        rewrite_log(run_dir, lambda rows: [r for r in rows if r["step"] <= step])
-        run_dir.remove_incomplete()
-        for path, _ in bad:  # every rank skips it whether or not it is still there
-            run_dir.fs.delete_dir(path)
-    return step
-
-
-def save_checkpoint(engine, run_dir, step: int, report: dict, rank: int, keep: int, save_extra=None) -> None:
-    """Every rank saves its DeepSpeed shard (rank 0 also save_extra(directory)) and reports it to Ray
-    Train; once every rank's files are stored, rank 0 marks the checkpoint complete and prunes old ones."""
-    import ray.train
-    import torch.distributed as dist
-    from ray.train import Checkpoint
-
-    from actors.checkpoints import checkpoint_name
-
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag="ds", client_state={"step": step})
-        if rank == 0 and save_extra is not None:
-            save_extra(tmp)
-        ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=checkpoint_name(step))
-    # report returns once this rank's files are stored; after the barrier, every rank's are.
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        run_dir.mark_complete(step)
-        run_dir.prune(keep)
-
-
-def upload_final_model(engine, zero_stage: int, rank: int, kind: str, model_path: str, config: dict, tokenizer,
-                       run_dir) -> dict[str, torch.Tensor]:
-    """Gather the trained weights (all ranks), save them in HF format and upload them to the run's
-    storage (rank 0), where the driver copies them to output_dir/model. Returns the state dict."""
-    from actors.checkpoints import MODEL_DIR
-
-    state = full_state_dict(engine, zero_stage)
-    if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            save_final_model(kind, model_path, config, tokenizer, state, config["train"].get("save_dtype", "float32"), tmp)
-            run_dir.upload_dir(tmp, MODEL_DIR)  # storage every node reaches; the driver copies it to output_dir
-    return state
-
-
-LORA_DIR = "lora"  # inside the saved model: the unmerged adapter (LoRA weights and the head)
-
-
-def save_final_model(kind: str, model_path: str, config: dict, tokenizer, state: dict, dtype: str, out: str) -> None:
-    """Save the trained weights in HF format (safetensors, LoRA merged, in `dtype`) into `out`, so the
-    generator pool and scorers load the result by path like any model, and sweetspot.json: what
-    trained it, config["saved_as"] ({"objective": name, **params})."""
-    from align.engine.models import build_model_for
-
-    model = build_model_for(kind, model_path, tokenizer, config.get("lora"))
-    model.load_state_dict(state)
-    if config.get("lora"):
-        model.save_pretrained(str(Path(out) / LORA_DIR))  # the adapter itself, for a Laplace posterior over it
-        model = model.merge_and_unload()
-    model = model.to({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (Path(out) / "sweetspot.json").write_text(json.dumps(config["saved_as"]))

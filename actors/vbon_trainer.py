@@ -9,8 +9,9 @@ DeepSpeed engine, with generator and scorer actors outside the worker group (the
     every K      the policy's full weights (gathered under ZeRO-3) go to every generator actor:
     steps        one ray.put by rank 0, one get per actor; its seconds are logged (sync_s)
 
-Checkpoints and resume are the offline trainer's (actors/trainer.py); after a resume the first
-thing the workers do is push the resumed weights to the generators.
+It runs in the loop shell (actors/train_loop.py) as a StepAlgorithm, so checkpoints, resume and the
+log are the offline trainer's; after a resume the first thing the workers do is push the resumed
+weights to the generators.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def push_weights(engine, zero_stage: int, rank: int, generators: list, version: 
     import ray
     import torch.distributed as dist
 
-    from actors.trainer import full_state_dict
+    from actors.train_loop import full_state_dict
 
     start = time.perf_counter()
     state = full_state_dict(engine, zero_stage)
@@ -47,25 +48,98 @@ def push_weights(engine, zero_stage: int, rank: int, generators: list, version: 
     return time.perf_counter() - start
 
 
+class OnPolicySteps:
+    """vBoN / KL-regularised RL as a StepAlgorithm (actors.train_loop): each step this rank samples k
+    completions per prompt of its slice from its generator actor, has them scored, and returns the
+    RLOO or PPO-clip loss with the KL to pi_0 in the reward; every sync_every steps the weights go
+    to the generators."""
+
+    def __init__(self, engine, ref_model, tokenizer, prompts: list, ref_rewards: torch.Tensor, params: dict, train: dict,
+                 generators: list, scorers: list, rank: int, world: int, zero_stage: int):
+        self.engine, self.ref_model, self.tokenizer, self.prompts, self.ref_rewards = engine, ref_model, tokenizer, prompts, ref_rewards
+        self.p, self.train, self.rank, self.world, self.zero_stage = params, train, rank, world, zero_stage
+        self.generators, self.micro = generators, train["batch_size"] // world  # prompts per rank per step
+        self.generator, self.scorer = generators[rank % len(generators)], scorers[rank % len(scorers)]
+        self.hook_context = {"generator": self.generator}
+        s = params["sampling"]
+        self.eos = tokenizer.eos_token_id if s["stop_at_eos"] else None
+        self.min_new = s["min_new_tokens"] if self.eos is not None else 0
+        self.pushed = 0
+        self.counts = {"samples": 0, "syncs": 0, "sync_seconds": 0.0}  # since the last logged row
+
+    def load_extra(self, directory: str) -> None:
+        pass  # the policy and optimizer are all the state (the reference is pi_0, rebuilt)
+
+    def save_extra(self, directory: str) -> None:
+        pass
+
+    def start(self, step: int) -> None:
+        push_weights(self.engine, self.zero_stage, self.rank, self.generators, step)  # pi_0, or the resumed policy
+        self.pushed = step
+
+    def loss(self, step: int):
+        import ray
+
+        from actors.train_loop import batch_indices
+        from align.math.losses import model_sequence_logps
+        from align.math.vbon import completion_batch, log_cdf, policy_gradient_loss
+
+        p, s, micro, rank = self.p, self.p["sampling"], self.micro, self.rank
+        idx = batch_indices(step, self.train["batch_size"], len(self.prompts), self.train["seed"])[rank * micro : (rank + 1) * micro]
+        mine = [self.prompts[int(i)] for i in idx]
+        # A generator restarted since the last push holds pi_0's weights and refuses (StaleWeightsError);
+        # so does a lost call: the group then restarts from the last checkpoint and pushes it again.
+        drawn = ray.get(self.generator.sample.remote(
+            mine, p["k"], s["max_new_tokens"], temperature=s["temperature"], min_new_tokens=s["min_new_tokens"],
+            stop_at_eos=s["stop_at_eos"], seeds=step_seeds(self.train["seed"], step, idx), weights_version=self.pushed))["samples"]
+        scored = ray.get(self.scorer.score_samples.remote(drawn))
+        rewards = torch.tensor([x.rewards for x in scored], dtype=torch.float64)  # (micro, k)
+        log_f = log_cdf(rewards, self.ref_rewards[idx])
+        task = (log_f if p["mode"] == "vbon" else rewards).reshape(-1)
+        batch = completion_batch([x.prompt_ids for x in scored for _ in x.completion_ids],
+                                 [c for x in scored for c in x.completion_ids], self.tokenizer.pad_token_id, self.min_new)
+        batch = {k: v.to(self.engine.device) for k, v in batch.items()}
+        process = dict(temperature=s["temperature"], eos_token_id=self.eos, eos_blocked=batch["eos_blocked"])
+        logp, lengths = model_sequence_logps(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], **process)
+        with torch.no_grad():
+            ref_logp, _ = model_sequence_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], **process)
+        old = torch.tensor([lp for x in scored for lp in x.logprobs], device=self.engine.device)
+        loss, metrics = policy_gradient_loss(logp, ref_logp.to(logp.dtype), task.to(self.engine.device), p["beta"], p["k"],
+                                             old_logp=old if p["algo"] == "ppo_clip" else None, clip=p["clip"])
+        self.counts["samples"] += len(old)
+        return loss, {"reward": float(rewards.mean()), "log_f": float(log_f.mean()), "kl": float(metrics["kl"]),
+                      "entropy": float(-old.double().mean()), "clipped": float(metrics["clipped"]),
+                      "tokens": float(lengths.float().mean())}
+
+    def after_step(self, step: int) -> None:
+        if step % self.p["sync_every"] == 0 or step == self.train["steps"]:
+            self.counts["sync_seconds"] += push_weights(self.engine, self.zero_stage, self.rank, self.generators, step)
+            self.pushed = step
+            self.counts["syncs"] += 1
+
+    def window(self, seconds: float) -> dict:
+        c, self.counts = self.counts, {"samples": 0, "syncs": 0, "sync_seconds": 0.0}
+        return {"sync_s": c["sync_seconds"] / max(c["syncs"], 1), "sync_share": c["sync_seconds"] / max(seconds, 1e-9),
+                "samples_per_s": c["samples"] / max(seconds, 1e-9)}
+
+    def finish_report(self, report: dict, step: int, last: bool) -> dict:
+        report["samples_per_s"] *= self.world  # sync_s: seconds per weight push; sync_share: of the wall time
+        return report
+
+
 def vbon_worker(config: dict) -> None:
     """Ray Train `train_loop_per_worker` for vBoN. config: the offline trainer's keys (objective None,
     saved_as, model, output_dir, storage_path, train, lora None), "objective_params", "data": an
     ObjectRef of {"prompts": [...], "ref_rewards": (N, M) tensor}, "generators" and "scorers": lists
     of actor handles (actors.generator.Generator, actors.scorer.ScorerActor)."""
-    import deepspeed
     import ray
 
-    from actors.checkpoints import RunDir
     from actors.cluster import local_dir
-    from actors.trainer import (batch_indices, deepspeed_config, inject_failure, linear_schedule, mean_over_ranks,
-                                resume_newest, rewrite_log, save_checkpoint, upload_final_model, worker_setup)
-    from align.math.losses import model_sequence_logps
+    from actors.train_loop import make_engine, run_steps, upload_final_model, worker_setup
     from align.engine.models import build_model_for, load_tokenizer
-    from align.math.vbon import completion_batch, log_cdf, policy_gradient_loss
 
     rank, world, bf16, zero_stage = worker_setup(config)
     train, p = config["train"], config["objective_params"]
-    generators, scorers = config["generators"], config["scorers"]
     model_path = local_dir(config["model"])
     tokenizer = load_tokenizer(model_path)
     model = build_model_for("causal_lm", model_path, tokenizer)
@@ -74,74 +148,9 @@ def vbon_worker(config: dict) -> None:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0  # the sampler runs without dropout: log-probs must describe the same process
     data = ray.get(config["data"])
-    prompts, ref_rewards = data["prompts"], data["ref_rewards"]
-    micro = train["batch_size"] // world  # prompts per rank per step
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[q for q in model.parameters() if q.requires_grad],
-        config=deepspeed_config(train, micro * p["k"], bf16),
-        lr_scheduler=linear_schedule(train["steps"], train["optim"]["warmup_steps"]),
-    )
+    engine = make_engine(model, train, train["batch_size"] // world * p["k"], bf16)
     ref_model.to(device=engine.device, dtype=torch.bfloat16 if bf16 else torch.float32)
-    run = train["run"]
-    run_dir = RunDir(config["storage_path"], run["name"])
-    step = resume_newest(engine, run_dir, rank)
-    push_weights(engine, zero_stage, rank, generators, step)  # pi_0, or the resumed policy
-    pushed = step
-    s = p["sampling"]
-    eos = tokenizer.eos_token_id if s["stop_at_eos"] else None
-    min_new = s["min_new_tokens"] if eos is not None else 0
-    window = {"samples": 0, "syncs": 0, "sync_seconds": 0.0}  # since the last logged row
-    t0 = time.perf_counter()
-    while step < train["steps"]:
-        idx = batch_indices(step, train["batch_size"], len(prompts), train["seed"])[rank * micro : (rank + 1) * micro]
-        mine = [prompts[int(i)] for i in idx]
-        gen, scorer = generators[rank % len(generators)], scorers[rank % len(scorers)]
-        inject_failure(train, step, rank, world, config["output_dir"], generator=gen)
-        # A generator restarted since the last push holds pi_0's weights and refuses (StaleWeightsError);
-        # so does a lost call: the group then restarts from the last checkpoint and pushes it again.
-        drawn = ray.get(gen.sample.remote(mine, p["k"], s["max_new_tokens"], temperature=s["temperature"],
-                                          min_new_tokens=s["min_new_tokens"], stop_at_eos=s["stop_at_eos"],
-                                          seeds=step_seeds(train["seed"], step, idx), weights_version=pushed))["samples"]
-        scored = ray.get(scorer.score_samples.remote(drawn))
-        rewards = torch.tensor([x.rewards for x in scored], dtype=torch.float64)  # (micro, k)
-        log_f = log_cdf(rewards, ref_rewards[idx])
-        task = (log_f if p["mode"] == "vbon" else rewards).reshape(-1)
-        batch = completion_batch([x.prompt_ids for x in scored for _ in x.completion_ids],
-                                 [c for x in scored for c in x.completion_ids], tokenizer.pad_token_id, min_new)
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        process = dict(temperature=s["temperature"], eos_token_id=eos, eos_blocked=batch["eos_blocked"])
-        engine.train()
-        logp, lengths = model_sequence_logps(engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], **process)
-        with torch.no_grad():
-            ref_logp, _ = model_sequence_logps(ref_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], **process)
-        old = torch.tensor([lp for x in scored for lp in x.logprobs], device=engine.device)
-        loss, metrics = policy_gradient_loss(logp, ref_logp.to(logp.dtype), task.to(engine.device), p["beta"], p["k"],
-                                             old_logp=old if p["algo"] == "ppo_clip" else None, clip=p["clip"])
-        lr = engine.get_lr()[0]
-        engine.backward(loss)
-        engine.step()
-        step += 1
-        if step % p["sync_every"] == 0 or step == train["steps"]:
-            window["sync_seconds"] += push_weights(engine, zero_stage, rank, generators, step)
-            pushed = step
-            window["syncs"] += 1
-        window["samples"] += len(old)
-
-        last = step == train["steps"]
-        if step % run["log_every"] == 0 or step % run["checkpoint_every"] == 0 or last:
-            seconds = time.perf_counter() - t0
-            report = mean_over_ranks({"loss": loss.item(), "reward": float(rewards.mean()), "log_f": float(log_f.mean()),
-                                      "kl": float(metrics["kl"]), "entropy": float(-old.double().mean()),
-                                      "clipped": float(metrics["clipped"]), "tokens": float(lengths.float().mean()),
-                                      "sync_s": window["sync_seconds"] / max(window["syncs"], 1),
-                                      "sync_share": window["sync_seconds"] / max(seconds, 1e-9),
-                                      "samples_per_s": window["samples"] / max(seconds, 1e-9)}, engine.device)
-            report["samples_per_s"] *= world  # sync_s: seconds per weight push; sync_share: of the wall time
-            report.update(step=step, lr=lr)
-            if rank == 0:
-                rewrite_log(run_dir, lambda rows: rows + [report])
-            if step % run["checkpoint_every"] == 0 or last:
-                save_checkpoint(engine, run_dir, step, report, rank, run["keep_checkpoints"])
-            window, t0 = {"samples": 0, "syncs": 0, "sync_seconds": 0.0}, time.perf_counter()
-
+    steps = OnPolicySteps(engine, ref_model, tokenizer, data["prompts"], data["ref_rewards"], p, train,
+                          config["generators"], config["scorers"], rank, world, zero_stage)
+    run_dir = run_steps(engine, steps, config, rank, world)
     upload_final_model(engine, zero_stage, rank, "causal_lm", model_path, config, tokenizer, run_dir)

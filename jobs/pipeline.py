@@ -166,7 +166,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
             from actors.train_config import TrainConfig
 
             d["train"]["run"] = {k: v for k, v in d["train"]["run"].items() if k not in ("name", "storage_path", "resume")}
-            d["train"] = {k: v for k, v in d["train"].items() if k not in TrainConfig.TESTING_KNOBS}
+            d["train"] = {k: v for k, v in d["train"].items() if k not in TrainConfig.NOT_IN_RUN_KEY}
         key = digest({"job": spec.job, "config": d, "inputs": input_fingerprints(d, out)})[:10]
         dirs[spec.name] = out / f"{spec.name}-{key}"
         stages.append(Stage(spec, place(job_cfg, dirs[spec.name], spec.name), key, dirs[spec.name]))

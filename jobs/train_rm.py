@@ -153,7 +153,7 @@ def fit_laplace(cfg: RmJobConfig, out) -> dict:
 
     from peft import PeftModel
 
-    from actors.trainer import LORA_DIR
+    from actors.train_loop import LORA_DIR
     from align.rewards.laplace_posterior import LaplaceReward
     from align.engine.models import build_model_for, load_tokenizer, resolve_model_path
     from jobs.training import load_pair_dataset, tokenize_pairs

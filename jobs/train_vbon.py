@@ -161,7 +161,7 @@ def run(cfg: VbonJobConfig) -> dict:
               "reference_samples": cfg.vbon.reference_samples, "sampling": to_dict(cfg.sampling)}
     key = {"objective": "vbon", "params": params, "prompts": digest(prompts), "reward": to_dict(cfg.reward), "seed": cfg.seed,
            "model": {"path": str(model_path), "files": path_fingerprint(model_path) if model_path.is_dir() else None},
-           "train": {k: v for k, v in to_dict(cfg.train).items() if k not in ("run", "workers", *TrainConfig.TESTING_KNOBS)}}
+           "train": {k: v for k, v in to_dict(cfg.train).items() if k not in ("run", "workers", *TrainConfig.NOT_IN_RUN_KEY)}}
     started = init_ray()
     pool = scorers = None
     try:

@@ -9,7 +9,7 @@ from align.runtime.config import ConfigError, load_config
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 COMMON = ["train.steps=3", "train.batch_size=4", "train.run.checkpoint_every=1", "train.run.log_every=1",
-          "train.fail_once_at_step=2", "train.run.max_failures=1", "train.workers.collective_timeout_s=30",
+          "train.step_hook.target=tests.plugins.faults:fail_once", "train.step_hook.args={at_step: 2}", "train.run.max_failures=1", "train.workers.collective_timeout_s=30",
           "train.max_length=48"]
 
 
@@ -39,7 +39,7 @@ def reward_model(small_task, small_pairs, tmp_path_factory):
     # No injected failure here (COMMON's): each member would fail and restart; the other jobs show that.
     metrics = run(job_config(RmJobConfig, "configs/train_rm.yaml", out, small_task, small_pairs / "random",
                              "lora.enabled=true", "train.optim.lr=1e-3", "ensemble.members=2", "laplace.enabled=true",
-                             "train.fail_once_at_step=null"))
+                             "train.step_hook.target=null"))
     return out, metrics
 
 

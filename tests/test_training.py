@@ -135,8 +135,8 @@ def test_worker_killed_by_sigkill_restarts_and_ends_bit_identical(uninterrupted,
     """A training worker process killed with SIGKILL during step 3 (no exception, no cleanup, as when a
     node dies): the group restarts from the step-2 checkpoint within the collective timeout, and the
     run ends with the same weights and reference, bit for bit, as an uninterrupted one."""
-    cfg = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "killed", "train.fail_once_at_step=3", f"train.fail_rank={rank}",
-                     "train.fail_mode=sigkill", "train.run.max_failures=1", f"train.deepspeed.zero_stage={stage}")
+    cfg = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "killed", "train.step_hook.target=tests.plugins.faults:fail_once",
+                     f"train.step_hook.args={{at_step: 3, fail_rank: {rank}, mode: sigkill}}", "train.run.max_failures=1", f"train.deepspeed.zero_stage={stage}")
     run_dpo(cfg)
     assert (tmp_path / "killed" / ".failed_once").exists(), "the worker was killed"
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
@@ -193,7 +193,7 @@ def test_resumes_from_the_newest_complete_checkpoint_not_the_registered_one(base
     corrupted on disk afterwards is named, removed, and the run resumes from the one before."""
     from pathlib import Path
 
-    failing = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "orphan", "train.fail_once_at_step=3", "train.run.max_failures=0",
+    failing = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "orphan", "train.step_hook.target=tests.plugins.faults:fail_once", "train.step_hook.args={at_step: 3}", "train.run.max_failures=0",
                          "train.run.checkpoint_every=1")
     with pytest.raises(Exception, match="injected failure"):
         run_dpo(failing)

@@ -201,8 +201,8 @@ def test_vbon_generator_killed_resumes_bit_identical(zero3_run, tiny_lm_dir, tmp
     from jobs.train_vbon import run
 
     clean_dir, clean = zero3_run
-    killed = run(vbon_config(tmp_path, tiny_lm_dir, "killed", "train.deepspeed.zero_stage=3", "train.fail_once_at_step=3",
-                             "train.fail_rank=0", "train.fail_mode=kill_generator"))
+    killed = run(vbon_config(tmp_path, tiny_lm_dir, "killed", "train.deepspeed.zero_stage=3", "train.step_hook.target=tests.plugins.faults:fail_once",
+                             "train.step_hook.args={at_step: 3, fail_rank: 0, mode: kill_generator}"))
     assert (tmp_path / "killed" / ".failed_once").exists() and killed["sync_exact"] == 1.0 == clean["sync_exact"]
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
