@@ -96,7 +96,7 @@ def launch_training(objective: Objective | None, model, data_ref, train: TrainCo
     from actors.trainer import train_worker
 
     config = {"objective": objective, "model": model, "data": data_ref, "output_dir": str(output_dir),
-              "storage_path": storage_path, "train": asdict(train), "lora": lora, **(extra or {})}
+              "storage_path": storage_path, "train": train, "lora": lora, **(extra or {})}
     if objective is not None:
         config["saved_as"] = {"objective": objective.NAME, **asdict(objective)}
     w = train.workers

@@ -18,9 +18,12 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from actors.train_config import StepHookConfig, TrainConfig
 
 log = logging.getLogger("sweetspot.trainer")
 
@@ -53,25 +56,25 @@ class StepAlgorithm(Protocol):
         """The logged row after the mean over ranks: group throughput, validation metrics."""
 
 
-def make_engine(model, train: dict, micro_batch: int, bf16: bool):
+def make_engine(model, train: TrainConfig, micro_batch: int, bf16: bool):
     """The DeepSpeed engine of `model` for one rank (deepspeed_config, linear_schedule)."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=deepspeed_config(train, micro_batch, bf16),
-        lr_scheduler=linear_schedule(train["steps"], train["optim"]["warmup_steps"]),
+        lr_scheduler=linear_schedule(train.steps, train.optim.warmup_steps),
     )
     return engine
 
 
-def step_hook(spec: dict | None) -> Callable | None:
-    """The callable of train.step_hook ({"target": "module:function", "args": {...}}), or None."""
-    if not spec or not spec.get("target"):
+def step_hook(spec: StepHookConfig) -> Callable | None:
+    """The callable of train.step_hook (target "module:function", args), or None."""
+    if spec.target is None:
         return None
-    module, _, name = spec["target"].partition(":")
+    module, _, name = spec.target.partition(":")
     fn = getattr(importlib.import_module(module), name)
-    args = dict(spec.get("args") or {})
+    args = dict(spec.args)
     return lambda step, rank, world, output_dir, context: fn(step, rank, world, output_dir, context, **args)
 
 
@@ -80,13 +83,14 @@ def run_steps(engine, algorithm: StepAlgorithm, config: dict, rank: int, world: 
     checkpointing every run.checkpoint_every and at the last; returns the run's RunDir."""
     from actors.checkpoints import RunDir
 
-    train, run = config["train"], config["train"]["run"]
-    run_dir = RunDir(config["storage_path"], run["name"])
-    hook = step_hook(train.get("step_hook"))
+    train: TrainConfig = config["train"]
+    run = train.run
+    run_dir = RunDir(config["storage_path"], run.name)
+    hook = step_hook(train.step_hook)
     step = resume_newest(engine, run_dir, rank, algorithm.load_extra)
     algorithm.start(step)
     t0 = time.perf_counter()
-    while step < train["steps"]:
+    while step < train.steps:
         if hook is not None:
             hook(step + 1, rank, world, config["output_dir"], algorithm.hook_context)
         engine.train()
@@ -97,9 +101,9 @@ def run_steps(engine, algorithm: StepAlgorithm, config: dict, rank: int, world: 
         step += 1
         algorithm.after_step(step)
 
-        last = step == train["steps"]
-        checkpoint = step % run["checkpoint_every"] == 0 or last
-        if step % run["log_every"] == 0 or checkpoint:
+        last = step == train.steps
+        checkpoint = step % run.checkpoint_every == 0 or last
+        if step % run.log_every == 0 or checkpoint:
             window = algorithm.window(time.perf_counter() - t0)
             report = mean_over_ranks({"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}, **window},
                                      engine.device)
@@ -108,7 +112,7 @@ def run_steps(engine, algorithm: StepAlgorithm, config: dict, rank: int, world: 
             if rank == 0:
                 rewrite_log(run_dir, lambda rows: rows + [report])  # the driver prints it from there
             if checkpoint:
-                save_checkpoint(engine, run_dir, step, report, rank, run["keep_checkpoints"], algorithm.save_extra)
+                save_checkpoint(engine, run_dir, step, report, rank, run.keep_checkpoints, algorithm.save_extra)
             # Metrics reach the driver through the run directory: no ray.train.report without a
             # checkpoint, as each call blocks on the controller's poll (about 1.7 s in Ray 2.60).
             t0 = time.perf_counter()
@@ -126,19 +130,19 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> t
     return torch.tensor(out)
 
 
-def deepspeed_config(train: dict, micro_batch: int, use_bf16: bool) -> dict:
+def deepspeed_config(train: TrainConfig, micro_batch: int, use_bf16: bool) -> dict:
     """The DeepSpeed config for one rank: AdamW (torch implementation: no JIT build), explicit
     clipping, ZeRO stage from the job config. The schedule is `linear_schedule` (DeepSpeed's
     WarmupDecayLR needs >= 1 warmup step and starts at lr 0)."""
-    optim = train["optim"]
+    optim = train.optim
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": optim["grad_clip"],
-        "zero_optimization": {"stage": train["deepspeed"]["zero_stage"]},
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": train.deepspeed.zero_stage},
         "bf16": {"enabled": use_bf16},
-        "optimizer": {"type": "AdamW", "params": {"lr": optim["lr"], "weight_decay": optim["weight_decay"],
-                                                  "betas": list(optim["adam_betas"]), "torch_adam": True}},
+        "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "weight_decay": optim.weight_decay,
+                                                  "betas": list(optim.adam_betas), "torch_adam": True}},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -218,11 +222,11 @@ def worker_setup(config: dict) -> tuple[int, int, bool, int]:
     import ray.train
 
     ctx = ray.train.get_context()
-    train = config["train"]
-    use_gpu = train["workers"]["use_gpu"] and torch.cuda.is_available()
-    bf16 = use_gpu if train["deepspeed"]["bf16"] == "auto" else bool(train["deepspeed"]["bf16"])
-    torch.manual_seed(train["seed"])
-    return ctx.get_world_rank(), ctx.get_world_size(), bf16, train["deepspeed"]["zero_stage"]
+    train: TrainConfig = config["train"]
+    use_gpu = train.workers.use_gpu and torch.cuda.is_available()
+    bf16 = use_gpu if train.deepspeed.bf16 == "auto" else bool(train.deepspeed.bf16)
+    torch.manual_seed(train.seed)
+    return ctx.get_world_rank(), ctx.get_world_size(), bf16, train.deepspeed.zero_stage
 
 
 def resume_newest(engine, run_dir, rank: int, load_extra=None) -> int:
@@ -281,7 +285,7 @@ def upload_final_model(engine, zero_stage: int, rank: int, kind: str, model_path
     state = full_state_dict(engine, zero_stage)
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            save_final_model(kind, model_path, config, tokenizer, state, config["train"].get("save_dtype", "float32"), tmp)
+            save_final_model(kind, model_path, config, tokenizer, state, config["train"].save_dtype, tmp)
             run_dir.upload_dir(tmp, MODEL_DIR)  # storage every node reaches; the driver copies it to output_dir
     return state
 

@@ -21,6 +21,7 @@ import torch
 from actors.train_loop import batch_indices, gathered, mean_over_ranks, upload_final_model, worker_setup
 
 if TYPE_CHECKING:
+    from actors.train_config import TrainConfig
     from align.objectives.base import Objective
 
 log = logging.getLogger("sweetspot.trainer")
@@ -87,12 +88,12 @@ class PairObjectiveSteps:
     log-probs computed at step 0 and kept with every checkpoint, or a live (TR-DPO) reference updated
     after the steps the objective says."""
 
-    def __init__(self, engine, objective: Objective, ref_model, data, eval_data, tokenizer, collate, train: dict,
+    def __init__(self, engine, objective: Objective, ref_model, data, eval_data, tokenizer, collate, train: TrainConfig,
                  rank: int, world: int, zero_stage: int):
         self.engine, self.objective, self.ref_model, self.data, self.eval_data = engine, objective, ref_model, data, eval_data
         self.tokenizer, self.collate, self.train, self.rank, self.world, self.zero_stage = \
             tokenizer, collate, train, rank, world, zero_stage
-        self.micro = train["batch_size"] // world
+        self.micro = train.batch_size // world
         self.ref_logps = self.eval_ref_logps = None
         self.tokens = 0
         self.hook_context: dict = {}
@@ -129,7 +130,7 @@ class PairObjectiveSteps:
 
     def loss(self, step: int):
         micro, rank = self.micro, self.rank
-        idx = batch_indices(step, self.train["batch_size"], len(self.data), self.train["seed"])[rank * micro : (rank + 1) * micro]
+        idx = batch_indices(step, self.train.batch_size, len(self.data), self.train.seed)[rank * micro : (rank + 1) * micro]
         batch = self.collate([self.data[int(i)] for i in idx], self.tokenizer.pad_token_id)
         if self.ref_logps is not None:
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = self.ref_logps[idx, 0], self.ref_logps[idx, 1]
@@ -148,7 +149,7 @@ class PairObjectiveSteps:
 
     def finish_report(self, report: dict, step: int, last: bool) -> dict:
         report["tokens_per_s"] *= self.world  # throughput of the whole group
-        every = self.train.get("eval_every", 0)
+        every = self.train.eval_every
         if self.eval_data is not None and (step % every == 0 or last):
             report.update(validation_metrics(self.engine, self.ref_model, self.objective, self.eval_data, self.eval_ref_logps,
                                              self.micro, self.rank, self.world, self.tokenizer.pad_token_id,
@@ -160,7 +161,7 @@ def train_worker(config: dict) -> None:
     """Ray Train `train_loop_per_worker` of the pair objectives. config: {"objective" (an
     align.objectives.base.Objective), "saved_as", "model" (a path, hub name or actors.cluster.ShippedDir),
     "data" (ObjectRef of the tokenized pairs' arrow table), "eval_data" (optional), "output_dir",
-    "storage_path", "train": TrainConfig as a dict, "lora": dict | None} (actors.train_launcher)."""
+    "storage_path", "train": the TrainConfig, "lora": dict | None} (actors.train_launcher)."""
     import datasets
     import ray
 
@@ -173,11 +174,11 @@ def train_worker(config: dict) -> None:
     rank, world, bf16, zero_stage = worker_setup(config)
     train = config["train"]
     objective: Objective = config["objective"]
-    packed = train.get("prefix_sharing", True) and objective.model_kind == "causal_lm"
+    packed = train.prefix_sharing and objective.model_kind == "causal_lm"
     model_path = local_dir(config["model"])
     tokenizer = load_tokenizer(model_path)
     model = build_model_for(objective.model_kind, model_path, tokenizer, config.get("lora"))
-    if train["disable_dropout"]:
+    if train.disable_dropout:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
@@ -185,11 +186,11 @@ def train_worker(config: dict) -> None:
     if objective.live_reference:
         ref_model = build_model_for(objective.model_kind, model_path, tokenizer, None).eval().requires_grad_(False)
     data = datasets.Dataset(datasets.table.InMemoryTable(ray.get(config["data"])))
-    engine = make_engine(model, train, train["batch_size"] // world, bf16)
+    engine = make_engine(model, train, train.batch_size // world, bf16)
     if ref_model is not None:
         ref_model.to(device=engine.device, dtype=torch.bfloat16 if bf16 else torch.float32)
     eval_data = None
-    if config.get("eval_data") is not None and train.get("eval_every", 0):
+    if config.get("eval_data") is not None and train.eval_every:
         eval_data = datasets.Dataset(datasets.table.InMemoryTable(ray.get(config["eval_data"])))
     steps = PairObjectiveSteps(engine, objective, ref_model, data, eval_data, tokenizer,
                                collate_packed_pairs if packed else collate_pairs, train, rank, world, zero_stage)

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from actors.train_config import TrainConfig
 
 log = logging.getLogger("sweetspot.vbon")
 
@@ -54,11 +58,11 @@ class OnPolicySteps:
     RLOO or PPO-clip loss with the KL to pi_0 in the reward; every sync_every steps the weights go
     to the generators."""
 
-    def __init__(self, engine, ref_model, tokenizer, prompts: list, ref_rewards: torch.Tensor, params: dict, train: dict,
+    def __init__(self, engine, ref_model, tokenizer, prompts: list, ref_rewards: torch.Tensor, params: dict, train: TrainConfig,
                  generators: list, scorers: list, rank: int, world: int, zero_stage: int):
         self.engine, self.ref_model, self.tokenizer, self.prompts, self.ref_rewards = engine, ref_model, tokenizer, prompts, ref_rewards
         self.p, self.train, self.rank, self.world, self.zero_stage = params, train, rank, world, zero_stage
-        self.generators, self.micro = generators, train["batch_size"] // world  # prompts per rank per step
+        self.generators, self.micro = generators, train.batch_size // world  # prompts per rank per step
         self.generator, self.scorer = generators[rank % len(generators)], scorers[rank % len(scorers)]
         self.hook_context = {"generator": self.generator}
         s = params["sampling"]
@@ -85,13 +89,13 @@ class OnPolicySteps:
         from align.math.vbon import completion_batch, log_cdf, policy_gradient_loss
 
         p, s, micro, rank = self.p, self.p["sampling"], self.micro, self.rank
-        idx = batch_indices(step, self.train["batch_size"], len(self.prompts), self.train["seed"])[rank * micro : (rank + 1) * micro]
+        idx = batch_indices(step, self.train.batch_size, len(self.prompts), self.train.seed)[rank * micro : (rank + 1) * micro]
         mine = [self.prompts[int(i)] for i in idx]
         # A generator restarted since the last push holds pi_0's weights and refuses (StaleWeightsError);
         # so does a lost call: the group then restarts from the last checkpoint and pushes it again.
         drawn = ray.get(self.generator.sample.remote(
             mine, p["k"], s["max_new_tokens"], temperature=s["temperature"], min_new_tokens=s["min_new_tokens"],
-            stop_at_eos=s["stop_at_eos"], seeds=step_seeds(self.train["seed"], step, idx), weights_version=self.pushed))["samples"]
+            stop_at_eos=s["stop_at_eos"], seeds=step_seeds(self.train.seed, step, idx), weights_version=self.pushed))["samples"]
         scored = ray.get(self.scorer.score_samples.remote(drawn))
         rewards = torch.tensor([x.rewards for x in scored], dtype=torch.float64)  # (micro, k)
         log_f = log_cdf(rewards, self.ref_rewards[idx])
@@ -112,7 +116,7 @@ class OnPolicySteps:
                       "tokens": float(lengths.float().mean())}
 
     def after_step(self, step: int) -> None:
-        if step % self.p["sync_every"] == 0 or step == self.train["steps"]:
+        if step % self.p["sync_every"] == 0 or step == self.train.steps:
             self.counts["sync_seconds"] += push_weights(self.engine, self.zero_stage, self.rank, self.generators, step)
             self.pushed = step
             self.counts["syncs"] += 1
@@ -148,7 +152,7 @@ def vbon_worker(config: dict) -> None:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0  # the sampler runs without dropout: log-probs must describe the same process
     data = ray.get(config["data"])
-    engine = make_engine(model, train, train["batch_size"] // world * p["k"], bf16)
+    engine = make_engine(model, train, train.batch_size // world * p["k"], bf16)
     ref_model.to(device=engine.device, dtype=torch.bfloat16 if bf16 else torch.float32)
     steps = OnPolicySteps(engine, ref_model, tokenizer, data["prompts"], data["ref_rewards"], p, train,
                           config["generators"], config["scorers"], rank, world, zero_stage)
