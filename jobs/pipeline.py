@@ -27,7 +27,7 @@ from pathlib import Path
 from align.runtime.config import ConfigError, require, run_job
 
 # The jobs a stage may run (each has run(cfg) and a typed config).
-JOBS = ("make_pairs", "train_rm", "train_bonbon", "train_dpo", "train_vbon", "evaluate", "dera", "bon", "overopt")
+JOBS = ("make_pairs", "train_rm", "train_bonbon", "train_dpo", "train_objective", "train_vbon", "evaluate", "dera", "bon", "overopt")
 REF = re.compile(r"\$\{([^}]*)\}")
 # Headline metrics shown in the summary table when a stage returns them.
 HEADLINES = ("win_rate_vs_pi0", "kl_to_pi0", "win_rate_bon_vs_pi0", "heldout_agreement", "win_rate", "loss")

@@ -33,22 +33,35 @@ def test_builtins_by_name_plugins_by_module_and_unknown_names():
         objective_class("tests.plugins.no_such_module:toy_sft")
 
 
+def test_the_objective_job_types_the_params_and_names_errors():
+    from jobs.train_objective import TrainObjectiveConfig
+
+    cfg = load_config(TrainObjectiveConfig, "configs/train_objective.yaml", ["objective.params={beta: 0.2}"])
+    assert cfg.objective.params["beta"] == 0.2 and cfg.objective.params["loss"] == "dpo"  # defaults filled in
+    assert cfg.objective.build().describe() == "dpo (reference update: none)"
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainObjectiveConfig, "configs/train_objective.yaml", ["objective.params={beta: -1}"])
+    assert err.value.field == "objective.params.beta" and "> 0" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainObjectiveConfig, "configs/train_objective.yaml", [f"objective.name={TOY}"])  # ipo's params
+    assert err.value.field.startswith("objective.params.") and "known keys" in str(err.value)
+
+
 @pytest.mark.ray
 def test_plugin_objective_runs_through_the_trainer(ray_session, tmp_path, tiny_lm_dir):
-    """The toy SFT objective, 1 worker, 4 steps: its metric is logged and the saved model names it."""
-    from align.objectives import objective_class
-    from jobs.train_dpo import DpoJobConfig
-    from jobs.training import run_training
+    """The toy SFT objective named in the objective job's config, 1 worker, 4 steps: its metric is
+    logged and the saved model names it."""
+    from jobs.train_objective import TrainObjectiveConfig, run
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in PAIRS))
-    # Any job config with model, data, train and output_dir will do: the objective comes separately.
-    cfg = load_config(DpoJobConfig, "configs/train_dpo.yaml", [
+    cfg = load_config(TrainObjectiveConfig, "configs/train_objective.yaml", [
+        f"objective.name={TOY}", "objective.params={}",
         f"model={tiny_lm_dir}", f"data.source={pairs}", "data.eval_split=null", f"output_dir={tmp_path / 'out'}",
         "train.run.name=toy", f"train.run.storage_path={tmp_path / 'runs'}", "train.steps=4", "train.batch_size=2",
         "train.run.checkpoint_every=4", "train.run.log_every=2", "train.optim.lr=1e-2", "train.optim.warmup_steps=1",
         "train.workers.num_workers=1", "train.workers.collective_timeout_s=30"])
-    metrics = run_training(objective_class(TOY)(), cfg)
+    metrics = run(cfg)
     assert metrics["step"] == 4 and metrics["sft_logp"] < 0 and metrics["loss"] == pytest.approx(-metrics["sft_logp"])
     saved = json.loads((tmp_path / "out" / "model" / "sweetspot.json").read_text())
     assert saved == {"objective": "toy_sft"}
