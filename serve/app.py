@@ -14,16 +14,30 @@ and by the configured limits: bad input is a 4xx naming the field, never a 5xx. 
 queue is full (max_queued_requests), or a replica that dies while holding the request, makes the
 request a 503 with a Retry-After header; Serve replaces the dead replica.
 
+One request cannot fail the requests batched with it. Its problems are found before it joins a
+batch: strict request models (no number from a bool or a string, finite numbers in the ranges below,
+bounded lists), valid Unicode text, the limits, the model's context (GeneratorDeployment.sample), and
+serve.batching.check_call on the generator itself. A batched call that still fails is run again one
+request at a time (serve.batching), so only the request that causes the error gets it.
+
+    temperature    0.01 .. 2          (serve.batching: OpenAI's ceiling; the floor keeps logits / T finite)
+    seed           0 .. 2**63 - 1     (a non-negative int64: numpy's SeedSequence refuses negatives)
+    lambda         0 .. 100           (DeRa; dera_lambda too: the float32 mix stays finite)
+    beta, coef     0 .. 10000         (RBoN-KL's weight on log pi_0; the penalty's weight)
+    stop           at most 4 strings of at most 64 characters (OpenAI allows 4)
+    body           at most limits.max_body_bytes, UTF-8 JSON, all of it within limits.body_timeout_s
+
     serve run configs/serve.yaml        # a Ray Serve config file
     python -m serve                     # the default task on 127.0.0.1:8000
 """
 # No `from __future__ import annotations`: FastAPI reads the request models from the handlers'
 # annotations inside the Serve replica, where string annotations do not resolve.
 import asyncio
+import collections
 import logging
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
@@ -32,10 +46,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.batching import BatchedScorer, ContinuousBatcher
+from serve.batching import (LAMBDA_MAX, SEED_MAX, TEMPERATURE_MAX, TEMPERATURE_MIN, BatchedScorer, ContinuousBatcher,
+                            InvalidCall, text_error)
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 log = logging.getLogger("sweetspot.serve")
+WEIGHT_MAX = 1e4  # beta and coef: finite (inf broke the selection); larger weights only rank by log pi_0 (beta) or the uncertainty (coef) alone
+STOP_MAX, STOP_MAX_CHARS = 4, 64  # OpenAI takes at most 4 stop sequences
 
 
 class Limits(BaseModel):
@@ -47,6 +64,7 @@ class Limits(BaseModel):
     max_tokens: int = Field(64, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1)
+    body_timeout_s: float = Field(5.0, gt=0, description="a request body must arrive within this; else 408")
 
 
 class Batching(BaseModel):
@@ -58,27 +76,37 @@ class Batching(BaseModel):
                                                                "before it starts (those arriving while it works join the next call anyway)")
 
 
+# Request models are strict: a number is a JSON number (not a bool, not a string; a float field takes
+# an integer), finite, and in its range; lists are bounded (prompts by limits.max_prompts, in Api.check).
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+Temperature = Annotated[float, Field(ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description="0 <= seed <= 2**63 - 1")]
+Lambda = Annotated[float, Field(ge=0, le=LAMBDA_MAX)]
+Weight = Annotated[float, Field(ge=0, le=WEIGHT_MAX)]
+StopText = Annotated[str, Field(max_length=STOP_MAX_CHARS)]
+
+
 class SamplingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(**STRICT, populate_by_name=True)
     prompt: str | list[str] = Field(description="one prompt or a list of prompts")
     n: int = Field(8, ge=1, description="samples per prompt")
-    temperature: float = Field(1.0, gt=0)
+    temperature: Temperature = 1.0
     max_tokens: int = Field(24, ge=1)
     min_tokens: int = Field(0, ge=0, description="end-of-sequence is blocked before this many tokens")
-    seed: int = 0
+    seed: Seed = 0
     return_all: bool = Field(False, description="return every sample with its reward, not only the chosen one")
 
 
 class BonRequest(SamplingRequest):
     selection: Literal["argmax", "rbon_kl"] = "argmax"
-    beta: float = Field(0.0, ge=0, description="RBoN-KL's weight on log pi_0(y|x)")
+    beta: Weight = Field(0.0, description="RBoN-KL's weight on log pi_0(y|x)")
     penalty: Literal["none", "ensemble", "laplace"] = "none"
     ensemble_mode: Literal["mean", "worst", "uncertainty_weighted"] = "mean"
-    coef: float = Field(0.0, ge=0, description="uncertainty weight (ensemble) or k in mu - k sigma (laplace)")
+    coef: Weight = Field(0.0, description="uncertainty weight (ensemble) or k in mu - k sigma (laplace)")
 
 
 class DeraRequest(SamplingRequest):
-    lam: float = Field(1.0, ge=0, alias="lambda", description="lam * aligned + (1 - lam) * reference logits")
+    lam: Lambda = Field(1.0, alias="lambda", description="lam * aligned + (1 - lam) * reference logits")
     n: int = Field(1, ge=1, description="samples per prompt; with a scorer, the best of n DeRa samples is chosen")
 
 
@@ -87,16 +115,16 @@ class CompletionRequest(BaseModel):
     `dera_lambda`. `best_of` samples are drawn per prompt and the `n` best by the server's reward are
     returned, as OpenAI defines best_of."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: str
     prompt: str | list[str]
     n: int = Field(1, ge=1)
     best_of: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    temperature: Temperature = 1.0
     max_tokens: int = Field(16, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    dera_lambda: float | None = Field(None, ge=0)
+    stop: StopText | Annotated[list[StopText], Field(max_length=STOP_MAX)] | None = None
+    seed: Seed | None = None
+    dera_lambda: Lambda | None = None
     user: str | None = None  # accepted and ignored, as OpenAI clients may send it
 
 
@@ -119,26 +147,31 @@ class GeneratorDeployment:
         self.batcher = ContinuousBatcher(self.sample_calls, b.max_batch_size, size=lambda call: len(call.prompts),
                                          wait_s=b.batch_wait_timeout_s)
         self.score = BatchedScorer(reward, b.max_batch_size, b.batch_wait_timeout_s) if reward else None
-        self.requests = self.sampler_calls = 0
+        self.counts = collections.Counter()  # requests, sampler_calls, retried_alone
 
     def eos_token_id(self) -> int | None:
         return self.generator.tokenizer.eos_token_id
 
     def stats(self) -> dict:
-        """Requests answered and sampler calls made by this replica (their ratio is the batching)."""
-        return {"requests": self.requests, "sampler_calls": self.sampler_calls}
+        """Requests answered and sampler calls made by this replica (their ratio is the batching), and
+        the requests run again alone because their batch's sampler call failed."""
+        return {"requests": self.counts["requests"], "sampler_calls": self.counts["sampler_calls"],
+                "retried_alone": self.counts["retried_alone"]}
 
     async def sample_calls(self, calls: list) -> list:
         from serve.batching import sample_together
 
-        results = await asyncio.to_thread(sample_together, self.generator, calls)
-        self.requests += len(calls)
-        self.sampler_calls += len({c.group for c in calls})
+        results = await asyncio.to_thread(sample_together, self.generator, calls, self.counts)
+        self.counts["requests"] += len(calls)
         return results
 
     async def sample(self, call) -> dict:
         """One request's samples (a serve.batching.SampleCall), batched with whatever arrives with it.
-        A prompt too long for the model fails here, alone, before it joins a batch."""
+        A call the sampler cannot take (serve.batching.check_call) or a prompt too long for the model
+        fails here, alone, before it joins a batch."""
+        from serve.batching import check_call
+
+        check_call(call)
         self.generator.check_context(list(call.prompts), call.max_tokens)
         return await self.batcher(call)
 
@@ -179,32 +212,126 @@ app = FastAPI(title="Sweetspot", description="Best-of-n and decoding-time realig
 
 def error_body(message: str, param: str | None) -> dict:
     """FastAPI's `detail` and OpenAI's `error` object in one body, so plain HTTP clients and the
-    official `openai` client both show the message and the field."""
+    official `openai` client both show the message and the field. Text that cannot be encoded (a
+    lone surrogate from the request, e.g. in an unknown field's name) is escaped, not a 500."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    param = None if param is None else param.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"detail": message, "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
 
 
-@app.middleware("http")
-async def limit_body(request, call_next):
-    """413 for a body larger than the configured limit, before it is read (by its Content-Length;
-    a body sent without one is counted as it streams in)."""
-    from fastapi.responses import JSONResponse
+class BodyGuard:
+    """ASGI middleware for POST bodies, before FastAPI parses them: 413 for a body larger than
+    limits.max_body_bytes (by its Content-Length before it is read, else counted as it streams in),
+    408 for a body that has not all arrived within limits.body_timeout_s (a client that promises more
+    bytes than it sends gets an answer instead of holding the connection). The body read is then
+    handed on to the app as it came."""
 
-    limit = getattr(request.app.state, "max_body_bytes", None)
-    if limit is not None and request.method == "POST":
-        declared = request.headers.get("content-length")
-        size = int(declared) if declared and declared.isdigit() else len(await request.body())
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        state = getattr(scope.get("app"), "state", None)
+        limit = getattr(state, "max_body_bytes", None)
+        if scope["type"] != "http" or scope["method"] != "POST" or limit is None:
+            return await self.app(scope, receive, send)
+        timeout = getattr(state, "body_timeout_s", None)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > limit:
+            return await self.refuse(send, 413, f"body: expected at most {limit} bytes, got {int(declared)}")
+        chunks, size = [], 0
+
+        async def read() -> bool:  # False: the client went away
+            nonlocal size
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return False
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > limit or not message.get("more_body", False):
+                    return True
+
+        try:
+            if not await asyncio.wait_for(read(), timeout):
+                return None
+        except asyncio.TimeoutError:
+            promised = f" of the {declared} promised by Content-Length" if declared.isdigit() else ""
+            return await self.refuse(send, 408, f"body: {size} bytes{promised} arrived within {timeout:g} s; "
+                                                "send the whole body at once", close=True)
         if size > limit:
-            return JSONResponse(error_body(f"body: expected at most {limit} bytes, got {size}", "body"), status_code=413)
-    return await call_next(request)
+            return await self.refuse(send, 413, f"body: expected at most {limit} bytes, got more")
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # the disconnect, for whoever listens for it
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def refuse(send, status: int, message: str, close: bool = False) -> None:
+        import json
+
+        content = json.dumps(error_body(message, "body")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+app.add_middleware(BodyGuard)
 
 
 @app.exception_handler(StarletteHTTPException)  # FastAPI's own 400s (a body it cannot parse) too
 async def http_error(request, exc: StarletteHTTPException):
+    """The error body naming the field the message starts with. FastAPI's 400 for a body it cannot
+    decode (not UTF-8) or parse (nested deeper than the JSON parser goes) is a 422 naming `body`."""
     from fastapi.responses import JSONResponse
 
-    message = str(exc.detail)
+    message, status = str(exc.detail), exc.status_code
+    cause = exc.__cause__
+    if status == 400 and cause is not None:
+        status = 422
+        if isinstance(cause, UnicodeError):
+            message = f"body: expected JSON in UTF-8 ({cause})"
+        elif isinstance(cause, RecursionError):
+            message = "body: JSON nested deeper than the parser takes"
+        else:
+            message = f"body: could not be parsed ({type(cause).__name__})"
     return JSONResponse(error_body(message, message.split(":")[0] if ":" in message else None),
-                        status_code=exc.status_code, headers=getattr(exc, "headers", None))
+                        status_code=status, headers=getattr(exc, "headers", None))
+
+
+def union_tag(x) -> bool:
+    """Whether a location element is the tag pydantic gives a union's branch ("str", "list[str]",
+    "constrained-str"), not a field name or an index."""
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool", "none") or "[" in x or "-" in x)
+
+
+def field_errors(errors: list[dict]) -> list[tuple[str, str]]:
+    """(field, message) per field from pydantic's errors, the field being the location without
+    "body" and union branch tags. Of a union field's branches, those its value got past the type
+    check of speak for it (1000 stop strings: "at most 4 items", not also "not a string")."""
+    entries = []  # (the union's location or None, field, error type, message)
+    for e in errors:
+        if e["type"] == "json_invalid":
+            entries.append((None, "body", e["type"], f"invalid JSON ({(e.get('ctx') or {}).get('error', e['msg'])})"))
+            continue
+        loc = [x for x in e["loc"] if x != "body"]
+        tag = next((i for i, x in enumerate(loc) if union_tag(x)), None)
+        entries.append((None if tag is None else tuple(loc[:tag]), ".".join(str(x) for x in loc if not union_tag(x)) or "body",
+                        e["type"], e["msg"]))
+    past_type_check = {union for union, _, kind, _ in entries if union is not None and not kind.endswith("_type")}
+    fields: dict[str, list[str]] = {}
+    for union, field, kind, msg in entries:
+        if not (union in past_type_check and kind.endswith("_type")):
+            fields.setdefault(field, []).append(msg)
+    return [(field, " or ".join(dict.fromkeys(msgs))) for field, msgs in fields.items()]
 
 
 @app.exception_handler(RequestValidationError)
@@ -212,7 +339,7 @@ async def validation_error(request, exc: RequestValidationError):
     """422 naming each bad field (its location in the body) and what was wrong with it."""
     from fastapi.responses import JSONResponse
 
-    parts = [(".".join(str(x) for x in e["loc"] if x != "body") or "body", e["msg"]) for e in exc.errors()]
+    parts = field_errors(exc.errors())
     message = "; ".join(f"{field}: {msg}" for field, msg in parts)
     return JSONResponse(error_body(message, parts[0][0] if parts else None), status_code=422)
 
@@ -225,16 +352,19 @@ class Api:
         self.generator, self.scorer = generator, scorer
         self.limits, self.has_aligned, self.reward_kind = Limits(**(limits or {})), has_aligned, reward_kind
         self.model_name, self.eos_token_id, self.retry_after_s = model_name, None, retry_after_s
-        app.state.max_body_bytes = self.limits.max_body_bytes  # read by limit_body, in this replica
+        app.state.max_body_bytes = self.limits.max_body_bytes  # read by BodyGuard, in this replica
+        app.state.body_timeout_s = self.limits.body_timeout_s
 
     def check(self, req: SamplingRequest) -> list[str]:
         """The request's prompts, or a 422 naming the field and the allowed range."""
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         lim = self.limits
+        bad_text = next((f"{e} in prompt[{i}]" for i, p in enumerate(prompts) if (e := text_error(p))), None)
         for ok, field, allowed in (
             (1 <= len(prompts) <= lim.max_prompts, "prompt", f"1 to {lim.max_prompts} prompts"),
             (all(p.strip() for p in prompts), "prompt", "non-empty text"),
             (all(len(p) <= lim.max_prompt_chars for p in prompts), "prompt", f"at most {lim.max_prompt_chars} characters"),
+            (bad_text is None, "prompt", f"valid Unicode text, got {bad_text}"),
             (req.n <= lim.max_n, "n", f"1 <= n <= {lim.max_n}"),
             (req.max_tokens <= lim.max_tokens, "max_tokens", f"1 <= max_tokens <= {lim.max_tokens}"),
             (req.min_tokens <= req.max_tokens, "min_tokens", "0 <= min_tokens <= max_tokens"),
@@ -275,7 +405,7 @@ class Api:
             return await self.scorer.score_samples.remote(result["samples"])
         except BackPressureError as e:
             raise HTTPException(503, detail=f"overloaded: {e} Retry after {self.retry_after_s:g} s", headers=retry) from None
-        except PromptTooLongError as e:  # Ray wraps it (with the replica's traceback); its cause is the message
+        except (PromptTooLongError, InvalidCall) as e:  # Ray wraps it (with the replica's traceback); its cause is the message
             raise HTTPException(422, detail=str(getattr(e, "cause", None) or e)) from None
         except RayActorError as e:  # ActorDiedError, ActorUnavailableError
             log.warning("a replica failed while holding a request: %s", type(e).__name__)
@@ -317,6 +447,11 @@ class Api:
         best_of = req.best_of or req.n
         if req.n > best_of:
             raise HTTPException(422, detail=f"n: expected n <= best_of ({best_of}), got {req.n}")
+        if req.best_of is not None and req.best_of > self.limits.max_n:
+            raise HTTPException(422, detail=f"best_of: expected n <= best_of <= {self.limits.max_n}, got {req.best_of}")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if bad := next((f"{e} in stop[{i}]" for i, t in enumerate(stops) if (e := text_error(t))), None):
+            raise HTTPException(422, detail=f"stop: expected valid Unicode text, got {bad}")
         if req.dera_lambda is not None:
             self.check_dera("dera_lambda")
         # no seed: a fresh one per request, as OpenAI-compatible servers sample
@@ -327,7 +462,6 @@ class Api:
         if self.eos_token_id is None:  # asked once: finish_reason is "stop" when a completion drew it
             self.eos_token_id = await self.generator.eos_token_id.remote()
         scored = await self.scored_samples(prompts, sampling, req.dera_lambda)
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         choices, completion_tokens = [], 0
         for s in scored:
             completion_tokens += sum(len(ids) for ids in s.completion_ids)

@@ -12,14 +12,51 @@ and the requests that arrive while a call runs wait and go together in the next 
 `serve.batch` forms its next batch as soon as the previous one has started, so under load it makes
 many small batches that then queue behind each other, and an idle replica still waits out its timeout.
 
+Isolation: one request must not fail the requests batched with it. `check_call` refuses a call the
+sampler cannot take (its message names the field) before it joins a batch; a batched call that still
+raises is run again one request at a time (`sample_together`, and `ContinuousBatcher` for any batched
+function, the scorer's included), so only the request that causes the error gets it and every other
+one gets exactly the answer it gets alone.
+
 No Ray here: the functions take a Generator or a scorer and plain lists, and are tested as such.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
+
+# What one call may ask of the sampler (the Serve app's request models use the same bounds).
+# seed: a non-negative int64. prompt_seeds feeds it to numpy's SeedSequence, which refuses negative
+#   numbers; the per-prompt seeds it derives are 63-bit, inside what torch.Generator.manual_seed
+#   takes ([-2**63, 2**64 - 1]); int64 is what JSON clients (and OpenAI's `seed`) hold.
+SEED_MAX = 2**63 - 1
+# temperature: OpenAI's upper bound 2 (above it the samples are close to uniform noise). The floor
+#   keeps logits / temperature finite: at 1e-300 they overflow to inf and the draw's probabilities
+#   and log-probs become NaN; at 0.01 a logit of 600 is still finite in float16, and sampling is
+#   already argmax in practice.
+TEMPERATURE_MIN, TEMPERATURE_MAX = 0.01, 2.0
+# lambda (DeRa): lam * aligned + (1 - lam) * reference logits in float32. 0 is pi_0, 1 the aligned
+#   model, above 1 extrapolates (the paper's sweeps stay within a few units); at 100 the mixed logits
+#   of real models stay far inside float32 (lambda 1e308 is inf in float32 and the mix refuses it).
+LAMBDA_MAX = 100.0
+
+
+class InvalidCall(ValueError):
+    """A call's own input that the sampler cannot take; the message starts with the field's name
+    ("seed: expected ..."), so the Serve app answers it as a 422 naming that field."""
+
+
+def text_error(text: str) -> str | None:
+    """Why `text` is not valid Unicode text (a lone surrogate, which has no UTF-8 encoding and
+    fails the tokenizer), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate {text[e.start]!r} at character {e.start}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -40,34 +77,85 @@ class SampleCall:
         return (self.n, self.temperature, self.min_tokens, self.lam is None)
 
 
-def sample_together(generator, calls: list[SampleCall]) -> list[dict | Exception]:
-    """Run `calls` on `generator` (actors.generator.Generator), one sampler call per group; returns,
-    per call, its {"samples", "seconds", "new_tokens", "batched_requests"} or the exception its group
-    raised (the other groups still answer)."""
-    from actors.generator import prompt_seeds
+def check_call(call: SampleCall) -> None:
+    """InvalidCall naming the first field of `call` the sampler cannot take (the ranges above), so a
+    bad call is refused alone before it joins a batch instead of failing the batch's sampler call."""
 
+    def integer(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def number(x) -> bool:
+        return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+    if not call.prompts:
+        raise InvalidCall("prompt: expected at least one prompt")
+    for i, p in enumerate(call.prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise InvalidCall(f"prompt: expected non-empty text, got {p!r} as prompt[{i}]")
+        if (why := text_error(p)) is not None:
+            raise InvalidCall(f"prompt: expected valid Unicode text, prompt[{i}] has {why}")
+    for field, value, ok, allowed in (
+        ("n", call.n, integer(call.n) and call.n >= 1, "an integer >= 1"),
+        ("max_tokens", call.max_tokens, integer(call.max_tokens) and call.max_tokens >= 1, "an integer >= 1"),
+        ("min_tokens", call.min_tokens, integer(call.min_tokens) and 0 <= call.min_tokens <= call.max_tokens,
+         "an integer, 0 <= min_tokens <= max_tokens"),
+        ("temperature", call.temperature, number(call.temperature) and TEMPERATURE_MIN <= call.temperature <= TEMPERATURE_MAX,
+         f"{TEMPERATURE_MIN:g} <= temperature <= {TEMPERATURE_MAX:g}"),
+        ("seed", call.seed, integer(call.seed) and 0 <= call.seed <= SEED_MAX, f"an integer, 0 <= seed <= 2**63 - 1"),
+        ("lambda", call.lam, call.lam is None or (number(call.lam) and 0 <= call.lam <= LAMBDA_MAX),
+         f"0 <= lambda <= {LAMBDA_MAX:g}"),
+    ):
+        if not ok:
+            raise InvalidCall(f"{field}: expected {allowed}, got {value!r}")
+
+
+def sample_together(generator, calls: list[SampleCall], counts: collections.Counter | None = None) -> list[dict | Exception]:
+    """Run `calls` on `generator` (actors.generator.Generator), one sampler call per group; returns,
+    per call, its {"samples", "seconds", "new_tokens", "batched_requests"} or its exception.
+
+    A group's sampler call that raises is run again one call at a time: only the call that causes
+    the error gets it, and every other call of the group gets what it gets alone (its own seeds and
+    budgets make that the same answer it would have got batched). `counts`, when given, counts the
+    sampler calls made ("sampler_calls") and the calls run again alone ("retried_alone")."""
     groups: dict[tuple, list[int]] = {}
     for i, call in enumerate(calls):
         groups.setdefault(call.group, []).append(i)
+    counts = collections.Counter() if counts is None else counts
     results: list[dict | Exception] = [None] * len(calls)  # type: ignore[list-item]
-    for (n, temperature, min_tokens, plain), members in groups.items():
-        batch = [calls[i] for i in members]
-        prompts = [p for c in batch for p in c.prompts]
+    for members in groups.values():
         try:
-            out = generator.sample(
-                prompts, n, [c.max_tokens for c in batch for _ in c.prompts], temperature=temperature,
-                min_new_tokens=min_tokens, seeds=[s for c in batch for s in prompt_seeds(c.seed, len(c.prompts))],
-                lam=None if plain else [c.lam for c in batch for _ in c.prompts])
-        except Exception as e:  # noqa: BLE001 - handed to the callers of this group only
-            for i in members:
-                results[i] = e
-            continue
-        start = 0
-        for i, call in zip(members, batch):
-            part = out["samples"][start : start + len(call.prompts)]
-            start += len(call.prompts)
-            results[i] = {"samples": part, "seconds": out["seconds"], "batched_requests": len(batch),
-                          "new_tokens": sum(s.drawn_tokens for s in part)}
+            for i, result in zip(members, _sample_group(generator, [calls[i] for i in members], counts)):
+                results[i] = result
+        except Exception as e:  # noqa: BLE001 - its own caller's error, or to be told apart below
+            if len(members) == 1:
+                results[members[0]] = e
+                continue
+            counts["retried_alone"] += len(members)
+            for i in members:  # one request's input may have failed them all: each alone
+                try:
+                    results[i] = _sample_group(generator, [calls[i]], counts)[0]
+                except Exception as alone:  # noqa: BLE001 - handed to this call's caller only
+                    results[i] = alone
+    return results
+
+
+def _sample_group(generator, batch: list[SampleCall], counts: collections.Counter) -> list[dict]:
+    """One sampler call for calls of one group, its samples split back per call."""
+    from actors.generator import prompt_seeds
+
+    first = batch[0]
+    prompts = [p for c in batch for p in c.prompts]
+    counts["sampler_calls"] += 1
+    out = generator.sample(
+        prompts, first.n, [c.max_tokens for c in batch for _ in c.prompts], temperature=first.temperature,
+        min_new_tokens=first.min_tokens, seeds=[s for c in batch for s in prompt_seeds(c.seed, len(c.prompts))],
+        lam=None if first.lam is None else [c.lam for c in batch for _ in c.prompts])
+    results, start = [], 0
+    for call in batch:
+        part = out["samples"][start : start + len(call.prompts)]
+        start += len(call.prompts)
+        results.append({"samples": part, "seconds": out["seconds"], "batched_requests": len(batch),
+                        "new_tokens": sum(s.drawn_tokens for s in part)})
     return results
 
 
@@ -88,8 +176,10 @@ class ContinuousBatcher:
     A call that finds the batcher idle waits `wait_s` (0: none) for company and starts; calls that
     arrive while a batch runs form the next batch, taken in arrival order up to `max_size` as counted
     by `size(item)` (an item larger than that runs alone). A result that is an exception is raised
-    to its own caller only; an exception from `fn` goes to every caller of that batch. A caller that
-    is cancelled (its client went away) is dropped from the batch it had not yet joined.
+    to its own caller only. When `fn` raises for a batch of several items, each item is run again
+    alone (`retried` counts them), so only the item that causes the error gets it and the others get
+    what they get alone. A result list of the wrong length is a bug in `fn` and fails the whole batch.
+    A caller that is cancelled (its client went away) is dropped from the batch it had not yet joined.
     """
 
     def __init__(self, fn: Callable[[list], Awaitable[list]], max_size: int, size: Callable[[Any], int] = lambda _: 1,
@@ -99,6 +189,7 @@ class ContinuousBatcher:
         self.fn, self.max_size, self.size, self.wait_s = fn, max_size, size, wait_s
         self.pending: collections.deque = collections.deque()  # (item, future) in arrival order
         self.batches: list[int] = []  # the number of items in each batch run, in order
+        self.retried = 0  # items run again alone after their batch's call raised
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
@@ -134,8 +225,8 @@ class ContinuousBatcher:
             while batch := self._take():
                 try:
                     results = await self.fn([item for item, _ in batch])
-                except Exception as e:  # noqa: BLE001 - every caller of this batch gets it
-                    results = [e] * len(batch)
+                except Exception as e:  # noqa: BLE001 - its own caller's error, or to be told apart below
+                    results = [e] * len(batch) if len(batch) == 1 else await self._alone(batch)
                 if len(results) != len(batch):
                     results = [RuntimeError(f"the batched call returned {len(results)} results for {len(batch)} "
                                             "items")] * len(batch)
@@ -147,6 +238,21 @@ class ContinuousBatcher:
                         future.set_exception(result)
                     else:
                         future.set_result(result)
+
+    async def _alone(self, batch: list) -> list:
+        """Each item of a batch whose call raised, run alone: its own result or its own exception."""
+        results = []
+        for item, future in batch:
+            if future.done():  # cancelled meanwhile: not run again
+                results.append(None)
+                continue
+            self.retried += 1
+            try:
+                (result,) = await self.fn([item])
+            except Exception as e:  # noqa: BLE001 - this item's caller's error
+                result = e
+            results.append(result)
+        return results
 
 
 class BatchedScorer:

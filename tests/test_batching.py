@@ -1,5 +1,6 @@
 """Batching requests (serve/batching.py, align.engine.sampling.NSampler's per-prompt streams): a request's
-samples and rewards are the same whether it runs alone or batched with others."""
+samples and rewards are the same whether it runs alone or batched with others, and a request that
+fails its batch's call fails alone (the others are run again alone and get what they get alone)."""
 import pytest
 import torch
 
@@ -141,7 +142,7 @@ def test_continuous_batcher_starts_an_idle_call_alone_and_batches_what_arrives_m
 
 
 def test_continuous_batcher_survives_a_failing_call_and_a_cancelled_caller():
-    """fn raising fails every caller of that batch and nothing else; a wrong number of results is an
+    """fn raising for a lone item fails that caller and nothing else; a wrong number of results is an
     error, not a hang; a caller cancelled while it waited is left out of the next batch; an idle
     batcher with wait_s gathers the calls that arrive within it into one batch."""
     import asyncio
@@ -181,3 +182,202 @@ def test_continuous_batcher_survives_a_failing_call_and_a_cancelled_caller():
 
     with pytest.raises(ValueError, match="max_size: expected an integer >= 1, got 0"):
         CB(lambda items: items, max_size=0)
+
+
+class FakeGenerator:
+    """Generator.sample's interface without a model: each prompt's completions are a function of the
+    prompt, its seed, its budget and n alone; a batch holding the prompt "poison" raises, as the
+    sampler does for a seed it cannot take."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sample(self, prompts, n, max_new_tokens, temperature=1.0, min_new_tokens=0, seeds=None, lam=None):
+        from align.engine.samples import PromptSamples
+
+        self.calls.append(list(prompts))
+        if "poison" in prompts:
+            raise ValueError("expected non-negative integer")
+        samples = [PromptSamples(p, [1], [f"{p}|{s}|{m}|{i}" for i in range(n)], [[2] * m] * n, [-1.0 * m] * n, "fake",
+                                 drawn_tokens=n * m) for p, s, m in zip(prompts, seeds, max_new_tokens)]
+        return {"samples": samples, "seconds": 0.0, "new_tokens": sum(s.drawn_tokens for s in samples)}
+
+
+def test_a_call_that_fails_its_batch_is_retried_alone_and_fails_alone():
+    """Three calls in one group, the middle one's prompts make the sampler raise: the batched call
+    fails, each call runs again alone; the bad one gets the error, the others exactly their answers
+    alone. A call that fails alone is not run again; a group that succeeds is not retried."""
+    import collections
+
+    from serve.batching import SampleCall, sample_together
+
+    calls = [SampleCall(("the movie was", "a good film"), 2, 4, seed=1), SampleCall(("the plot", "poison"), 2, 5, seed=2),
+             SampleCall(("a bad",), 2, 6, seed=3), SampleCall(("other n",), 3, 4, seed=4)]
+    gen, counts = FakeGenerator(), collections.Counter()
+    results = sample_together(gen, calls, counts)
+    assert gen.calls == [["the movie was", "a good film", "the plot", "poison", "a bad"],
+                         ["the movie was", "a good film"], ["the plot", "poison"], ["a bad"], ["other n"]]
+    assert counts == {"sampler_calls": 5, "retried_alone": 3}
+    assert isinstance(results[1], ValueError) and "non-negative" in str(results[1])
+    for i in (0, 2, 3):
+        (want,) = sample_together(FakeGenerator(), [calls[i]])
+        assert [s.completions for s in results[i]["samples"]] == [s.completions for s in want["samples"]]
+        assert results[i]["new_tokens"] == want["new_tokens"] and results[i]["batched_requests"] == 1
+    assert [s.prompt for s in results[0]["samples"]] == ["the movie was", "a good film"]
+
+    alone = sample_together(FakeGenerator(), [calls[1]], counts)  # alone already: one call, not retried
+    assert isinstance(alone[0], ValueError) and counts == {"sampler_calls": 6, "retried_alone": 3}
+
+
+def test_a_bad_seed_inside_a_real_batch_fails_only_its_own_call(generators):
+    """With the real Generator: a call whose seed the RNG refuses (it skipped check_call) beside two
+    valid ones. The valid ones get exactly their samples alone; the bad one gets the RNG's error."""
+    from serve.batching import SampleCall, sample_together
+
+    plain, _ = generators
+    calls = [SampleCall(("the movie was",), 2, 5, seed=1), SampleCall(("the plot",), 2, 5, seed=-1),
+             SampleCall(("a good film", "the plot"), 2, 6, seed=2)]
+    results = sample_together(plain, calls)
+    assert isinstance(results[1], ValueError) and "non-negative" in str(results[1])
+    for i in (0, 2):
+        want = alone(plain, calls[i])
+        assert [s.completion_ids for s in results[i]["samples"]] == [s.completion_ids for s in want]
+        for got, ref in zip(results[i]["samples"], want):
+            assert got.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+
+
+def test_continuous_batcher_retries_a_failed_batch_one_item_at_a_time():
+    """fn raises for any batch holding "poison": that batch's items are run again alone, in order;
+    the poison's caller gets the error, every other caller its own result; a caller cancelled
+    before the retry is not run again."""
+    import asyncio
+
+    from serve.batching import ContinuousBatcher
+
+    async def main():
+        calls, gate = [], asyncio.Event()
+
+        async def fn(items):
+            calls.append(list(items))
+            await gate.wait()
+            if "poison" in items:
+                raise ValueError("poison")
+            return [x.upper() for x in items]
+
+        batcher = ContinuousBatcher(fn, max_size=8, wait_s=0.02)
+        tasks = [asyncio.create_task(batcher(x)) for x in ["a", "poison", "b", "gone", "c"]]
+        while not calls:  # the batch of five has started
+            await asyncio.sleep(0.001)
+        tasks[3].cancel()
+        gate.set()
+        answers = await asyncio.gather(*tasks, return_exceptions=True)
+        return calls, answers, batcher
+
+    calls, answers, batcher = asyncio.run(main())
+    assert calls == [["a", "poison", "b", "gone", "c"], ["a"], ["poison"], ["b"], ["c"]]
+    assert answers[0] == "A" and answers[2] == "B" and answers[4] == "C"
+    assert isinstance(answers[1], ValueError) and str(answers[1]) == "poison"
+    assert batcher.retried == 4 and batcher.batches == [5]
+
+
+def test_the_batched_scorer_scores_the_others_when_one_requests_samples_fail():
+    """BatchedScorer: a scorer that raises on one request's samples fails that request alone; the
+    requests batched with it are scored alone and get their own rewards."""
+    import asyncio
+
+    from align.engine.samples import PromptSamples
+    from serve.batching import BatchedScorer
+
+    class Scorer:
+        def __init__(self):
+            self.calls = []
+
+        def score_samples(self, samples):
+            self.calls.append([s.prompt for s in samples])
+            if any(s.prompt == "poison" for s in samples):
+                raise RuntimeError("cannot score poison")
+            return [f"scored {s.prompt}" for s in samples]
+
+    def request(prompt):
+        return [PromptSamples(prompt, [1], ["x"], [[2]], [0.0], "fake")]
+
+    async def main():
+        scorer = BatchedScorer({"kind": "vader"}, max_size=8, wait_s=0.02)
+        scorer.scorer = Scorer()
+        answers = await asyncio.gather(*(scorer(request(p)) for p in ["a", "poison", "b"]), return_exceptions=True)
+        return scorer.scorer.calls, answers
+
+    calls, answers = asyncio.run(main())
+    assert calls == [["a", "poison", "b"], ["a"], ["poison"], ["b"]]
+    assert answers[0] == ["scored a"] and answers[2] == ["scored b"] and isinstance(answers[1], RuntimeError)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"), ({"seed": True}, "seed"), ({"seed": 1.5}, "seed"),
+    ({"temperature": 0.0}, "temperature"), ({"temperature": 1e-300}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"), ({"temperature": 2.01}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"lam": 1e308}, "lambda"), ({"lam": -0.5}, "lambda"), ({"lam": float("nan")}, "lambda"),
+    ({"n": 0}, "n"), ({"n": True}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"min_tokens": 9}, "min_tokens"),
+    ({"prompts": ()}, "prompt"), ({"prompts": ("a", " ")}, "prompt"), ({"prompts": ("a", "b\ud800")}, "prompt"),
+])
+def test_check_call_names_the_field_the_sampler_cannot_take(change, field):
+    import dataclasses
+
+    from serve.batching import InvalidCall, SampleCall, check_call
+
+    good = SampleCall(("the plot",), n=2, max_tokens=8, temperature=1.0, min_tokens=2, seed=3, lam=0.5)
+    check_call(good)
+    with pytest.raises(InvalidCall, match=rf"^{field}: expected "):
+        check_call(dataclasses.replace(good, **change))
+
+
+def test_the_ranges_hold_in_the_real_sampler(generators):
+    """At the edges of the allowed ranges the sampler answers with finite log-probs (DeRa at lambda
+    100 and temperature 0.01 or 2, the largest seed: its derived per-prompt seeds stay valid torch
+    seeds); just outside them it fails, which is why the edges are where they are."""
+    import math
+
+    from actors.generator import prompt_seeds
+    from serve.batching import LAMBDA_MAX, SEED_MAX, TEMPERATURE_MAX, TEMPERATURE_MIN, SampleCall, check_call
+
+    _, dera = generators
+    for seed in (0, SEED_MAX):
+        for s in prompt_seeds(seed, 8):
+            assert 0 <= s < 2**63
+            torch.Generator().manual_seed(s)
+    for temperature in (TEMPERATURE_MIN, TEMPERATURE_MAX):
+        for lam in (None, 0.0, LAMBDA_MAX):
+            call = SampleCall(("the movie was", "a bad film"), 3, 8, temperature=temperature, seed=SEED_MAX, lam=lam)
+            check_call(call)
+            for s in alone(dera, call):
+                assert all(math.isfinite(x) for x in s.logprobs + (s.ref_logprobs or [])), (temperature, lam, s.logprobs)
+    with pytest.raises(ValueError, match="non-negative"):
+        alone(dera, SampleCall(("the plot",), 2, 4, seed=-1))
+    with pytest.raises(ValueError, match="lambda"):
+        alone(dera, SampleCall(("the plot",), 2, 4, lam=1e308))
+    tiny = alone(dera, SampleCall(("the plot",), 2, 4, temperature=1e-300))[0]
+    assert not all(math.isfinite(x) for x in tiny.logprobs)
+
+
+def test_the_generator_deployment_refuses_a_bad_call_before_it_joins_a_batch(tiny_lm_dir):
+    """GeneratorDeployment (without Serve): a call with seed -1 sent with three valid ones is refused
+    by check_call before it joins; the three valid ones run in one batch and answer as alone."""
+    import asyncio
+
+    from serve.app import GeneratorDeployment
+    from serve.batching import InvalidCall, SampleCall
+
+    deployment = GeneratorDeployment(str(tiny_lm_dir), device="cpu", batching={"batch_wait_timeout_s": 0.05})
+    calls = [SampleCall(("the movie was",), 2, 5, seed=1), SampleCall(("the plot",), 2, 5, seed=-1),
+             SampleCall(("a good film",), 2, 6, seed=2), SampleCall(("the plot",), 2, 4, seed=3)]
+
+    async def main():
+        return await asyncio.gather(*(deployment.sample(c) for c in calls), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert isinstance(results[1], InvalidCall) and str(results[1]).startswith("seed: expected")
+    assert deployment.batcher.batches == [3] and deployment.stats() == {"requests": 3, "sampler_calls": 1, "retried_alone": 0}
+    for i in (0, 2, 3):
+        want = alone(deployment.generator, calls[i])
+        assert [s.completion_ids for s in results[i]["samples"]] == [s.completion_ids for s in want]
