@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from align.runtime.config import ConfigError, require
+from align.runtime.config import ConfigError, OutputPath, require
 
 
 @dataclass
@@ -50,7 +50,7 @@ class WorkersConfig:
 @dataclass
 class RunConfig:
     name: str = "run"  # same name + storage_path again = resume from the newest complete checkpoint
-    storage_path: str = "outputs/runs"  # a directory (relative: under the output root) or a storage URI
+    storage_path: OutputPath = "outputs/runs"  # a directory (relative: under the output root) or a storage URI
     resume: Literal["auto", "never", "must"] = "auto"  # auto: resume if the config matches, else error
     checkpoint_every: int = 50  # steps; the last step always checkpoints
     keep_checkpoints: int = 2

@@ -23,6 +23,7 @@ import torch
 
 if TYPE_CHECKING:
     from actors.train_config import TrainConfig
+    from align.objectives.vbon import VbonParams, VbonSampling
 
 log = logging.getLogger("sweetspot.vbon")
 
@@ -58,16 +59,16 @@ class OnPolicySteps:
     RLOO or PPO-clip loss with the KL to pi_0 in the reward; every sync_every steps the weights go
     to the generators."""
 
-    def __init__(self, engine, ref_model, tokenizer, prompts: list, ref_rewards: torch.Tensor, params: dict, train: TrainConfig,
+    def __init__(self, engine, ref_model, tokenizer, prompts: list, ref_rewards: torch.Tensor, params: VbonParams,
+                 sampling: VbonSampling, train: TrainConfig,
                  generators: list, scorers: list, rank: int, world: int, zero_stage: int):
         self.engine, self.ref_model, self.tokenizer, self.prompts, self.ref_rewards = engine, ref_model, tokenizer, prompts, ref_rewards
-        self.p, self.train, self.rank, self.world, self.zero_stage = params, train, rank, world, zero_stage
+        self.p, self.s, self.train, self.rank, self.world, self.zero_stage = params, sampling, train, rank, world, zero_stage
         self.generators, self.micro = generators, train.batch_size // world  # prompts per rank per step
         self.generator, self.scorer = generators[rank % len(generators)], scorers[rank % len(scorers)]
         self.hook_context = {"generator": self.generator}
-        s = params["sampling"]
-        self.eos = tokenizer.eos_token_id if s["stop_at_eos"] else None
-        self.min_new = s["min_new_tokens"] if self.eos is not None else 0
+        self.eos = tokenizer.eos_token_id if sampling.stop_at_eos else None
+        self.min_new = sampling.min_new_tokens if self.eos is not None else 0
         self.pushed = 0
         self.counts = {"samples": 0, "syncs": 0, "sync_seconds": 0.0}  # since the last logged row
 
@@ -88,35 +89,35 @@ class OnPolicySteps:
         from align.math.losses import model_sequence_logps
         from align.math.vbon import completion_batch, log_cdf, policy_gradient_loss
 
-        p, s, micro, rank = self.p, self.p["sampling"], self.micro, self.rank
+        p, s, micro, rank = self.p, self.s, self.micro, self.rank
         idx = batch_indices(step, self.train.batch_size, len(self.prompts), self.train.seed)[rank * micro : (rank + 1) * micro]
         mine = [self.prompts[int(i)] for i in idx]
         # A generator restarted since the last push holds pi_0's weights and refuses (StaleWeightsError);
         # so does a lost call: the group then restarts from the last checkpoint and pushes it again.
         drawn = ray.get(self.generator.sample.remote(
-            mine, p["k"], s["max_new_tokens"], temperature=s["temperature"], min_new_tokens=s["min_new_tokens"],
-            stop_at_eos=s["stop_at_eos"], seeds=step_seeds(self.train.seed, step, idx), weights_version=self.pushed))["samples"]
+            mine, p.k, s.max_new_tokens, temperature=s.temperature, min_new_tokens=s.min_new_tokens,
+            stop_at_eos=s.stop_at_eos, seeds=step_seeds(self.train.seed, step, idx), weights_version=self.pushed))["samples"]
         scored = ray.get(self.scorer.score_samples.remote(drawn))
         rewards = torch.tensor([x.rewards for x in scored], dtype=torch.float64)  # (micro, k)
         log_f = log_cdf(rewards, self.ref_rewards[idx])
-        task = (log_f if p["mode"] == "vbon" else rewards).reshape(-1)
+        task = (log_f if p.mode == "vbon" else rewards).reshape(-1)
         batch = completion_batch([x.prompt_ids for x in scored for _ in x.completion_ids],
                                  [c for x in scored for c in x.completion_ids], self.tokenizer.pad_token_id, self.min_new)
         batch = {k: v.to(self.engine.device) for k, v in batch.items()}
-        process = dict(temperature=s["temperature"], eos_token_id=self.eos, eos_blocked=batch["eos_blocked"])
+        process = dict(temperature=s.temperature, eos_token_id=self.eos, eos_blocked=batch["eos_blocked"])
         logp, lengths = model_sequence_logps(self.engine, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], **process)
         with torch.no_grad():
             ref_logp, _ = model_sequence_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], **process)
         old = torch.tensor([lp for x in scored for lp in x.logprobs], device=self.engine.device)
-        loss, metrics = policy_gradient_loss(logp, ref_logp.to(logp.dtype), task.to(self.engine.device), p["beta"], p["k"],
-                                             old_logp=old if p["algo"] == "ppo_clip" else None, clip=p["clip"])
+        loss, metrics = policy_gradient_loss(logp, ref_logp.to(logp.dtype), task.to(self.engine.device), p.kl_weight, p.k,
+                                             old_logp=old if p.algo == "ppo_clip" else None, clip=p.clip)
         self.counts["samples"] += len(old)
         return loss, {"reward": float(rewards.mean()), "log_f": float(log_f.mean()), "kl": float(metrics["kl"]),
                       "entropy": float(-old.double().mean()), "clipped": float(metrics["clipped"]),
                       "tokens": float(lengths.float().mean())}
 
     def after_step(self, step: int) -> None:
-        if step % self.p["sync_every"] == 0 or step == self.train.steps:
+        if step % self.p.sync_every == 0 or step == self.train.steps:
             self.counts["sync_seconds"] += push_weights(self.engine, self.zero_stage, self.rank, self.generators, step)
             self.pushed = step
             self.counts["syncs"] += 1
@@ -133,7 +134,8 @@ class OnPolicySteps:
 
 def vbon_worker(config: dict) -> None:
     """Ray Train `train_loop_per_worker` for vBoN. config: the offline trainer's keys (objective None,
-    saved_as, model, output_dir, storage_path, train, lora None), "objective_params", "data": an
+    saved_as, model, output_dir, storage_path, train, lora None), "vbon" and "sampling" (the job's
+    typed sections, align.objectives.vbon), "data": an
     ObjectRef of {"prompts": [...], "ref_rewards": (N, M) tensor}, "generators" and "scorers": lists
     of actor handles (actors.generator.Generator, actors.scorer.ScorerActor)."""
     import ray
@@ -143,7 +145,7 @@ def vbon_worker(config: dict) -> None:
     from align.engine.models import build_model_for, load_tokenizer
 
     rank, world, bf16, zero_stage = worker_setup(config)
-    train, p = config["train"], config["objective_params"]
+    train, p = config["train"], config["vbon"]
     model_path = local_dir(config["model"])
     tokenizer = load_tokenizer(model_path)
     model = build_model_for("causal_lm", model_path, tokenizer)
@@ -152,9 +154,9 @@ def vbon_worker(config: dict) -> None:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0  # the sampler runs without dropout: log-probs must describe the same process
     data = ray.get(config["data"])
-    engine = make_engine(model, train, train.batch_size // world * p["k"], bf16)
+    engine = make_engine(model, train, train.batch_size // world * p.k, bf16)
     ref_model.to(device=engine.device, dtype=torch.bfloat16 if bf16 else torch.float32)
-    steps = OnPolicySteps(engine, ref_model, tokenizer, data["prompts"], data["ref_rewards"], p, train,
+    steps = OnPolicySteps(engine, ref_model, tokenizer, data["prompts"], data["ref_rewards"], p, config["sampling"], train,
                           config["generators"], config["scorers"], rank, world, zero_stage)
     run_dir = run_steps(engine, steps, config, rank, world)
     upload_final_model(engine, zero_stage, rank, "causal_lm", model_path, config, tokenizer, run_dir)

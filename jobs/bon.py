@@ -24,9 +24,9 @@ from typing import Literal
 import torch
 import yaml
 
-from align.runtime.config import ConfigError, require, run_job, to_dict
+from align.runtime.config import ConfigError, OutputPath, require, run_job, to_dict
 from jobs.sections import (ModelConfig, PenaltyConfig, PoolConfig, PromptsConfig, RbonConfig, RewardConfig,
-                           SamplingConfig, SpeculativeConfig, reward_spec)
+                           SamplingConfig, SpeculativeConfig)
 
 log = logging.getLogger("sweetspot.bon")
 
@@ -43,7 +43,7 @@ class BonConfig:
     rbon: RbonConfig = field(default_factory=RbonConfig)  # used when selection is rbon_kl or rbon_wd
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)  # used when selection is speculative_rejection
     seed: int = 0
-    output_dir: str = "outputs/bon"
+    output_dir: OutputPath = "outputs/bon"
     num_examples: int = 3  # sample completions printed at the end
     ray_address: str | None = None  # null: connect to RAY_ADDRESS if set, else start a local Ray
     resume: Literal["auto", "never", "must"] = "auto"  # reuse samples of an interrupted run with the same config
@@ -175,7 +175,7 @@ def print_report(metrics: dict, records: list[dict], n: int, k: int, stride: int
 
 def scorer_spec(cfg: BonConfig) -> dict:
     """The job's scorer: the reward, plus sentence embeddings when RBoN-WD needs them."""
-    spec = reward_spec(cfg.reward)
+    spec = cfg.reward.spec()
     if cfg.selection == "rbon_wd":
         spec["embedder"] = cfg.rbon.embedder
     return spec
@@ -238,7 +238,6 @@ def run(cfg: BonConfig) -> dict:
     from actors.scorer import ScorerPool, ship_spec
     from align.data.prompts import load_prompts
     from align.engine.models import resolve_model_path
-    from align.runtime.paths import resolve_output
     from align.runtime.runstate import write_atomic
 
     prompts = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.column, cfg.prompts.limit)
@@ -247,7 +246,7 @@ def run(cfg: BonConfig) -> dict:
         raise ConfigError("prompts.source", "a non-empty prompt set", f"{cfg.prompts.source} (split {cfg.prompts.split!r}) has 0 prompts")
     bs = cfg.pool.batch_size
     batches = {b: prompts[i : i + bs] for b, i in enumerate(range(0, len(prompts), bs))}
-    out = resolve_output(cfg.output_dir)
+    out = Path(cfg.output_dir)
     model_path = resolve_model_path(cfg.model.path)
     from align.engine.models import check_prompts_fit
 

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from align.runtime.config import ConfigError, require, run_job
+from align.runtime.config import ConfigError, InputRef, OutputPath, require, run_job
 from jobs.sections import PoolConfig, PromptsConfig, RewardConfig, SamplingConfig
 
 
 @dataclass
 class DeraConfig:
-    reference: str = "default"  # pi_0
-    aligned: str = "outputs/bonbon/model"  # the aligned model (same tokenizer), e.g. from jobs.train_bonbon / train_dpo
+    reference: InputRef = "default"  # pi_0
+    aligned: InputRef = "outputs/bonbon/model"  # the aligned model (same tokenizer), e.g. from jobs.train_bonbon / train_dpo
     lambdas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
     prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(split="validation"))
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=4))  # n samples per prompt and lambda
@@ -32,7 +33,7 @@ class DeraConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)  # the gold judge
     proxy: RewardConfig | None = None  # optional: a proxy reward reported beside the gold one
     seed: int = 0
-    output_dir: str = "outputs/dera"
+    output_dir: OutputPath = "outputs/dera"
 
     def __post_init__(self):
         ok = len(self.lambdas) > 0 and all(lam >= 0 and lam == lam and lam != float("inf") for lam in self.lambdas)
@@ -96,10 +97,8 @@ def run(cfg: DeraConfig) -> dict:
     from actors.scorer import ScorerPool
     from align.data.prompts import load_prompts
     from align.engine.models import model_path_problem, resolve_model_path
-    from align.runtime.paths import resolve_output
     from align.runtime.runstate import write_atomic
     from jobs.tables import format_table, write_results
-    from jobs.sections import reward_spec
 
     for name in ("reference", "aligned"):  # here, not at load: the YAML's default points at a job's output
         problem = model_path_problem(getattr(cfg, name))
@@ -116,9 +115,9 @@ def run(cfg: DeraConfig) -> dict:
     try:
         pool = GeneratorPool(resolve_model_path(cfg.reference), cfg.pool.num_actors, cfg.pool.num_cpus_per_actor,
                              cfg.pool.num_gpus_per_actor, cache=cfg.pool.cache, aligned_path=resolve_model_path(cfg.aligned))
-        scorers = {"gold": ScorerPool(reward_spec(cfg.reward), cfg.reward.num_actors, cfg.reward.num_cpus)}
+        scorers = {"gold": ScorerPool(cfg.reward.spec(), cfg.reward.num_actors, cfg.reward.num_cpus)}
         if cfg.proxy is not None:
-            scorers["proxy"] = ScorerPool(reward_spec(cfg.proxy), cfg.proxy.num_actors, cfg.proxy.num_cpus)
+            scorers["proxy"] = ScorerPool(cfg.proxy.spec(), cfg.proxy.num_actors, cfg.proxy.num_cpus)
         calls = [pool.submit([prompts[i] for _, i in b], s.n, s.max_new_tokens, k, cfg.seed, temperature=s.temperature,
                              min_new_tokens=s.min_new_tokens, stop_at_eos=s.stop_at_eos, lam=[lam for lam, _ in b])
                  for k, b in enumerate(batches)]
@@ -149,7 +148,7 @@ def run(cfg: DeraConfig) -> dict:
     out = write_results(cfg, {"lambdas": metrics}, f"# {head}\n\n{md}\n")
     write_atomic(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     plot(metrics, out / "dera.png")
-    print(f"\n  {head}\n\n{text}\n\n  wrote {resolve_output(cfg.output_dir) / 'results.md'} and dera.png", flush=True)
+    print(f"\n  {head}\n\n{text}\n\n  wrote {Path(cfg.output_dir) / 'results.md'} and dera.png", flush=True)
     return {"lambdas": metrics}
 
 

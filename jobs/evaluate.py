@@ -35,12 +35,13 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
 
 import torch
 
-from align.runtime.config import require, run_job, to_dict
+from align.runtime.config import InputRef, OutputPath, require, run_job, to_dict
 from align.runtime.runstate import write_atomic
 from align.math.stats import clustered_mean_stderr
 from jobs.sections import PromptsConfig, RewardConfig, SamplingConfig
@@ -51,7 +52,7 @@ log = logging.getLogger("sweetspot.evaluate")
 @dataclass
 class NamedPolicy:
     name: str  # the label in the table and the plot
-    path: str  # a model directory or HF name
+    path: InputRef  # a model directory or HF name
 
 
 @dataclass
@@ -64,7 +65,7 @@ class DecoderSpec:
     n: int = 8  # bon / rbon_kl / rbon_wd: pi_0 candidates per output
     beta: float = 0.0  # rbon_kl / rbon_wd: weight of the proximity term (0: plain argmax)
     lam: float = 1.0  # dera: lambda (0: pi_0 itself, 1: the aligned model, > 1 extrapolates)
-    aligned: str | None = None  # dera: the aligned model (directory or HF name), same tokenizer as the reference
+    aligned: InputRef | None = None  # dera: the aligned model (directory or HF name), same tokenizer as the reference
     selector: RewardConfig | None = None  # bon / rbon_*: the reward ranking the candidates; null: the gold judge
     embedder: str = "minilm"  # rbon_wd: sentence encoder for the cost 1 - cosine similarity
 
@@ -85,19 +86,19 @@ class DecoderSpec:
 
 @dataclass
 class EvalConfig:
-    policy: str | None = "outputs/bonbon/model"  # the trained policy (directory or HF name); null: only compare / decoders
+    policy: InputRef | None = "outputs/bonbon/model"  # the trained policy (directory or HF name); null: only compare / decoders
     policy_name: str | None = None  # its label in the comparison (default: its path)
     compare: list[NamedPolicy] = field(default_factory=list)  # more policies: a comparison table and pareto.png
     decoders: list[DecoderSpec] = field(default_factory=list)  # decoding-time methods as rows of the same table
     bon_n: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32, 64])  # BoN closed forms on the plot
-    reference: str = "default"  # pi_0
+    reference: InputRef = "default"  # pi_0
     reward: RewardConfig = field(default_factory=RewardConfig)  # the gold judge
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(n=4))  # n samples per prompt from each
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     batch_size: int = 32
     device: str = "auto"
     seed: int = 0
-    output_dir: str | None = None  # where metrics.json goes; null = next to the policy
+    output_dir: OutputPath | None = None  # where metrics.json goes; null = next to the policy
 
     def __post_init__(self):
         require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
@@ -229,10 +230,9 @@ def select_candidates(spec: DecoderSpec, ref, tok, prompts, cfg: EvalConfig, see
     from actors.scorer import make_scorer
     from align.math.scoring import cosine_cost
     from align.math.selection import select
-    from jobs.sections import reward_spec
 
     m, n = cfg.sampling.n, spec.n
-    selector = gold if spec.selector is None else make_scorer(reward_spec(spec.selector))
+    selector = gold if spec.selector is None else make_scorer(spec.selector.spec())
     embedder = None
     if spec.kind == "rbon_wd":
         from align.engine.embeddings import SentenceEmbedder
@@ -333,8 +333,7 @@ def run(cfg: EvalConfig) -> dict:
     from actors.scorer import make_scorer
     from align.data.prompts import load_prompts
     from align.engine.models import load_causal_lm, model_path_problem
-    from align.runtime.paths import resolve_input, resolve_output
-    from jobs.sections import reward_spec
+    from align.runtime.paths import resolve_input
 
     for i, spec in enumerate(cfg.decoders):  # checked here, not at load: an earlier pipeline stage may write it
         problem = model_path_problem(spec.aligned) if spec.aligned else None
@@ -342,12 +341,12 @@ def run(cfg: EvalConfig) -> dict:
                 spec.aligned)
     prompts = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.column, cfg.prompts.limit)
     ref, ref_tok = load_causal_lm(cfg.reference, cfg.device, "float32")
-    scorer = make_scorer(reward_spec(cfg.reward))
+    scorer = make_scorer(cfg.reward.spec())
     rep = [p for p in prompts for _ in range(cfg.sampling.n)]
     ref_texts, _, _ = sample_with_logprobs(ref, ref_tok, None, prompts, cfg, cfg.seed + 10_000)
     r_ref = scorer.score(rep, ref_texts).mean  # one set of pi_0 samples for every policy and decoder
 
-    out = resolve_output(cfg.output_dir) if cfg.output_dir else resolve_input(cfg.policy).parent
+    out = Path(cfg.output_dir) if cfg.output_dir else resolve_input(cfg.policy).parent
     rows, first = [], None
     policies = ([("policy", cfg.policy)] if cfg.policy is not None else []) + [(c.name, c.path) for c in cfg.compare]
     for name, path in policies:

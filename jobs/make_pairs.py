@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from align.runtime.config import require, run_job
+from align.runtime.config import OutputPath, require, run_job
 from jobs.bon import BonConfig
 
 log = logging.getLogger("sweetspot.pairs")
@@ -26,7 +26,7 @@ class MakePairsConfig:
     bon: BonConfig = field(default_factory=BonConfig)  # sampling, reward, pool; prompts.split is set per split
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
     random_pairs_per_prompt: int = 2
-    output_dir: str = "outputs/pairs"
+    output_dir: OutputPath = "outputs/pairs"
 
     def __post_init__(self):
         require(len(self.splits) > 0, "splits", "a non-empty list of prompt splits", self.splits)
@@ -55,10 +55,9 @@ def run(cfg: MakePairsConfig) -> dict:
     import ray
 
     from actors.cluster import init_ray
-    from align.runtime.paths import resolve_output
     from align.runtime.runstate import replace_dir
 
-    out = resolve_output(cfg.output_dir)
+    out = Path(cfg.output_dir)
     best_worst, rand, metrics = {}, {}, {}
     started = init_ray(cfg.bon.ray_address)  # one Ray for all splits
     try:

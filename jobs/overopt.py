@@ -23,10 +23,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
-from align.runtime.config import require, run_job
+from align.runtime.config import InputRef, OutputPath, require, run_job
 from jobs.sections import PoolConfig, PromptsConfig, SamplingConfig
 from jobs.make_pairs import MakePairsConfig
 from jobs.train_rm import RmJobConfig
@@ -59,7 +60,7 @@ class TwoRewardParams:
 
 @dataclass
 class OveroptConfig:
-    policy: str = "default"  # pi_0
+    policy: InputRef = "default"  # pi_0
     pairs: MakePairsConfig = field(default_factory=MakePairsConfig)  # the proxy's gold-labelled training pairs
     proxy: RmJobConfig = field(default_factory=RmJobConfig)  # the proxy reward model (ensemble + Laplace)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)  # the evaluation prompts
@@ -71,7 +72,7 @@ class OveroptConfig:
     remedies: RemedyParams = field(default_factory=RemedyParams)
     two_reward: TwoRewardParams = field(default_factory=TwoRewardParams)
     seed: int = 0
-    output_dir: str = "outputs/overopt"
+    output_dir: OutputPath = "outputs/overopt"
 
     def __post_init__(self):
         N = self.sampling.n
@@ -244,12 +245,11 @@ def run(cfg: OveroptConfig) -> dict:
     import ray
 
     from actors.cluster import init_ray
-    from align.runtime.paths import resolve_output
     from align.runtime.runstate import write_atomic
     from jobs import make_pairs, train_rm
     from jobs.tables import format_table, write_results
 
-    out = resolve_output(cfg.output_dir)
+    out = Path(cfg.output_dir)
     started = init_ray()
     try:
         pairs_cfg = replace(cfg.pairs, output_dir=str(out / "pairs"),

@@ -20,14 +20,11 @@ import importlib
 import json
 import re
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.runtime.config import ConfigError, require, run_job
+from align.runtime.config import ConfigError, OutputPath, require, run_job
 
-# The jobs a stage may run (each has run(cfg) and a typed config).
-JOBS = ("make_pairs", "train_rm", "train_bonbon", "train_dpo", "train_objective", "train_vbon", "evaluate", "dera", "bon", "overopt")
 REF = re.compile(r"\$\{([^}]*)\}")
 # Headline metrics shown in the summary table when a stage returns them.
 HEADLINES = ("win_rate_vs_pi0", "kl_to_pi0", "win_rate_bon_vs_pi0", "heldout_agreement", "win_rate", "loss")
@@ -36,14 +33,16 @@ HEADLINES = ("win_rate_vs_pi0", "kl_to_pi0", "win_rate_bon_vs_pi0", "heldout_agr
 @dataclass
 class StageSpec:
     name: str  # the stage's name: its directory <name>-<key> and how later stages refer to it, ${name}
-    job: str  # one of JOBS
+    job: str  # a job of jobs/ (jobs.catalog.stages(): bon, make_pairs, train_dpo, ...)
     config: str | None = None  # the job's YAML (null: the job's defaults)
     overrides: list[str] = field(default_factory=list)  # key=value on top of it; ${stage} = that stage's directory
 
     def __post_init__(self):
         require(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name) is not None, "name",
                 "an identifier (letters, digits, _)", self.name)
-        require(self.job in JOBS, "job", "one of " + " | ".join(JOBS), self.job)
+        from jobs.catalog import stages
+
+        require(self.job in stages(), "job", "one of " + " | ".join(stages()), self.job)
 
 
 @dataclass
@@ -66,7 +65,7 @@ class PipelineConfig:
     stop_after: str | None = None  # run the stages up to and including this one
     dry_run: bool = False  # print the plan (which stages run, which are reused) and stop
     ray_address: str | None = None
-    output_dir: str = "outputs/pipeline"
+    output_dir: OutputPath = "outputs/pipeline"
 
     def __post_init__(self):
         require(len(self.stages) > 0, "stages", "a non-empty list of {name, job, config, overrides}", self.stages)
@@ -144,15 +143,14 @@ def place(cfg, stage_dir: Path, name: str):
 def plan(cfg: PipelineConfig) -> list[Stage]:
     """Every stage's config, loaded and validated, its key and directory, before any work starts."""
     from align.runtime.config import load_config, to_dict
-    from align.runtime.paths import resolve_output
     from align.runtime.runstate import digest
+    from jobs.catalog import config_class
 
-    out = resolve_output(cfg.output_dir)
+    out = Path(cfg.output_dir)
     dirs: dict[str, Path | str] = dict(cfg.vars)
     stages = []
     for i, spec in enumerate(cfg.stages):
-        module = importlib.import_module(f"jobs.{spec.job}")
-        cls = typing.get_type_hints(module.run)["cfg"]
+        cls = config_class(spec.job)
         if spec.config is not None and not Path(spec.config).is_file():
             raise ConfigError(f"stages[{i}].config", "an existing YAML file (or null for the job's defaults)", spec.config)
         try:
@@ -207,7 +205,6 @@ def run(cfg: PipelineConfig) -> dict:
     import ray
 
     from actors.cluster import init_ray
-    from align.runtime.paths import resolve_output
     from align.runtime.runstate import write_atomic
     from jobs.tables import format_table
 
@@ -245,7 +242,7 @@ def run(cfg: PipelineConfig) -> dict:
         row["headline"] = headline(row.get("metrics", {}))
     text, md = format_table(rows, [("stage", "stage", "{}"), ("job", "job", "{}"), ("status", "status", "{}"),
                                    ("wall (s)", "wall_s", "{:.1f}"), ("headline", "headline", "{}"), ("directory", "dir", "{}")])
-    out = resolve_output(cfg.output_dir)
+    out = Path(cfg.output_dir)
     write_atomic(out / "pipeline.md", f"# Pipeline ({len(rows)} stages)\n\n{md}\n")
     write_atomic(out / "pipeline.json", json.dumps({"stages": rows}, indent=2, default=str))
     print(f"\n{text}\n\n  wrote {out / 'pipeline.md'}", flush=True)

@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from align.runtime.config import require
+from align.runtime.config import InputRef, require
 
 
 @dataclass
 class ModelConfig:
-    path: str = "default"  # "default" (embedded task), an HF model name, or a local directory
+    path: InputRef = "default"  # "default" (embedded task), an HF model name, or a local directory
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
@@ -29,7 +29,7 @@ class RewardConfig:
     actors run it."""
 
     kind: str = "vader"  # vader | brevity | classifier | ensemble | laplace | combined, or "module:kind" registered in your module
-    path: str | None = None  # classifier: an HF name or directory; ensemble / laplace: the directory jobs.train_rm wrote
+    path: InputRef | None = None  # classifier: an HF name or directory; ensemble / laplace: the directory jobs.train_rm wrote
     params: dict = field(default_factory=dict)  # the kind's own knobs: brevity {max_words}; laplace {chunk_size}; combined {components, combine, reference_quantile}
     device: str = "auto"
     num_actors: int = 1  # scorer actors (a ScorerPool); scoring scales separately from generation
@@ -93,7 +93,7 @@ class SamplingConfig:
 
 @dataclass
 class PromptsConfig:
-    source: str = "default"  # "default" | a .jsonl/.json/.csv/.txt file | a saved datasets dir | an HF dataset
+    source: InputRef = "default"  # "default" | a .jsonl/.json/.csv/.txt file | a saved datasets dir | an HF dataset
     split: str = "test"
     column: str = "prompt"
     limit: int | None = None  # use the first `limit` prompts
@@ -136,7 +136,7 @@ class SpeculativeConfig:
 
 @dataclass
 class PairDataConfig:
-    source: str = "outputs/pairs/bonbon"  # saved datasets dir (jobs.make_pairs) or .jsonl with prompt/chosen/rejected
+    source: InputRef = "outputs/pairs/bonbon"  # saved datasets dir (jobs.make_pairs) or .jsonl with prompt/chosen/rejected
     split: str = "train"  # used when the source holds several splits
     limit: int | None = None  # first `limit` pairs
     eval_split: str | None = None  # held-out pairs scored every train.eval_every steps (val/loss, val/... metrics)
@@ -145,8 +145,3 @@ class PairDataConfig:
     def __post_init__(self):
         require(self.limit is None or self.limit >= 1, "limit", "null or an integer >= 1", self.limit)
         require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "null or an integer >= 1", self.eval_limit)
-
-
-def reward_spec(r: RewardConfig) -> dict:
-    """A reward config as actors.scorer.make_scorer's dict (model directories resolved)."""
-    return r.spec()

@@ -23,10 +23,9 @@ def write_results(cfg, result: dict, md: str) -> Path:
     import yaml
 
     from align.runtime.config import to_dict
-    from align.runtime.paths import resolve_output
     from align.runtime.runstate import write_atomic
 
-    out = resolve_output(cfg.output_dir)
+    out = Path(cfg.output_dir)
     write_atomic(out / "results.json", json.dumps(result, indent=2))
     write_atomic(out / "results.md", md)
     write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))

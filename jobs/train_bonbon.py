@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 
 from actors.train_config import TrainConfig
 from align.objectives.bonbon import BonbonObjective
-from align.runtime.config import run_job
+from align.runtime.config import InputRef, OutputPath, run_job
 from jobs.sections import PairDataConfig
 
 
 @dataclass
 class BonbonJobConfig:
-    model: str = "default"  # pi_0: the policy to start from and the reference
+    model: InputRef = "default"  # pi_0: the policy to start from and the reference
     data: PairDataConfig = field(default_factory=PairDataConfig)
     bonbon: BonbonObjective = field(default_factory=BonbonObjective)
     train: TrainConfig = field(default_factory=TrainConfig)
-    output_dir: str = "outputs/bonbon"
+    output_dir: OutputPath = "outputs/bonbon"
 
 
 def check_n_matches_data(cfg: BonbonJobConfig) -> None:

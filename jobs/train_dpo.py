@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from actors.train_config import TrainConfig
 from align.objectives.preference import PreferenceObjective
-from align.runtime.config import run_job
+from align.runtime.config import InputRef, OutputPath, run_job
 from jobs.sections import PairDataConfig
 
 log = logging.getLogger("sweetspot.dpo")
@@ -22,11 +22,11 @@ log = logging.getLogger("sweetspot.dpo")
 
 @dataclass
 class DpoJobConfig:
-    model: str = "default"  # the policy to start from, also the initial reference
+    model: InputRef = "default"  # the policy to start from, also the initial reference
     data: PairDataConfig = field(default_factory=PairDataConfig)
     dpo: PreferenceObjective = field(default_factory=PreferenceObjective)
     train: TrainConfig = field(default_factory=TrainConfig)
-    output_dir: str = "outputs/dpo"
+    output_dir: OutputPath = "outputs/dpo"
 
 
 def run(cfg: DpoJobConfig) -> dict:

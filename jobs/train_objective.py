@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from actors.train_config import TrainConfig
-from align.runtime.config import from_dict, run_job
+from align.runtime.config import InputRef, OutputPath, from_dict, run_job
 from jobs.sections import PairDataConfig
 
 
@@ -42,11 +42,11 @@ class ObjectiveSection:
 
 @dataclass
 class TrainObjectiveConfig:
-    model: str = "default"  # the policy (or reward-model body) to start from; also a reference's start
+    model: InputRef = "default"  # the policy (or reward-model body) to start from; also a reference's start
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     data: PairDataConfig = field(default_factory=PairDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    output_dir: str = "outputs/train_objective"
+    output_dir: OutputPath = "outputs/train_objective"
 
 
 def run(cfg: TrainObjectiveConfig) -> dict:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Literal
+from pathlib import Path
 
 from actors.train_config import TrainConfig
-from align.runtime.config import require, run_job
+from align.runtime.config import InputRef, OutputPath, require, run_job
 from jobs.sections import PairDataConfig
 
 
@@ -41,7 +42,7 @@ class LoraParams:
 
 @dataclass
 class EvalParams:
-    source: str | None = None  # held-out pairs (defaults to data.source's "test" split, if it has one)
+    source: InputRef | None = None  # held-out pairs (defaults to data.source's "test" split, if it has one)
     split: str = "test"
 
 
@@ -67,14 +68,14 @@ class LaplaceParams:
 
 @dataclass
 class RmJobConfig:
-    model: str = "default"  # body to start from (a causal LM or a sequence classifier)
+    model: InputRef = "default"  # body to start from (a causal LM or a sequence classifier)
     data: PairDataConfig = field(default_factory=lambda: PairDataConfig(source="outputs/pairs/random"))
     lora: LoraParams = field(default_factory=LoraParams)
     eval: EvalParams = field(default_factory=EvalParams)
     train: TrainConfig = field(default_factory=TrainConfig)
     ensemble: EnsembleParams = field(default_factory=EnsembleParams)
     laplace: LaplaceParams = field(default_factory=LaplaceParams)
-    output_dir: str = "outputs/rm"
+    output_dir: OutputPath = "outputs/rm"
 
     def __post_init__(self):
         require(not self.laplace.enabled or self.lora.enabled, "laplace.enabled",
@@ -107,12 +108,11 @@ def run(cfg: RmJobConfig) -> dict:
     from dataclasses import asdict
 
     from align.objectives.bradley_terry import BradleyTerryObjective
-    from align.runtime.paths import resolve_output
     from align.runtime.runstate import write_atomic
     from jobs.training import run_training
 
     lora = {k: v for k, v in asdict(cfg.lora).items() if k != "enabled"} if cfg.lora.enabled else None
-    out = resolve_output(cfg.output_dir)
+    out = Path(cfg.output_dir)
     for stale, keep in (("ensemble", cfg.ensemble.members > 1), ("laplace", cfg.laplace.enabled)):
         if not keep and (out / stale).exists():  # made around an earlier model/: never left beside a new one
             print(f"  removing {out / stale} (an earlier run's; this config does not make it)")
@@ -127,7 +127,7 @@ def run(cfg: RmJobConfig) -> dict:
         title = objective.describe() + (f", ensemble member {i + 1}/{cfg.ensemble.members}" if cfg.ensemble.members > 1 else "")
         metrics = run_training(objective, member, lora=lora, bootstrap_seed=i if i > 0 and cfg.ensemble.bootstrap else None,
                                title=title)
-        agreement = heldout_agreement(str(resolve_output(member.output_dir) / "model"), cfg)
+        agreement = heldout_agreement(str(Path(member.output_dir) / "model"), cfg)
         if agreement:
             print(f"  held-out agreement with the labels: {agreement['heldout_agreement']:.3f} on {agreement['heldout_pairs']} pairs")
         members.append({**metrics, **agreement})

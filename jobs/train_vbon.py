@@ -19,55 +19,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
-
 from actors.train_config import TrainConfig
-from align.runtime.config import require, run_job
+from align.runtime.config import InputRef, OutputPath, run_job
+from align.objectives.vbon import VbonParams, VbonSampling
 from jobs.sections import PoolConfig, PromptsConfig, RewardConfig
 
 log = logging.getLogger("sweetspot.vbon")
-
-
-@dataclass
-class VbonParams:
-    n: int = 8  # the best-of-n the policy learns to behave like (beta = 1 / (n - 1))
-    mode: Literal["vbon", "kl_rl"] = "vbon"  # vbon: reward log F_x(r) | kl_rl: the raw reward with `beta` (the baseline)
-    beta: float | None = None  # kl_rl: the KL weight; vbon: null (it is 1 / (n - 1))
-    algo: Literal["rloo", "ppo_clip"] = "rloo"  # the policy-gradient estimator
-    clip: float = 0.2  # ppo_clip: the ratio clip
-    k: int = 4  # samples per prompt per step (the RLOO group); >= 2
-    reference_samples: int = 64  # M: pi_0 samples per training prompt that estimate F_x
-    sync_every: int = 1  # steps between weight pushes to the generators (> 1: samples from an older policy)
-
-    def __post_init__(self):
-        require(self.n >= 2, "n", "an integer >= 2", self.n)
-        require(self.k >= 2, "k", "an integer >= 2 (RLOO's leave-one-out baseline)", self.k)
-        require(self.reference_samples >= 1, "reference_samples", "an integer >= 1", self.reference_samples)
-        require(self.sync_every >= 1, "sync_every", "an integer >= 1", self.sync_every)
-        require(0 < self.clip < 1, "clip", "a number in (0, 1)", self.clip)
-        if self.mode == "kl_rl":
-            require(self.beta is not None and self.beta > 0, "beta", "a number > 0 with mode kl_rl", self.beta)
-        else:
-            require(self.beta is None, "beta", "null with mode vbon (beta is 1 / (n - 1))", self.beta)
-
-    @property
-    def kl_weight(self) -> float:
-        from align.math.vbon import vbon_beta
-
-        return vbon_beta(self.n) if self.mode == "vbon" else float(self.beta)
-
-
-@dataclass
-class VbonSampling:
-    temperature: float = 1.0
-    max_new_tokens: int = 24
-    min_new_tokens: int = 16
-    stop_at_eos: bool = True
-
-    def __post_init__(self):
-        require(self.temperature > 0, "temperature", "a number > 0", self.temperature)
-        require(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
-                f"0 <= min_new_tokens <= max_new_tokens ({self.max_new_tokens})", self.min_new_tokens)
 
 
 @dataclass
@@ -80,7 +37,7 @@ class VbonEvalConfig:
 
 @dataclass
 class VbonJobConfig:
-    model: str = "default"  # pi_0: the policy to start from and the KL anchor
+    model: InputRef = "default"  # pi_0: the policy to start from and the KL anchor
     prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(split="train"))
     reward: RewardConfig = field(default_factory=RewardConfig)  # the reward whose best-of-n is mimicked
     vbon: VbonParams = field(default_factory=VbonParams)
@@ -89,7 +46,7 @@ class VbonJobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # batch_size: prompts per step (each with k samples)
     evaluate: VbonEvalConfig = field(default_factory=VbonEvalConfig)
     seed: int = 0
-    output_dir: str = "outputs/vbon"
+    output_dir: OutputPath = "outputs/vbon"
 
 
 def reference_rewards(cfg: VbonJobConfig, prompts: list[str], pool, scorers, out):
@@ -144,16 +101,13 @@ def run(cfg: VbonJobConfig) -> dict:
     from align.runtime.config import to_dict
     from align.data.prompts import load_prompts
     from align.engine.models import resolve_model_path
-    from align.runtime.paths import resolve_output
     from align.runtime.runstate import digest, path_fingerprint
-    from jobs.sections import reward_spec
     from jobs.training import finish, start_run
 
     start = time.perf_counter()
-    out = resolve_output(cfg.output_dir)
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     storage = cfg.train.run.storage_path
-    storage = storage if "://" in storage else str(resolve_output(storage))
     prompts = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.column, cfg.prompts.limit)
     model_path = Path(resolve_model_path(cfg.model))
     params = {"n": cfg.vbon.n, "mode": cfg.vbon.mode, "beta": cfg.vbon.kl_weight, "algo": cfg.vbon.algo,
@@ -170,12 +124,13 @@ def run(cfg: VbonJobConfig) -> dict:
         p = cfg.pool
         pool = GeneratorPool(str(model_path), p.num_actors, p.num_cpus_per_actor, p.num_gpus_per_actor, cache=p.cache,
                              compile=p.compile, restartable=True)  # the trainer's handles survive a restart
-        scorers = ScorerPool(reward_spec(cfg.reward), cfg.reward.num_actors, cfg.reward.num_cpus)
+        scorers = ScorerPool(cfg.reward.spec(), cfg.reward.num_actors, cfg.reward.num_cpus)
         ref = reference_rewards(cfg, prompts, pool, scorers, out)
         data_ref = ray.put({"prompts": prompts, "ref_rewards": ref})
-        # Its own loop, not a registered objective: the loop reads objective_params; the model records saved_as.
+        # Its own loop, not a pair objective: the typed sections cross to the workers; the model records saved_as.
         metrics = launch_training(None, ship_dir(model_path), data_ref, cfg.train, out, storage, loop=vbon_worker,
-                                  extra={"objective_params": params, "saved_as": {"objective": "vbon", **params},
+                                  extra={"vbon": cfg.vbon, "sampling": cfg.sampling,
+                                         "saved_as": {"objective": "vbon", **params},
                                          "generators": pool.actors, "scorers": scorers.actors})
         # the generators hold the last weights pushed: they must be the trained model's, bit for bit
         from align.engine.models import load_causal_lm

@@ -118,14 +118,20 @@ def finish(name: str, metrics: dict, output_dir: Path, seconds: float) -> dict:
 
 
 def start_run(title: str, cfg, out: Path, storage: str, key: dict) -> bool:
-    """Before the workers start: the group fits the cluster, the run resumes or starts over (by its
-    key), the resolved config is saved; says which. Returns whether it resumes."""
+    """Before the workers start: the output_dir is this run's (or free), the group fits the cluster,
+    the run resumes or starts over (by its key), the resolved config is saved; says which. Returns
+    whether it resumes."""
     import yaml
 
     from actors.train_launcher import check_resources, prepare_run
     from align.runtime.config import to_dict
-    from align.runtime.runstate import write_atomic
+    from align.runtime.runstate import check_output_owner, write_atomic
 
+    run = cfg.train.run
+    # Before anything is touched: a new run name (or storage) must not silently replace the model
+    # and config of the run that wrote this output_dir.
+    check_output_owner(out, {"train.run.name": run.name, "train.run.storage_path": storage}, run.resume == "never",
+                       "Set train.run.resume=never to replace them, or use another output_dir.")
     check_resources(cfg.train)
     resumed = prepare_run(cfg.train, storage, out, key)
     write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -151,13 +157,11 @@ def run_training(objective: Objective, cfg, lora: dict | None = None, bootstrap_
     from actors.cluster import init_ray, ship_dir
     from actors.train_launcher import launch_training
     from align.engine.models import load_tokenizer, resolve_model_path
-    from align.runtime.paths import resolve_output
 
     start = time.perf_counter()
     title = title or objective.describe()
-    out = resolve_output(cfg.output_dir)
+    out = Path(cfg.output_dir)
     storage = cfg.train.run.storage_path
-    storage = storage if "://" in storage else str(resolve_output(storage))
     ds = load_pair_dataset(cfg.data)  # data errors stop here, before a model is loaded or Ray starts
     model_path = resolve_model_path(cfg.model)
     key = run_key(objective, model_path, cfg.data, cfg.train, lora)

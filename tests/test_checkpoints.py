@@ -44,3 +44,30 @@ def test_a_marker_without_a_manifest_is_trusted_and_a_garbled_one_is_not(tmp_pat
     assert run.verify(path) is None
     (tmp_path / "run" / checkpoint_name(1) / MARKER).write_text("{not json")
     assert run.verify(path).startswith("unreadable (JSONDecodeError")
+
+
+def test_a_new_run_name_does_not_take_another_runs_output_dir(tmp_path):
+    """start_run refuses, before Ray or any file is touched, an output_dir whose config.yaml is another
+    run's (its name or checkpoint storage differ), names the keys, and says how to replace it."""
+    import pytest
+    import yaml
+
+    from align.runtime.config import load_config, to_dict
+    from align.runtime.runstate import StaleStateError, check_output_owner
+    from jobs.train_dpo import DpoJobConfig
+    from jobs.training import start_run
+
+    out = tmp_path / "out"
+    first = load_config(DpoJobConfig, None, [f"output_dir={out}", "train.run.name=first",
+                                             f"train.run.storage_path={tmp_path / 'runs'}"])
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(first)))
+    (out / "model").mkdir()
+    second = load_config(DpoJobConfig, None, [f"output_dir={out}", "train.run.name=second",
+                                              f"train.run.storage_path={tmp_path / 'runs'}"])
+    with pytest.raises(StaleStateError, match="train.run.name: 'first' -> 'second'.*train.run.resume=never"):
+        start_run("dpo", second, out, second.train.run.storage_path, {})
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "model"]  # nothing touched
+    owner = {"train.run.name": "second", "train.run.storage_path": second.train.run.storage_path}
+    check_output_owner(out, owner, replace=True, hint="")  # told to replace: no objection
+    check_output_owner(out, {**owner, "train.run.name": "first"}, replace=False, hint="")  # the same run: resumes

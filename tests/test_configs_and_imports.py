@@ -130,3 +130,44 @@ def test_job_main_ends_a_config_error_with_its_message_and_status_2(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: config field 'dpo.beta': expected a number > 0") and "Traceback" not in err
+
+
+def test_paths_are_resolved_once_as_the_config_loads(tmp_path, monkeypatch):
+    """Outputs become absolute under the output root; inputs that exist become absolute (under the
+    root first, then the working directory); names ("default", a hub id) and storage URIs stay."""
+    from jobs.bon import BonConfig
+    from jobs.train_dpo import DpoJobConfig
+
+    root, work = tmp_path / "root", tmp_path / "work"
+    (root / "pairs").mkdir(parents=True)
+    (work / "my_model").mkdir(parents=True)
+    (work / "my_model" / "config.json").write_text("{}")
+    monkeypatch.setenv("SWEETSPOT_ROOT", str(root))
+    monkeypatch.chdir(work)
+    bon = load_config(BonConfig, None, ["output_dir=out/bon", "model.path=my_model"])
+    assert bon.output_dir == str(root / "out" / "bon") and bon.model.path == str(work / "my_model")
+    assert load_config(BonConfig, None, ["model.path=HuggingFaceTB/SmolLM2-135M-Instruct"]).model.path == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"  # no such path here: a hub name, kept for the loader
+    dpo = load_config(DpoJobConfig, None, ["data.source=pairs", "model=default", "train.run.storage_path=s3://bucket/runs"])
+    assert dpo.data.source == str(root / "pairs") and dpo.model == "default"
+    assert dpo.train.run.storage_path == "s3://bucket/runs" and dpo.output_dir == str(root / "outputs" / "dpo")
+    assert load_config(DpoJobConfig, None, [f"output_dir={dpo.output_dir}"]).output_dir == dpo.output_dir  # idempotent
+    assert load_config(DpoJobConfig, None, []).train.run.storage_path == str(root / "outputs" / "runs")  # a default section's
+
+
+def test_job_tables_are_derived_from_the_code():
+    """The pipeline's stages are the jobs with run(cfg); tune.train's knobs are the SWEEPABLE tables of
+    the objective sections (a registered objective's or vBoN's)."""
+    from align.objectives.preference import PreferenceObjective
+    from align.objectives.vbon import VbonParams
+    from jobs.catalog import stages, sweeps
+
+    assert {"bon", "make_pairs", "train_dpo", "train_objective", "train_vbon", "evaluate"} <= set(stages())
+    assert not {"pipeline", "report", "sections", "tables"} & set(stages())
+    assert sweeps()["train_dpo"] == {f"dpo.{k}": v for k, v in PreferenceObjective.SWEEPABLE.items()}
+    assert sweeps()["train_vbon"] == {f"vbon.{k}": v for k, v in VbonParams.SWEEPABLE.items()}
+    from tune.train import TuneTrainConfig
+
+    with pytest.raises(ConfigError, match="train_dpo") as err:
+        load_config(TuneTrainConfig, None, ["job=bon"])
+    assert err.value.field == "job"

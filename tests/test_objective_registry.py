@@ -22,7 +22,7 @@ def test_builtins_by_name_plugins_by_module_and_unknown_names():
     from align.objectives.preference import PreferenceObjective
     from tests.plugins.toy_objective import ToySftObjective
 
-    assert objective_class(TOY) is ToySftObjective and ToySftObjective.NAME == "toy_sft"
+    assert objective_class(TOY) is ToySftObjective and ToySftObjective.NAME == TOY  # saved as the name it is found by
     assert isinstance(ToySftObjective(), Objective) and not ToySftObjective().live_reference
     assert [objective_class(n) for n in ("preference", "bonbon", "bradley_terry")] == \
         [PreferenceObjective, BonbonObjective, BradleyTerryObjective]
@@ -64,4 +64,4 @@ def test_plugin_objective_runs_through_the_trainer(ray_session, tmp_path, tiny_l
     metrics = run(cfg)
     assert metrics["step"] == 4 and metrics["sft_logp"] < 0 and metrics["loss"] == pytest.approx(-metrics["sft_logp"])
     saved = json.loads((tmp_path / "out" / "model" / "sweetspot.json").read_text())
-    assert saved == {"objective": "toy_sft"}
+    assert saved == {"objective": TOY}  # the name a later job finds it by

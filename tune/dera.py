@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from align.runtime.config import ConfigError, require, run_job
+from align.runtime.config import ConfigError, InputRef, OutputPath, require, run_job
 from jobs.sections import PromptsConfig, RewardConfig, SamplingConfig
 
 log = logging.getLogger("sweetspot.tune.dera")
@@ -31,8 +32,8 @@ EXPERIMENT = "dera"
 
 @dataclass
 class TuneDeraConfig:
-    reference: str = "default"  # pi_0
-    aligned: str = "outputs/bonbon/model"  # the aligned model (same tokenizer)
+    reference: InputRef = "default"  # pi_0
+    aligned: InputRef = "outputs/bonbon/model"  # the aligned model (same tokenizer)
     search: dict = field(default_factory=lambda: {"lam": {"grid": [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]}})
     searcher: str = "basic"  # basic (every grid value; random draws of the other spaces) | optuna (TPE; no grid)
     num_samples: int = 1  # basic: passes over the grid (or random draws); optuna: trials
@@ -50,7 +51,7 @@ class TuneDeraConfig:
     seed: int = 0
     resume: str = "auto"  # auto | never | must (align.runtime.runstate)
     ray_address: str | None = None
-    output_dir: str = "outputs/tune_dera"
+    output_dir: OutputPath = "outputs/tune_dera"
 
     def __post_init__(self):
         require(self.searcher in ("basic", "optuna"), "searcher", "basic | optuna", self.searcher)
@@ -124,8 +125,6 @@ def run(cfg: TuneDeraConfig) -> dict:
 
     from align.data.prompts import load_prompts
     from align.engine.models import model_path_problem, resolve_model_path
-    from align.runtime.paths import resolve_output
-    from jobs.sections import reward_spec
     from tune import sweep
     from tune.results import write_sweep
     from tune.space import grid_size, parse_space
@@ -135,10 +134,10 @@ def run(cfg: TuneDeraConfig) -> dict:
         if problem:
             raise ConfigError(name, f"'default', an HF model name or a directory with config.json ({problem})")
     prompts = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.column, cfg.prompts.limit)
-    out = resolve_output(cfg.output_dir)
+    out = Path(cfg.output_dir)
     resume = sweep.prepare(out, sweep_key(cfg), cfg.resume, EXPERIMENT)
 
-    rewards = {"gold": reward_spec(cfg.reward)} | ({"proxy": reward_spec(cfg.proxy)} if cfg.proxy else {})
+    rewards = {"gold": cfg.reward.spec()} | ({"proxy": cfg.proxy.spec()} if cfg.proxy else {})
     setup = {"reference": str(resolve_model_path(cfg.reference)), "aligned": str(resolve_model_path(cfg.aligned)),
              "device": cfg.device, "threads": max(1, int(cfg.cpus_per_trial)), "prompts": prompts,
              "sampling": vars(cfg.sampling), "batch_size": cfg.batch_size, "rewards": rewards, "seed": cfg.seed,

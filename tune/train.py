@@ -7,8 +7,8 @@ against pi_0), so the sweep ends with a reward-KL plot and its Pareto front.
     python -m tune.train --config configs/tune_train.yaml job=train_bonbon base=configs/train_bonbon.yaml \\
         'search={bonbon.alpha: {grid: [0.1, 0.5, 0.9]}}'
 
-Knobs: those the job's objective declares sweepable (align.objectives: train_dpo dpo.beta, dpo.ref_alpha,
-dpo.ref_tau; train_bonbon bonbon.alpha); train_vbon vbon.n, vbon.beta, vbon.k. Each trial is the job's own run(cfg) on `base` + `overrides` + its knob values,
+Knobs: those the job's objective section declares SWEEPABLE (jobs.catalog.sweeps(): train_dpo dpo.beta,
+dpo.ref_alpha, dpo.ref_tau; train_bonbon bonbon.alpha; train_vbon vbon.n, vbon.beta, vbon.k). Each trial is the job's own run(cfg) on `base` + `overrides` + its knob values,
 with its outputs in trials/<trial>/ and its checkpoints in runs/<trial>/; the models of all but the
 `keep_best` best finished trials are removed at the end. Writes results.csv/md/json (sorted by the
 metric) and pareto.png; an interrupted sweep resumes like tune.dera.
@@ -17,27 +17,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from align.objectives.bonbon import BonbonObjective
-from align.objectives.preference import PreferenceObjective
-from align.runtime.config import ConfigError, require, run_job
+from align.runtime.config import ConfigError, OutputPath, require, run_job
 from jobs.sections import PromptsConfig, RewardConfig
 
 log = logging.getLogger("sweetspot.tune.train")
 
 
-def sweepable(section: str, objective: type) -> dict[str, tuple]:
-    """The knobs of a job's objective section (its SWEEPABLE), as "section.field" -> allowed range."""
-    return {f"{section}.{k}": bounds for k, bounds in objective.SWEEPABLE.items()}
-
-
-# The job each sweep runs, and the knobs it may vary with their allowed ranges.
-JOBS = {
-    "train_dpo": sweepable("dpo", PreferenceObjective),
-    "train_bonbon": sweepable("bonbon", BonbonObjective),
-    "train_vbon": {"vbon.n": (2, None), "vbon.beta": (1e-9, None), "vbon.k": (2, None)},  # not a registered objective
-}
 EXPERIMENT = "train"
 
 
@@ -62,7 +50,7 @@ class TrialEvalConfig:
 
 @dataclass
 class TuneTrainConfig:
-    job: Literal["train_dpo", "train_bonbon", "train_vbon"] = "train_dpo"
+    job: str = "train_dpo"  # a training job with knobs to sweep (jobs.catalog.sweeps(): train_dpo, train_bonbon, train_vbon)
     base: str = "configs/train_dpo.yaml"  # the job's config every trial starts from
     overrides: list[str] = field(default_factory=list)  # key=value applied to `base` before the trial's knobs
     search: dict = field(default_factory=lambda: {"dpo.beta": {"grid": [0.05, 0.1, 0.3]}})
@@ -78,7 +66,7 @@ class TuneTrainConfig:
     seed: int = 0  # Optuna's seed
     resume: str = "auto"  # auto | never | must
     ray_address: str | None = None
-    output_dir: str = "outputs/tune_train"
+    output_dir: OutputPath = "outputs/tune_train"
 
     def __post_init__(self):
         from tune.space import parse_space
@@ -88,7 +76,10 @@ class TuneTrainConfig:
         require(self.keep_best >= 0, "keep_best", "an integer >= 0", self.keep_best)
         require(self.cpus_per_trial > 0, "cpus_per_trial", "a number > 0 (Tune places every trial)", self.cpus_per_trial)
         require(self.max_concurrent_trials >= 1, "max_concurrent_trials", "an integer >= 1", self.max_concurrent_trials)
-        parse_space(self.search, JOBS[self.job])
+        from jobs.catalog import sweeps
+
+        require(self.job in sweeps(), "job", "a training job with sweepable knobs: " + " | ".join(sweeps()), self.job)
+        parse_space(self.search, sweeps()[self.job])
         base = self.trial_config(first_values(self.search), "check")  # a config error stops here, before any work
         if self.metric.startswith("val/"):
             require(base.train.eval_every > 0 and bool(getattr(base.data, "eval_split", None)), "metric",
@@ -97,13 +88,10 @@ class TuneTrainConfig:
 
     def trial_config(self, knobs: dict, trial_id: str, out=None):
         """The job's config for one trial: base + overrides + the trial's knobs + its own output and run."""
-        import importlib
-        import typing
-
         from align.runtime.config import load_config
+        from jobs.catalog import config_class
 
-        module = importlib.import_module(f"jobs.{self.job}")
-        cls = typing.get_type_hints(module.run)["cfg"]
+        cls = config_class(self.job)
         # "trial_<id>": a bare id such as 76785_00000 would read as an integer in YAML
         where = [] if out is None else [f"output_dir={out / 'trials' / trial_id}", f"train.run.name={trial_id}",
                                         f"train.run.storage_path={out / 'runs'}", "train.run.resume=auto"]
@@ -210,12 +198,12 @@ def run(cfg: TuneTrainConfig) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from align.runtime.paths import resolve_output
     from tune import sweep
     from tune.results import write_sweep
+    from jobs.catalog import sweeps
     from tune.space import grid_size, parse_space
 
-    out = resolve_output(cfg.output_dir)
+    out = Path(cfg.output_dir)
     resume = sweep.prepare(out, sweep_key(cfg), cfg.resume, EXPERIMENT)
     base = cfg.trial_config(first_values(cfg.search), "check")
     scheduler = None
@@ -225,7 +213,7 @@ def run(cfg: TuneTrainConfig) -> dict:
     trainable = tune.with_resources(tune.with_parameters(trial, setup={"sweep": cfg, "out": str(out), "cwd": os.getcwd()}),
                                     {"cpu": cfg.cpus_per_trial})
     done, failed = sweep.fit(
-        trainable, out, EXPERIMENT, resume, parse_space(cfg.search, JOBS[cfg.job]),
+        trainable, out, EXPERIMENT, resume, parse_space(cfg.search, sweeps()[cfg.job]),
         tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples, scheduler=scheduler,
                         search_alg=sweep.searcher(cfg.searcher, cfg.seed), max_concurrent_trials=cfg.max_concurrent_trials),
         f"{cfg.job}: sweeping {cfg.search}, {cfg.num_samples * grid_size(cfg.search)} trial(s), {base.train.steps} "

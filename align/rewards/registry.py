@@ -6,19 +6,17 @@ A reward spec is a flat dict, the form configs hold and Ray actors receive:
 `kind`, `path`, `device` and `embedder` are common; every other key is one of the kind's params.
 A kind is a module's `@register_reward("name", ...)` on its builder, `build(params, path, device)`.
 Built-in kinds live in this package and are found by name; a kind registered in any other importable
-module is named "package.module:name" (imported on first use, also inside Ray workers, which get the
-driver's working directory on their path).
+module is named "package.module:name" (align.runtime.plugins: imported on first use, Ray workers too).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from align.runtime.config import ConfigError, from_dict
+from align.runtime.plugins import Registry
 
 COMMON_KEYS = ("kind", "path", "device", "embedder")
 
@@ -34,8 +32,7 @@ class RewardKind:
     scores_within_prompt: bool = False  # a sample's score depends on the other samples of its prompt (pi_0's)
 
 
-REWARD_KINDS: dict[str, RewardKind] = {}
-_builtins_loaded = False
+KINDS: Registry[RewardKind] = Registry("reward kind", __package__, skip=("base", "registry"))
 
 
 def register_reward(name: str, *, params: type | None = None, needs_path: bool = False,
@@ -43,42 +40,22 @@ def register_reward(name: str, *, params: type | None = None, needs_path: bool =
                     scores_within_prompt: bool = False):
     """Decorator: register `build(params, path, device) -> Scorer` as reward kind `name`."""
     def decorate(build: Callable) -> Callable:
-        qualified = name if build.__module__.startswith(__package__ + ".") else f"{build.__module__}:{name}"
-        REWARD_KINDS[qualified] = RewardKind(qualified, build, params, needs_path, path_problem, nested,
-                                              scores_within_prompt)
+        qualified = KINDS.qualified(name, build.__module__)
+        KINDS.add(name, build.__module__,
+                  RewardKind(qualified, build, params, needs_path, path_problem, nested, scores_within_prompt),
+                  same=lambda a, b: (a.build.__module__, a.build.__qualname__) == (b.build.__module__, b.build.__qualname__))
         return build
     return decorate
 
 
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        package = importlib.import_module(__package__)
-        for info in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{__package__}.{info.name}")
-        _builtins_loaded = True
-
-
 def known_kinds() -> list[str]:
     """The built-in kinds, then those registered by other modules (named "module:kind")."""
-    _load_builtins()
-    return sorted(REWARD_KINDS, key=lambda name: (":" in name, name))
+    return KINDS.names()
 
 
 def reward_kind(name, field: str = "reward.kind") -> RewardKind:
     """The registered kind `name` ("vader", or "module:name" for one registered elsewhere)."""
-    if isinstance(name, str) and ":" in name:
-        module = name.split(":", 1)[0]
-        if name not in REWARD_KINDS:
-            try:
-                importlib.import_module(module)
-            except ImportError as e:
-                raise ConfigError(field, f"'module:kind' with an importable module ({e})", name) from None
-    else:
-        _load_builtins()
-    if name not in REWARD_KINDS:
-        raise ConfigError(field, "one of " + " | ".join(known_kinds()) + " (or 'module:kind' registered there)", name)
-    return REWARD_KINDS[name]
+    return KINDS.get(name, field)
 
 
 def spec_params(spec: dict, field: str = "reward", params_field: str | None = None):

@@ -3,6 +3,12 @@
 A YAML file mirrors its dataclass one to one. Unknown keys, wrong types and values out of range raise
 `ConfigError`, whose message names the dotted field and what is allowed. Command-line overrides use
 `key.sub=value` (the value is parsed as YAML, so `n=8`, `model.path=null`, `tags=[a,b]` all work).
+
+Paths are resolved once, here, as the config loads (align.runtime.paths): a field typed `OutputPath`
+becomes absolute under the output root, one typed `InputRef` becomes the absolute path of the file or
+directory it names when one exists (under the root first, then the current directory) and stays as
+given otherwise (a name: "default", a hub model or data set). The job, and the Ray workers the config
+crosses to, then use the paths as they are, whatever their own working directory.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Annotated, Any, Sequence, TypeVar
 
 import yaml
 
@@ -32,6 +38,27 @@ class ConfigError(ValueError):
         return (type(self), (self.field, self.allowed, self.got))
 
 
+@dataclasses.dataclass(frozen=True)
+class _PathRole:
+    role: str  # "output" | "input"
+
+
+OutputPath = Annotated[str, _PathRole("output")]  # something the job writes (a storage URI such as s3://... kept)
+InputRef = Annotated[str, _PathRole("input")]  # a file or directory it reads, or a name that is not a path
+
+
+def resolve_path_field(value: str, role: str) -> str:
+    """The loaded form of a path field (see the module docstring)."""
+    from align.runtime.paths import resolve_input, resolve_output
+
+    if "://" in value:
+        return value
+    if role == "output":
+        return str(resolve_output(value))
+    local = resolve_input(value)
+    return str(local) if local.exists() else value
+
+
 def require(ok: bool, field: str, allowed: str, got: Any = dataclasses.MISSING) -> None:
     """Raise ConfigError(field, allowed, got) unless ok. Used in __post_init__ validators."""
     if not ok:
@@ -43,6 +70,8 @@ def _check_type(value: Any, tp: Any, field: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:  # a path field: checked as its type here, resolved by resolve_paths
+        return _check_type(value, typing.get_args(tp)[0], field)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -95,7 +124,36 @@ def _check_type(value: Any, tp: Any, field: str) -> Any:
     return value
 
 
+def resolve_paths(value: Any, tp: Any = None) -> Any:
+    """`value` with its path fields (OutputPath, InputRef) resolved, in its own sections too; the same
+    object when nothing changes (a config already loaded, or one without paths)."""
+    tp = type(value) if tp is None else tp
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        marks = [m for m in typing.get_args(tp)[1:] if isinstance(m, _PathRole)]
+        return resolve_path_field(value, marks[0].role) if marks and isinstance(value, str) else value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if value is not None and arg is not type(None):
+                resolved = resolve_paths(value, arg)
+                if resolved != value:
+                    return resolved
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        hints = typing.get_type_hints(type(value), include_extras=True)
+        changes = {}
+        for f in dataclasses.fields(value):
+            old = getattr(value, f.name)
+            new = resolve_paths(old, hints[f.name])
+            if new != old:
+                changes[f.name] = new
+        return dataclasses.replace(value, **changes) if changes else value
+    return value
+
+
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -105,7 +163,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(prefix.rstrip(".") or cls.__name__, "a mapping", data)
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -117,7 +175,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(prefix + name, f"a value ({_type_name(hints[name])}); it is required")
     try:
-        return cls(**kwargs)
+        return resolve_paths(cls(**kwargs))
     except ConfigError as e:
         if prefix and not e.field.startswith(prefix):
             raise ConfigError(prefix + e.field, e.allowed, e.got) from None

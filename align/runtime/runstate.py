@@ -104,3 +104,19 @@ def check_resume(saved: dict | None, current: dict, mode: str, where: str, has_s
     if diff:
         raise StaleStateError(where, diff, "Set resume=never to discard it and start over, or use another output directory.")
     return True
+
+
+def check_output_owner(out: str | Path, owner: dict, replace: bool, hint: str) -> None:
+    """Refuse to write into `out` when its saved config.yaml shows it holds another run's results:
+    one whose `owner` keys (e.g. the training run's name and checkpoint storage) differ. `replace`
+    (the job was told to start over) lets the new run take the directory. Raises StaleStateError
+    naming the differing keys and `hint` (how to replace them or go elsewhere)."""
+    import yaml
+
+    saved_file = Path(out) / "config.yaml"
+    if replace or not saved_file.is_file():
+        return
+    saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
+    diff = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in sorted(owner.items()) if k in saved and saved[k] != v]
+    if diff:
+        raise StaleStateError(f"{out} holds another run's results", diff, hint)

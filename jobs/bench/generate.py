@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from align.runtime.config import require, run_job, to_dict
+from align.runtime.config import OutputPath, require, run_job, to_dict
 from jobs.bench.common import format_table, machine, machine_line, peak_memory_mb, resolve_device, time_call, write_results
 
 log = logging.getLogger("sweetspot.bench_generate")
@@ -85,7 +85,7 @@ class BenchGenerateConfig:
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32
     seed: int = 0
-    output_dir: str = "outputs/bench_generate"
+    output_dir: OutputPath = "outputs/bench_generate"
 
     def __post_init__(self):
         require(len(self.models) >= 1, "models", "a non-empty list of model shapes", self.models)

@@ -15,7 +15,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from align.runtime.config import require, run_job
+from align.runtime.config import OutputPath, require, run_job
 
 
 @dataclass
@@ -29,7 +29,7 @@ class LoadTestConfig:
     requests: int = 1000  # in all
     max_seconds: float = 60  # stop sending after this long (requests already sent still finish)
     timeout_s: float = 60  # per request: longer counts as a failure
-    output_dir: str = "outputs/load_test"
+    output_dir: OutputPath = "outputs/load_test"
 
     def __post_init__(self):
         require(self.clients >= 1, "clients", "an integer >= 1", self.clients)

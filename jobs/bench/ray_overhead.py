@@ -33,10 +33,11 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from align.runtime.config import require, run_job
+from align.runtime.config import InputRef, OutputPath, require, run_job
 from jobs.bench.common import format_table, machine, machine_line, publish
 
 log = logging.getLogger("sweetspot.bench_ray")
@@ -44,7 +45,7 @@ log = logging.getLogger("sweetspot.bench_ray")
 
 @dataclass
 class BenchRayConfig:
-    model: str = "default"  # "default" (the embedded task's pi_0), an HF name or a directory
+    model: InputRef = "default"  # "default" (the embedded task's pi_0), an HF name or a directory
     prompts: str = "default"  # "default" (the task's test prompts) or a prompt file (jobs.bon's formats)
     column: str = "prompt"
     limit: int | None = None  # the first `limit` prompts
@@ -60,7 +61,7 @@ class BenchRayConfig:
     quick: bool = False  # 8 prompts, n 2, 4 new tokens, 1 repeat, no serve_unbatched row
     seed: int = 0
     ray_address: str | None = None
-    output_dir: str = "outputs/bench_ray"
+    output_dir: OutputPath = "outputs/bench_ray"
 
     def __post_init__(self):
         require(self.n >= 1, "n", "an integer >= 1", self.n)
@@ -309,11 +310,10 @@ def run(cfg: BenchRayConfig) -> dict:
                 if m == "serve_call":
                     costs = request_costs(cfg, url, colocated_url, model_path, batches[0])
                     if cfg.profile_seconds > 0:
-                        from align.runtime.paths import resolve_output
-
+                    
                         profile = profile_serve(url, {"prompt": batches[0], "n": cfg.n, "max_tokens": cfg.max_new_tokens,
                                                       "min_tokens": cfg.min_new_tokens, "seed": cfg.seed, "return_all": True},
-                                                cfg.profile_seconds, resolve_output(cfg.output_dir))
+                                                cfg.profile_seconds, Path(cfg.output_dir))
                 if m == "serve_sequential":  # the colocated app's generator would hold a CPU from here on
                     from ray import serve
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.runtime.config import require, run_job
+from align.runtime.config import OutputPath, require, run_job
 from jobs.bon import BonConfig
 from jobs.sections import SpeculativeConfig
 
@@ -66,7 +66,7 @@ class BenchSpeculativeConfig:
     quick: bool = False  # ns [2, 4], one speculative setting, and the prompt limit below
     quick_prompts: int = 8
     keep_fraction: float = 0.25  # the cut the partial-score table tests: the top fraction kept at each point
-    output_dir: str = "outputs/bench_speculative"
+    output_dir: OutputPath = "outputs/bench_speculative"
 
     def __post_init__(self):
         require(len(self.ns) >= 1 and all(n >= 1 for n in self.ns), "ns", "a non-empty list of integers >= 1", self.ns)
@@ -113,11 +113,10 @@ def partial_score_quality(bon_cfg: BonConfig, points: list[int], keep_fraction: 
     from actors.scorer import make_scorer
     from align.engine.models import load_tokenizer, resolve_model_path
     from align.math.speculative import best_survives, rank_correlation
-    from jobs.sections import reward_spec
 
     records = [json.loads(line) for line in (Path(bon_cfg.output_dir) / "samples.jsonl").read_text().splitlines()]
     tokenizer = load_tokenizer(str(resolve_model_path(bon_cfg.model.path)))
-    scorer = make_scorer(reward_spec(bon_cfg.reward))
+    scorer = make_scorer(bon_cfg.reward.spec())
     final = torch.tensor([r["rewards"] for r in records], dtype=torch.float64)  # (P, m)
     P, m = final.shape
     keep = max(1, round(keep_fraction * m))
@@ -177,12 +176,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def run(cfg: BenchSpeculativeConfig) -> dict:
     from actors.cluster import init_ray
-    from align.runtime.paths import resolve_output
     from jobs.bench.common import publish
     from jobs.bon import run as run_bon
 
     start = time.perf_counter()
-    out = resolve_output(cfg.output_dir)
+    out = Path(cfg.output_dir)
     plans = runs(cfg, out)
     started = init_ray(cfg.bon.ray_address)
     try:

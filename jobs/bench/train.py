@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from align.runtime.config import require, run_job
+from align.runtime.config import OutputPath, require, run_job
 
 log = logging.getLogger("sweetspot.bench_train")
 
@@ -62,7 +62,7 @@ class BenchTrainConfig:
     trl_python: str | None = None  # an interpreter with TRL installed (make bench-env); null skips TRL
     quick: bool = False  # a 1x32 model, vocab 512, 2 pairs of 4 + 4 tokens, 2 steps
     seed: int = 0
-    output_dir: str = "outputs/bench_train"
+    output_dir: OutputPath = "outputs/bench_train"
 
     def __post_init__(self):
         require(self.n_layer >= 1 and self.n_embd % self.n_head == 0, "n_embd", f"a multiple of n_head ({self.n_head})", self.n_embd)
