@@ -75,9 +75,19 @@ class Generator:
         lam: float | list[float] | None = None,
         seeds: list[int] | None = None,
         weights_version: int | None = None,
+        top_p: float = 1.0,
+        token_logprobs: bool = False,
+        top_logprobs: int = 0,
     ) -> dict:
         """n completions for each prompt (shared prefill). Returns {"samples": [PromptSamples], "seconds",
         "new_tokens"}; new_tokens counts every token drawn, those of rejected continuations included.
+
+        temperature 0 is greedy decoding, top_p < 1 nucleus sampling; every log-prob is that of the
+        distribution the token was drawn from (`align.math.draw.process_logits`: the nucleus
+        renormalised, 0 for a greedy token). token_logprobs: also return "token_logprobs", per prompt
+        and completion each drawn token's log-prob (they sum to the completion's `logprobs`);
+        top_logprobs=k also "top", per token the k likeliest tokens of that distribution as
+        [(id, log-prob)] (those of probability 0 left out).
 
         lam: DeRa (`align.math.dera`), one lambda or one per prompt: tokens come from lam * aligned + (1 - lam)
         * reference logits, both models decoding in the same loop, each with its own cache; each
@@ -122,7 +132,7 @@ class Generator:
         with torch.no_grad():
             sampler = NSampler(models, ids, mask, n, max_new_tokens, temperature, min_new_tokens, eos_token_id=eos,
                                pad_token_id=self.tokenizer.pad_token_id, generator=gen, mix=mix, cache=self.cache,
-                               compile=self.compile)
+                               compile=self.compile, top_p=top_p, top_logprobs=top_logprobs)
             if rejection:
                 self._reject(sampler, prompts, ids, mask, rejection)
             out = sampler.run().samples()
@@ -132,7 +142,7 @@ class Generator:
 
                 rows = torch.arange(len(prompts), device=self.device).repeat_interleave(out.n)
                 ref_logprobs = continuation_logprobs(self.model, ids[rows], mask[rows], out.tokens, out.mask, temperature,
-                                                     min_new_tokens if eos is not None else 0, eos).tolist()
+                                                     min_new_tokens if eos is not None else 0, eos, top_p).tolist()
         completion_ids = out.completion_ids()
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         logprobs, m = out.logprobs.tolist(), out.n
@@ -143,7 +153,88 @@ class Generator:
                           drawn_tokens=drawn[i], ref_logprobs=ref_logprobs[i * m : (i + 1) * m] if ref_logprobs else None)
             for i, p in enumerate(prompts)
         ]
-        return {"samples": samples, "seconds": time.perf_counter() - start, "new_tokens": int(sampler.drawn.sum())}
+        result = {"samples": samples, "seconds": time.perf_counter() - start, "new_tokens": int(sampler.drawn.sum())}
+        if token_logprobs or top_logprobs:
+            per_row = [lp[k].tolist() for lp, k in zip(out.token_logprobs, out.mask)]
+            result["token_logprobs"] = [per_row[i * m : (i + 1) * m] for i in range(len(prompts))]
+        if top_logprobs:
+            top = [[[(t, v) for t, v in zip(step_ids, step_lps) if v != float("-inf")]
+                    for step_ids, step_lps in zip(ids_[k].tolist(), lps[k].tolist())]
+                   for ids_, lps, k in zip(out.top_ids, out.top_logprobs, out.mask)]
+            result["top"] = [top[i * m : (i + 1) * m] for i in range(len(prompts))]
+        return result
+
+    @torch.no_grad()
+    def prompt_logprobs(self, prompts: list[str], top_logprobs: int = 0, lam: float | list[float] | None = None) -> list[dict]:
+        """Per prompt, the model's log-prob of each of its tokens given the ones before: {"ids",
+        "token_logprobs" (None for the first token, which has no context), "top" (per token the
+        top_logprobs likeliest tokens as [(id, log-prob)], None for the first; None when 0)}. The
+        prompt was not sampled, so this is the model's own next-token distribution (temperature 1,
+        no nucleus): pi_0's, or with `lam` DeRa's mix at that lambda (one, or one per prompt)."""
+        from align.engine.models import encode_prompts
+
+        ids, mask = encode_prompts(self.tokenizer, prompts, self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+        if lam is not None:
+            from align.math.dera import dera_logits
+
+            if self.aligned is None:
+                raise ValueError("lam (DeRa) needs a Generator built with aligned_path")
+            aligned = self.aligned(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+            lams = torch.tensor([float(lam)] * len(prompts) if isinstance(lam, (int, float)) else [float(x) for x in lam])
+            P, L, V = logits.shape
+            logits = dera_logits(logits.reshape(P * L, V), aligned.reshape(P * L, V), lams.repeat_interleave(L)).view(P, L, V)
+        logp = torch.log_softmax(logits[:, :-1], -1)  # position t predicts token t + 1
+        token_lp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+        top = logp.topk(min(top_logprobs, logp.shape[-1]), -1) if top_logprobs else None
+        out = []
+        for i in range(len(prompts)):
+            real = mask[i].bool()
+            start = int((~real).sum())  # left padding
+            row = {"ids": ids[i][real].tolist(), "token_logprobs": [None] + token_lp[i, start:].tolist(), "top": None}
+            if top is not None:
+                row["top"] = [None] + [list(zip(t, v)) for t, v in zip(top.indices[i, start:].tolist(), top.values[i, start:].tolist())]
+            out.append(row)
+        return out
+
+    def token_ends(self, ids: list[int], text: str) -> list[int]:
+        """Where each token's text ends in `text` (`ids` decoded as `sample` decodes them): the length
+        of each prefix's decoding, kept non-decreasing and within `text`, the last at len(text). Token
+        k's text is text[ends[k - 1]:ends[k]] (empty for a skipped special token such as end-of-sequence,
+        or a token that only starts a character the next one completes)."""
+        if not ids:
+            return []
+        prefixes = self.tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))], skip_special_tokens=True)
+        ends, end = [], 0
+        for p in prefixes:
+            end = min(max(end, len(p)), len(text))
+            ends.append(end)
+        ends[-1] = len(text)
+        return ends
+
+    def cut_at_stop(self, samples: list[PromptSamples], stops, token_logprobs: list[list[list[float]]]) -> list[list[int | None]]:
+        """Cut every completion at its first stop sequence (`stops`: strings, not included), in place,
+        before the samples are scored: `completions` become the text a client gets, `completion_ids`
+        the drawn tokens that text covers (the last one only partly when a stop sequence begins inside
+        it: a reward scoring token ids then sees that whole token, a text reward exactly the text),
+        `logprobs` the sum of those tokens' `token_logprobs` (per prompt and completion, as
+        `sample(token_logprobs=True)` returns them). Returns per prompt and completion the number of
+        tokens kept where it was cut, else None."""
+        kept = []
+        for s, lps in zip(samples, token_logprobs):
+            kept.append([])
+            for j, text in enumerate(s.completions):
+                at = min((i for i in (text.find(t) for t in stops if t) if i >= 0), default=-1)
+                if at < 0:
+                    kept[-1].append(None)
+                    continue
+                ids = s.completion_ids[j]
+                k = 0 if at == 0 else next(k + 1 for k, e in enumerate(self.token_ends(ids, text)) if e >= at)
+                s.completions[j], s.completion_ids[j] = text[:at], ids[:k]
+                s.logprobs[j] = float(sum(lps[j][:k]))
+                kept[-1].append(k)
+        return kept
 
     def context_length(self) -> int | None:
         """Positions the model can attend over (learned position tables end there), if it says."""

@@ -6,7 +6,8 @@
     ScorerDeployment      a scorer from actors.scorer.make_scorer; batched the same way (or, with
                           colocate_scorer, none: the generator replica scores its own samples)
     Api                   the FastAPI ingress: GET / (the playground), GET /healthz, GET /v1/info,
-                          POST /v1/bon, POST /v1/dera, POST /v1/completions (OpenAI-compatible)
+                          POST /v1/bon, POST /v1/dera, and OpenAI's surface: GET /v1/models,
+                          GET /v1/models/{id}, POST /v1/completions
 
 The ingress holds DeploymentHandles to the other two, so generation and scoring scale separately
 (replicas and autoscaling per deployment in configs/serve.yaml). Requests are validated by pydantic
@@ -20,12 +21,39 @@ bounded lists), valid Unicode text, the limits, the model's context (GeneratorDe
 serve.batching.check_call on the generator itself. A batched call that still fails is run again one
 request at a time (serve.batching), so only the request that causes the error gets it.
 
-    temperature    0.01 .. 2          (serve.batching: OpenAI's ceiling; the floor keeps logits / T finite)
+    temperature    0, or 0.01 .. 2    (0 is greedy decoding, with n = 1 and best_of = 1; 2 is OpenAI's
+                                       ceiling; the 0.01 floor keeps logits / T finite)
+    top_p          (0, 1]             (/v1/completions: nucleus sampling; 1 samples the whole distribution)
+    logprobs       0 .. 5             (/v1/completions: OpenAI's legacy maximum of alternatives per token)
     seed           0 .. 2**63 - 1     (a non-negative int64: numpy's SeedSequence refuses negatives)
     lambda         0 .. 100           (DeRa; dera_lambda too: the float32 mix stays finite)
     beta, coef     0 .. 10000         (RBoN-KL's weight on log pi_0; the penalty's weight)
     stop           at most 4 strings of at most 64 characters (OpenAI allows 4)
     body           at most limits.max_body_bytes, UTF-8 JSON, all of it within limits.body_timeout_s
+
+/v1/completions, as OpenAI's legacy completions and what the official client sends:
+
+    best_of, n     best_of samples per prompt, the n best by the server's reward come back, best first
+    stop           applied on the generator before scoring (serve.batching.finish_call): every sample
+                   is cut at its first stop sequence, and its reward, its rank, its log-probs and
+                   usage.completion_tokens are those of the text the client gets
+    temperature 0  greedy: the argmax token at every step (log-probs 0: the distribution drawn from
+                   is the point mass)
+    top_p          nucleus sampling; the log-probs reported are those of the distribution actually
+                   drawn from, the nucleus renormalised (align.math.draw.nucleus)
+    logprobs       {"tokens", "token_logprobs", "top_logprobs", "text_offset"} for the returned tokens:
+                   token_logprobs sum to the sample's log-prob under the sampling process, top_logprobs
+                   holds the logprobs likeliest tokens of each step's distribution and the drawn one
+                   (null for logprobs 0); tokens are slices of the returned text (a token a stop
+                   sequence cuts through keeps its part; end-of-sequence is "")
+    echo           the prompt before the completion; with logprobs its tokens come first, with the
+                   model's own log-probs (temperature 1, no nucleus; null for the first token)
+    stream         text/event-stream: `data: {chunk}` per token of each chosen completion (its
+                   text and, with logprobs, its log-probs), then one with its finish_reason (and
+                   reward), `data: {usage}` with stream_options.include_usage, and `data: [DONE]`.
+                   Ranking needs every sample first, so the chunks are sent after ranking: streaming
+                   changes how the answer arrives, not when sampling ends; the chunks add up to
+                   the answer without stream
 
     serve run configs/serve.yaml        # a Ray Serve config file
     python -m serve                     # the default task on 127.0.0.1:8000
@@ -36,23 +64,23 @@ import asyncio
 import collections
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.batching import (LAMBDA_MAX, SEED_MAX, TEMPERATURE_MAX, TEMPERATURE_MIN, BatchedScorer, ContinuousBatcher,
-                            InvalidCall, text_error)
+from serve.batching import (LAMBDA_MAX, LOGPROBS_MAX, SEED_MAX, STOP_MAX, STOP_MAX_CHARS, TEMPERATURE_MAX, TEMPERATURE_MIN,
+                            BatchedScorer, ContinuousBatcher, InvalidCall, text_error)
 
 PLAYGROUND = Path(__file__).with_name("playground.html")
 log = logging.getLogger("sweetspot.serve")
 WEIGHT_MAX = 1e4  # beta and coef: finite (inf broke the selection); larger weights only rank by log pi_0 (beta) or the uncertainty (coef) alone
-STOP_MAX, STOP_MAX_CHARS = 4, 64  # OpenAI takes at most 4 stop sequences
 
 
 class Limits(BaseModel):
@@ -79,7 +107,16 @@ class Batching(BaseModel):
 # Request models are strict: a number is a JSON number (not a bool, not a string; a float field takes
 # an integer), finite, and in its range; lists are bounded (prompts by limits.max_prompts, in Api.check).
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-Temperature = Annotated[float, Field(ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX)]
+
+
+def greedy_or_floor(t: float) -> float:
+    if 0 < t < TEMPERATURE_MIN:
+        raise ValueError(f"expected 0 (greedy) or {TEMPERATURE_MIN:g} <= temperature <= {TEMPERATURE_MAX:g}")
+    return t
+
+
+Temperature = Annotated[float, Field(ge=0, le=TEMPERATURE_MAX, description="0 (greedy, n = 1) or 0.01 to 2"),
+                        AfterValidator(greedy_or_floor)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description="0 <= seed <= 2**63 - 1")]
 Lambda = Annotated[float, Field(ge=0, le=LAMBDA_MAX)]
 Weight = Annotated[float, Field(ge=0, le=WEIGHT_MAX)]
@@ -110,6 +147,11 @@ class DeraRequest(SamplingRequest):
     n: int = Field(1, ge=1, description="samples per prompt; with a scorer, the best of n DeRa samples is chosen")
 
 
+class StreamOptions(BaseModel):
+    model_config = STRICT
+    include_usage: bool = Field(False, description="a last chunk with the usage (and no choices) before [DONE]")
+
+
 class CompletionRequest(BaseModel):
     """The OpenAI completions request (the fields Sweetspot honours; others are refused by name), plus
     `dera_lambda`. `best_of` samples are drawn per prompt and the `n` best by the server's reward are
@@ -121,9 +163,14 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1)
     best_of: int | None = Field(None, ge=1)
     temperature: Temperature = 1.0
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; log-probs are the renormalised nucleus'")
     max_tokens: int = Field(16, ge=1)
     stop: StopText | Annotated[list[StopText], Field(max_length=STOP_MAX)] | None = None
     seed: Seed | None = None
+    logprobs: int | None = Field(None, ge=0, le=LOGPROBS_MAX, description="per token: its log-prob and this many alternatives")
+    echo: bool = Field(False, description="the prompt before the completion (and its tokens first in logprobs)")
+    stream: bool = Field(False, description="server-sent events, sent once the best_of samples are ranked")
+    stream_options: StreamOptions | None = None
     dera_lambda: Lambda | None = None
     user: str | None = None  # accepted and ignored, as OpenAI clients may send it
 
@@ -149,9 +196,6 @@ class GeneratorDeployment:
         self.score = BatchedScorer(reward, b.max_batch_size, b.batch_wait_timeout_s) if reward else None
         self.counts = collections.Counter()  # requests, sampler_calls, retried_alone
 
-    def eos_token_id(self) -> int | None:
-        return self.generator.tokenizer.eos_token_id
-
     def stats(self) -> dict:
         """Requests answered and sampler calls made by this replica (their ratio is the batching), and
         the requests run again alone because their batch's sampler call failed."""
@@ -175,9 +219,10 @@ class GeneratorDeployment:
         self.generator.check_context(list(call.prompts), call.max_tokens)
         return await self.batcher(call)
 
-    async def sample_colocated(self, call) -> list:
+    async def sample_colocated(self, call) -> dict:
         """One request's samples, scored in this replica (the app was built with colocate_scorer)."""
-        return await self.score((await self.sample(call))["samples"])
+        result = await self.sample(call)
+        return {**result, "samples": await self.score(result["samples"])}
 
 
 class ScorerDeployment:
@@ -193,10 +238,26 @@ class ScorerDeployment:
 
 # Defined before the ingress class: serve.ingress captures the class and what it refers to when the
 # class is defined.
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """`text` up to the first of the stop sequences (not included), and whether one was found."""
-    cut = min((i for i in (text.find(t) for t in stops if t) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+def openai_logprobs(parts: list[dict], k: int) -> dict:
+    """OpenAI's legacy `logprobs` of a choice from its parts' token details (serve.batching.finish_call:
+    the echoed prompt's, then the completion's): token texts, their log-probs, the top k of each
+    step (null for k = 0) and where each token starts in the choice's text."""
+    tokens, lps, tops, offsets, at = [], [], [], [], 0
+    for part in parts:
+        for j, text in enumerate(part["text"]):
+            tokens.append(text)
+            lps.append(part["logprobs"][j])
+            tops.append(None if part["top"] is None else part["top"][j])
+            offsets.append(at)
+            at += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops if k else None, "text_offset": offsets}
+
+
+def sse(content) -> bytes:
+    """One server-sent event: `data: <JSON>` (or the literal, for [DONE])."""
+    import json
+
+    return b"data: " + (content if isinstance(content, bytes) else json.dumps(content).encode()) + b"\n\n"
 
 
 def fast_json(content: dict):
@@ -351,7 +412,8 @@ class Api:
                  retry_after_s: float = 1.0):
         self.generator, self.scorer = generator, scorer
         self.limits, self.has_aligned, self.reward_kind = Limits(**(limits or {})), has_aligned, reward_kind
-        self.model_name, self.eos_token_id, self.retry_after_s = model_name, None, retry_after_s
+        self.model_name, self.retry_after_s = model_name, retry_after_s
+        self.created = int(time.time())  # the model's `created` in /v1/models: when this server started
         app.state.max_body_bytes = self.limits.max_body_bytes  # read by BodyGuard, in this replica
         app.state.body_timeout_s = self.limits.body_timeout_s
 
@@ -368,6 +430,7 @@ class Api:
             (req.n <= lim.max_n, "n", f"1 <= n <= {lim.max_n}"),
             (req.max_tokens <= lim.max_tokens, "max_tokens", f"1 <= max_tokens <= {lim.max_tokens}"),
             (req.min_tokens <= req.max_tokens, "min_tokens", "0 <= min_tokens <= max_tokens"),
+            (req.temperature != 0 or req.n == 1, "n", f"n = 1 with temperature 0 (greedy decoding has one answer), got {req.n}"),
         ):
             if not ok:
                 raise HTTPException(422, detail=f"{field}: expected {allowed}")
@@ -383,10 +446,12 @@ class Api:
             raise HTTPException(422, detail=f"{field}: the {self.reward_kind} reward ranks pi_0 samples against each "
                                             "other; DeRa samples need another reward kind")
 
-    async def scored_samples(self, prompts: list[str], req: SamplingRequest, lam: float | None = None):
-        """Sample on the generator deployment, score on the scorer deployment. A full queue on either,
-        or a replica that died while it held the request (Serve starts a new one), is a 503 with
-        Retry-After: the request can be sent again as it was."""
+    async def scored_samples(self, prompts: list[str], req: SamplingRequest, lam: float | None = None, **options) -> dict:
+        """Sample on the generator deployment, score on the scorer deployment: the generator's result
+        (serve.batching.sample_together: finish reasons, token details) with its samples scored.
+        `options`: SampleCall's top_p, stop, logprobs, echo. A full queue on either, or a replica that
+        died while it held the request (Serve starts a new one), is a 503 with Retry-After: the
+        request can be sent again as it was."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
@@ -394,7 +459,7 @@ class Api:
 
         from serve.batching import SampleCall
 
-        call = SampleCall(tuple(prompts), req.n, req.max_tokens, req.temperature, req.min_tokens, req.seed, lam)
+        call = SampleCall(tuple(prompts), req.n, req.max_tokens, req.temperature, req.min_tokens, req.seed, lam, **options)
         retry = {"Retry-After": str(math.ceil(self.retry_after_s))}
         try:
             if self.scorer is None:  # colocate_scorer: the generator replica scores too
@@ -402,7 +467,7 @@ class Api:
             # Awaited here, not handed on to the scorer as a response: a generator replica that dies
             # must reach this handler as its own error (a 503), not as the scorer's failed argument.
             result = await self.generator.sample.remote(call)
-            return await self.scorer.score_samples.remote(result["samples"])
+            return {**result, "samples": await self.scorer.score_samples.remote(result["samples"])}
         except BackPressureError as e:
             raise HTTPException(503, detail=f"overloaded: {e} Retry after {self.retry_after_s:g} s", headers=retry) from None
         except (PromptTooLongError, InvalidCall) as e:  # Ray wraps it (with the replica's traceback); its cause is the message
@@ -435,11 +500,27 @@ class Api:
         """One generator replica's counts of requests and sampler calls (how much batching happens)."""
         return {"generator": await self.generator.stats.remote()}
 
+    @app.get("/v1/models")
+    async def list_models(self) -> dict:
+        """OpenAI's model list: the one model this server serves, by the name requests must give."""
+        return {"object": "list", "data": [self.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(self, model_id: str) -> dict:
+        """OpenAI's model object for this server's model; 404 naming `model` for any other id."""
+        if model_id != self.model_name:
+            raise HTTPException(404, detail=f"model: this server serves {self.model_name!r}, got {model_id!r}")
+        return self.model_card()
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "sweetspot"}
+
     @app.post("/v1/completions")
-    async def completions(self, req: CompletionRequest) -> dict:
-        """OpenAI-compatible completions; best_of is best-of-n ranked by the server's reward scorer."""
+    async def completions(self, req: CompletionRequest):
+        """OpenAI-compatible completions; best_of is best-of-n ranked by the server's reward scorer.
+        Stop sequences cut the samples before they are scored; stream sends the ranked answer as
+        server-sent events (the module docstring)."""
         import secrets
-        import time
         import uuid
 
         if req.model != self.model_name:
@@ -449,6 +530,11 @@ class Api:
             raise HTTPException(422, detail=f"n: expected n <= best_of ({best_of}), got {req.n}")
         if req.best_of is not None and req.best_of > self.limits.max_n:
             raise HTTPException(422, detail=f"best_of: expected n <= best_of <= {self.limits.max_n}, got {req.best_of}")
+        if req.temperature == 0 and best_of > 1:  # greedy decoding has one answer: nothing to rank
+            field, value = ("n", req.n) if req.n > 1 else ("best_of", req.best_of)
+            raise HTTPException(422, detail=f"{field}: expected 1 with temperature 0 (greedy decoding has one answer), got {value}")
+        if req.stream_options is not None and not req.stream:
+            raise HTTPException(422, detail="stream_options: expected only with stream: true")
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if bad := next((f"{e} in stop[{i}]" for i, t in enumerate(stops) if (e := text_error(t))), None):
             raise HTTPException(422, detail=f"stop: expected valid Unicode text, got {bad}")
@@ -459,23 +545,52 @@ class Api:
         sampling = SamplingRequest(prompt=req.prompt, n=best_of, temperature=req.temperature, max_tokens=req.max_tokens,
                                    seed=seed)
         prompts = self.check(sampling)
-        if self.eos_token_id is None:  # asked once: finish_reason is "stop" when a completion drew it
-            self.eos_token_id = await self.generator.eos_token_id.remote()
-        scored = await self.scored_samples(prompts, sampling, req.dera_lambda)
-        choices, completion_tokens = [], 0
-        for s in scored:
-            completion_tokens += sum(len(ids) for ids in s.completion_ids)
+        # a stream is sent token by token: it needs the tokens' texts (logprobs 0) even without logprobs
+        logprobs = req.logprobs if req.logprobs is not None else (0 if req.stream else None)
+        result = await self.scored_samples(prompts, sampling, req.dera_lambda, top_p=req.top_p, stop=tuple(stops),
+                                           logprobs=logprobs, echo=req.echo and logprobs is not None)
+        choices, parts, completion_tokens = [], [], 0
+        for p, s in enumerate(result["samples"]):
+            completion_tokens += sum(len(ids) for ids in s.completion_ids)  # every best_of sample, as cut
             best = sorted(range(len(s.completions)), key=lambda i: -s.rewards[i])[: req.n]  # stable: ties keep order
             for i in best:
-                text, finish = cut_at_stop(s.completions[i], stops)
-                ended = bool(s.completion_ids[i]) and s.completion_ids[i][-1] == self.eos_token_id
-                choices.append({"text": text, "index": len(choices), "logprobs": None,
-                                "finish_reason": "stop" if finish or ended else "length", "reward": s.rewards[i]})
-        prompt_tokens = sum(len(s.prompt_ids) for s in scored)
-        return fast_json({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                          "model": self.model_name, "choices": choices,
-                          "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                    "total_tokens": prompt_tokens + completion_tokens}})
+                part = [] if logprobs is None else [result["tokens"][p][i]]
+                if req.echo:
+                    part.insert(0, result["prompt"][p] if result["prompt"] else {"text": [s.prompt], "logprobs": [None], "top": None})
+                parts.append(part)
+                choices.append({"text": (s.prompt if req.echo else "") + s.completions[i], "index": len(choices),
+                                "logprobs": None if req.logprobs is None else openai_logprobs(part, req.logprobs),
+                                "finish_reason": result["finish"][p][i], "reward": s.rewards[i]})
+        prompt_tokens = sum(len(s.prompt_ids) for s in result["samples"])
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": self.model_name}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+        if req.stream:
+            return self.stream(head, choices, parts, usage if req.stream_options and req.stream_options.include_usage else None,
+                               req.logprobs)
+        return fast_json({**head, "choices": choices, "usage": usage})
+
+    @staticmethod
+    def stream(head: dict, choices: list[dict], parts: list[list[dict]], usage: dict | None, k: int | None):
+        """The ranked choices as server-sent events: a chunk per token of each choice (its text, and
+        with logprobs its entry of the choice's logprobs), a chunk with its finish_reason and reward,
+        the usage chunk when asked for, then [DONE]."""
+        from fastapi.responses import StreamingResponse
+
+        def events():
+            for choice, part in zip(choices, parts):
+                lp = openai_logprobs(part, k or 0)
+                for j, text in enumerate(lp["tokens"]):
+                    one = None if k is None else {"tokens": [text], "token_logprobs": [lp["token_logprobs"][j]],
+                                                  "top_logprobs": None if lp["top_logprobs"] is None else [lp["top_logprobs"][j]],
+                                                  "text_offset": [lp["text_offset"][j]]}
+                    yield sse({**head, "choices": [{"text": text, "index": choice["index"], "logprobs": one, "finish_reason": None}]})
+                yield sse({**head, "choices": [{"text": "", "index": choice["index"], "logprobs": None,
+                                                "finish_reason": choice["finish_reason"], "reward": choice["reward"]}]})
+            if usage is not None:
+                yield sse({**head, "choices": [], "usage": usage})
+            yield sse(b"[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/bon")
     async def bon(self, req: BonRequest) -> dict:
@@ -484,14 +599,15 @@ class Api:
         if req.penalty != "none" and req.penalty != self.reward_kind:
             raise HTTPException(422, detail=f"penalty: '{req.penalty}' needs the server's reward kind to be "
                                             f"'{req.penalty}' (it is '{self.reward_kind}')")
-        return fast_json({"results": [self.answer(s, req) for s in await self.scored_samples(prompts, req)]})
+        return fast_json({"results": [self.answer(s, req) for s in (await self.scored_samples(prompts, req))["samples"]]})
 
     @app.post("/v1/dera")
     async def dera(self, req: DeraRequest) -> dict:
         """Samples at DeRa strength lambda; with n > 1 the best of them by the server's reward."""
         prompts = self.check(req)
         self.check_dera("lambda")
-        return fast_json({"results": [self.answer(s, req, lam=req.lam) for s in await self.scored_samples(prompts, req, req.lam)]})
+        scored = (await self.scored_samples(prompts, req, req.lam))["samples"]
+        return fast_json({"results": [self.answer(s, req, lam=req.lam) for s in scored]})
 
     @staticmethod
     def answer(s, req: SamplingRequest, lam: float | None = None) -> dict:

@@ -1,9 +1,10 @@
 """Concurrent requests, one sampler call: the Serve deployments hand the calls that arrived together
 (`ContinuousBatcher`) to these functions, which run them as one batch and split the results back.
 
-Sampling calls are grouped by what one decode loop must share (n, temperature, min_tokens, and
-whether DeRa's second model runs); inside a group every prompt keeps its own max_tokens, its own
-lambda and its own random stream (`align.engine.sampling.NSampler`). Prompt j of a request with seed s is
+Sampling calls are grouped by what one decode loop must share (n, temperature, top_p, min_tokens,
+and whether DeRa's second model runs); inside a group every prompt keeps its own max_tokens, its own
+lambda and its own random stream (`align.engine.sampling.NSampler`), and every call its own stop
+sequences and how many alternatives per token it wants (`finish_call`). Prompt j of a request with seed s is
 seeded by batch_seed(s, j) whether it runs alone or beside other requests, so an answer does not
 depend on which requests it was batched with.
 
@@ -17,6 +18,10 @@ sampler cannot take (its message names the field) before it joins a batch; a bat
 raises is run again one request at a time (`sample_together`, and `ContinuousBatcher` for any batched
 function, the scorer's included), so only the request that causes the error gets it and every other
 one gets exactly the answer it gets alone.
+
+Stop sequences are applied here, on the generator, before any sample is scored (`finish_call`):
+each completion is cut at its first stop sequence, so the reward, the best-of ranking, the token
+count and the log-probs all describe the text the client gets.
 
 No Ray here: the functions take a Generator or a scorer and plain lists, and are tested as such.
 """
@@ -36,8 +41,12 @@ SEED_MAX = 2**63 - 1
 # temperature: OpenAI's upper bound 2 (above it the samples are close to uniform noise). The floor
 #   keeps logits / temperature finite: at 1e-300 they overflow to inf and the draw's probabilities
 #   and log-probs become NaN; at 0.01 a logit of 600 is still finite in float16, and sampling is
-#   already argmax in practice.
+#   already argmax in practice. Exactly 0 is greedy decoding (the argmax; no division).
 TEMPERATURE_MIN, TEMPERATURE_MAX = 0.01, 2.0
+# logprobs: OpenAI's legacy completions return at most 5 alternatives per token.
+LOGPROBS_MAX = 5
+# stop: OpenAI takes at most 4 stop sequences; 64 characters each bounds the search.
+STOP_MAX, STOP_MAX_CHARS = 4, 64
 # lambda (DeRa): lam * aligned + (1 - lam) * reference logits in float32. 0 is pi_0, 1 the aligned
 #   model, above 1 extrapolates (the paper's sweeps stay within a few units); at 100 the mixed logits
 #   of real models stay far inside float32 (lambda 1e308 is inf in float32 and the mix refuses it).
@@ -70,11 +79,15 @@ class SampleCall:
     min_tokens: int = 0
     seed: int = 0
     lam: float | None = None  # DeRa strength; None samples pi_0 alone
+    top_p: float = 1.0  # nucleus sampling; 1 samples the whole distribution
+    stop: tuple[str, ...] = ()  # each completion is cut at the first of these (not included), before scoring
+    logprobs: int | None = None  # None: no per-token details; k: each token's text and log-prob, k alternatives
+    echo: bool = False  # with logprobs: the prompts' own tokens and log-probs too
 
     @property
     def group(self) -> tuple:
         """Calls with the same group run in one sampler call."""
-        return (self.n, self.temperature, self.min_tokens, self.lam is None)
+        return (self.n, self.temperature, self.top_p, self.min_tokens, self.lam is None)
 
 
 def check_call(call: SampleCall) -> None:
@@ -99,8 +112,16 @@ def check_call(call: SampleCall) -> None:
         ("max_tokens", call.max_tokens, integer(call.max_tokens) and call.max_tokens >= 1, "an integer >= 1"),
         ("min_tokens", call.min_tokens, integer(call.min_tokens) and 0 <= call.min_tokens <= call.max_tokens,
          "an integer, 0 <= min_tokens <= max_tokens"),
-        ("temperature", call.temperature, number(call.temperature) and TEMPERATURE_MIN <= call.temperature <= TEMPERATURE_MAX,
-         f"{TEMPERATURE_MIN:g} <= temperature <= {TEMPERATURE_MAX:g}"),
+        ("temperature", call.temperature, number(call.temperature)
+         and (call.temperature == 0 or TEMPERATURE_MIN <= call.temperature <= TEMPERATURE_MAX),
+         f"0 (greedy) or {TEMPERATURE_MIN:g} <= temperature <= {TEMPERATURE_MAX:g}"),
+        ("top_p", call.top_p, number(call.top_p) and 0 < call.top_p <= 1, "0 < top_p <= 1"),
+        ("stop", call.stop, isinstance(call.stop, tuple) and len(call.stop) <= STOP_MAX
+         and all(isinstance(t, str) and len(t) <= STOP_MAX_CHARS and text_error(t) is None for t in call.stop),
+         f"at most {STOP_MAX} strings of valid text of at most {STOP_MAX_CHARS} characters"),
+        ("logprobs", call.logprobs, call.logprobs is None or (integer(call.logprobs) and 0 <= call.logprobs <= LOGPROBS_MAX),
+         f"an integer, 0 <= logprobs <= {LOGPROBS_MAX}"),
+        ("echo", call.echo, isinstance(call.echo, bool), "a bool"),
         ("seed", call.seed, integer(call.seed) and 0 <= call.seed <= SEED_MAX, f"an integer, 0 <= seed <= 2**63 - 1"),
         ("lambda", call.lam, call.lam is None or (number(call.lam) and 0 <= call.lam <= LAMBDA_MAX),
          f"0 <= lambda <= {LAMBDA_MAX:g}"),
@@ -149,14 +170,70 @@ def _sample_group(generator, batch: list[SampleCall], counts: collections.Counte
     out = generator.sample(
         prompts, first.n, [c.max_tokens for c in batch for _ in c.prompts], temperature=first.temperature,
         min_new_tokens=first.min_tokens, seeds=[s for c in batch for s in prompt_seeds(c.seed, len(c.prompts))],
-        lam=None if first.lam is None else [c.lam for c in batch for _ in c.prompts])
+        lam=None if first.lam is None else [c.lam for c in batch for _ in c.prompts], top_p=first.top_p,
+        token_logprobs=True, top_logprobs=max(c.logprobs or 0 for c in batch))
     results, start = [], 0
     for call in batch:
-        part = out["samples"][start : start + len(call.prompts)]
+        rows = slice(start, start + len(call.prompts))
         start += len(call.prompts)
-        results.append({"samples": part, "seconds": out["seconds"], "batched_requests": len(batch),
-                        "new_tokens": sum(s.drawn_tokens for s in part)})
+        part = out["samples"][rows]
+        result = {"samples": part, "seconds": out["seconds"], "batched_requests": len(batch),
+                  "new_tokens": sum(s.drawn_tokens for s in part)}
+        result.update(finish_call(generator, call, part, out["token_logprobs"][rows], out["top"][rows] if "top" in out else None))
+        results.append(result)
     return results
+
+
+def finish_call(generator, call: SampleCall, samples: list, token_logprobs: list, top: list | None) -> dict:
+    """What one call gets beyond its samples, from the generator's per-token output; cuts its samples
+    at its stop sequences first (`Generator.cut_at_stop`, in place, so the scorer sees the cut text).
+    Returns:
+
+    finish    per prompt and completion, "stop" (cut at a stop sequence, or end-of-sequence drawn)
+              or "length" (max_tokens reached)
+    tokens    None, or with `call.logprobs` per prompt and completion {"text": each token's text
+              (slices of the completion that add up to it; a token a stop sequence cuts through keeps
+              its part, end-of-sequence is ""), "logprobs": each token's log-prob under the
+              distribution it was drawn from, "top": per token the call.logprobs likeliest tokens of
+              that distribution and the drawn one, {text: log-prob} (None for logprobs 0)}
+    prompt    None, or with `call.echo` and `call.logprobs` per prompt the same for the prompt's own
+              tokens under the model (`Generator.prompt_logprobs`; None for the first token)
+    """
+    cut = generator.cut_at_stop(samples, call.stop, token_logprobs) if call.stop else [[None] * len(s.completions) for s in samples]
+    eos = generator.tokenizer.eos_token_id
+    finish = [["stop" if k is not None or (ids and ids[-1] == eos) else "length" for k, ids in zip(ks, s.completion_ids)]
+              for ks, s in zip(cut, samples)]
+    out = {"finish": finish, "tokens": None, "prompt": None}
+    if call.logprobs is None:
+        return out
+    k = call.logprobs
+    prompt = generator.prompt_logprobs(list(call.prompts), k, call.lam) if call.echo else None
+    names: dict[int, str] = {}  # token id -> its text as an alternative (special tokens by name)
+
+    def name(ids) -> None:
+        new = sorted(set(ids) - names.keys())
+        names.update(zip(new, generator.tokenizer.batch_decode([[t] for t in new])))
+
+    def details(ids: list[int], text: str, lps: list, steps: list | None) -> dict:
+        ends = generator.token_ends(ids, text)
+        row = {"text": [text[a:b] for a, b in zip([0] + ends[:-1], ends)], "logprobs": lps[: len(ids)], "top": None}
+        if k and steps is not None:
+            row["top"] = []
+            for tok, lp, step in zip(ids, lps, steps):
+                if step is None:  # a prompt's first token
+                    row["top"].append(None)
+                    continue
+                step = step[:k] + ([(tok, lp)] if tok not in {t for t, _ in step[:k]} else [])  # the drawn token too
+                name(t for t, _ in step)
+                row["top"].append({names[t]: v for t, v in step})
+        return row
+
+    out["tokens"] = [[details(ids, text, lps, steps) for ids, text, lps, steps
+                      in zip(s.completion_ids, s.completions, row_lps, row_tops or [None] * len(s.completions))]
+                     for s, row_lps, row_tops in zip(samples, token_logprobs, top or [None] * len(samples))]
+    if prompt is not None:
+        out["prompt"] = [details(p["ids"], s.prompt, p["token_logprobs"], p["top"]) for p, s in zip(prompt, samples)]
+    return out
 
 
 def score_together(scorer, sample_lists: list[list]) -> list[list]:

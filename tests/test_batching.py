@@ -184,15 +184,31 @@ def test_continuous_batcher_survives_a_failing_call_and_a_cancelled_caller():
         CB(lambda items: items, max_size=0)
 
 
+class WordTokenizer:
+    """A tokenizer of whole words (id i < 6 is WORDS[i], 0 being end-of-sequence, decoded as nothing
+    without special tokens; a larger id is "w<id>")."""
+
+    WORDS = ["<eos>", "good", " film", ".", " bad", " end"]
+    eos_token_id = 0
+
+    def word(self, i: int) -> str:
+        return self.WORDS[i] if i < len(self.WORDS) else f"w{i}"
+
+    def batch_decode(self, rows, skip_special_tokens=False):
+        return ["".join(self.word(i) for i in row if not (skip_special_tokens and i == 0)) for row in rows]
+
+
 class FakeGenerator:
     """Generator.sample's interface without a model: each prompt's completions are a function of the
     prompt, its seed, its budget and n alone; a batch holding the prompt "poison" raises, as the
     sampler does for a seed it cannot take."""
 
+    tokenizer = WordTokenizer()
+
     def __init__(self):
         self.calls = []
 
-    def sample(self, prompts, n, max_new_tokens, temperature=1.0, min_new_tokens=0, seeds=None, lam=None):
+    def sample(self, prompts, n, max_new_tokens, temperature=1.0, min_new_tokens=0, seeds=None, lam=None, **options):
         from align.engine.samples import PromptSamples
 
         self.calls.append(list(prompts))
@@ -200,7 +216,8 @@ class FakeGenerator:
             raise ValueError("expected non-negative integer")
         samples = [PromptSamples(p, [1], [f"{p}|{s}|{m}|{i}" for i in range(n)], [[2] * m] * n, [-1.0 * m] * n, "fake",
                                  drawn_tokens=n * m) for p, s, m in zip(prompts, seeds, max_new_tokens)]
-        return {"samples": samples, "seconds": 0.0, "new_tokens": sum(s.drawn_tokens for s in samples)}
+        return {"samples": samples, "seconds": 0.0, "new_tokens": sum(s.drawn_tokens for s in samples),
+                "token_logprobs": [[[-1.0] * m] * n for m in max_new_tokens]}
 
 
 def test_a_call_that_fails_its_batch_is_retried_alone_and_fails_alone():
@@ -314,7 +331,7 @@ def test_the_batched_scorer_scores_the_others_when_one_requests_samples_fail():
 
 @pytest.mark.parametrize("change, field", [
     ({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"), ({"seed": True}, "seed"), ({"seed": 1.5}, "seed"),
-    ({"temperature": 0.0}, "temperature"), ({"temperature": 1e-300}, "temperature"),
+    ({"temperature": 0.005}, "temperature"), ({"temperature": 1e-300}, "temperature"),
     ({"temperature": float("inf")}, "temperature"), ({"temperature": 2.01}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
     ({"lam": 1e308}, "lambda"), ({"lam": -0.5}, "lambda"), ({"lam": float("nan")}, "lambda"),
@@ -330,6 +347,21 @@ def test_check_call_names_the_field_the_sampler_cannot_take(change, field):
     check_call(good)
     with pytest.raises(InvalidCall, match=rf"^{field}: expected "):
         check_call(dataclasses.replace(good, **change))
+
+
+def test_check_call_takes_greedy_nucleus_stop_and_logprobs_in_their_ranges_only():
+    import dataclasses
+
+    from serve.batching import InvalidCall, SampleCall, check_call
+
+    good = SampleCall(("the plot",), n=1, max_tokens=8, temperature=0.0, top_p=0.5, stop=(".", "\n"), logprobs=5, echo=True)
+    check_call(good)
+    for change, field in [({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_p": float("nan")}, "top_p"),
+                          ({"logprobs": 6}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"logprobs": True}, "logprobs"),
+                          ({"stop": ("x" * 65,)}, "stop"), ({"stop": ("a",) * 5}, "stop"), ({"stop": ("\ud800",)}, "stop"),
+                          ({"echo": 1}, "echo")]:
+        with pytest.raises(InvalidCall, match=rf"^{field}: expected "):
+            check_call(dataclasses.replace(good, **change))
 
 
 def test_the_ranges_hold_in_the_real_sampler(generators):
@@ -381,3 +413,34 @@ def test_the_generator_deployment_refuses_a_bad_call_before_it_joins_a_batch(tin
     for i in (0, 2, 3):
         want = alone(deployment.generator, calls[i])
         assert [s.completion_ids for s in results[i]["samples"]] == [s.completion_ids for s in want]
+
+
+def test_stop_cuts_before_scoring_and_keeps_the_tokens_the_text_covers():
+    """Generator.cut_at_stop and finish_call on known tokens: each completion is cut at its first stop
+    sequence; it keeps the drawn tokens its text covers (a stop beginning inside " bad" keeps that
+    token, its text cut to " b"), its log-prob is theirs, its finish_reason "stop"; token texts add up
+    to the text, and the alternatives (logprobs 1) hold the likeliest token and the drawn one."""
+    from actors.generator import Generator
+    from align.engine.samples import PromptSamples
+    from serve.batching import SampleCall, finish_call
+
+    tok = WordTokenizer()
+    generator = Generator.__new__(Generator)  # no model: only its tokenizer is used
+    generator.tokenizer = tok
+    ids = [[1, 2, 3, 4, 5, 0], [4, 5], [1, 2, 0]]
+    lps = [[-0.5, -1.0, -0.25, -2.0, -0.125, -0.0625], [-1.0, -3.0], [-1.0, -2.0, -4.0]]
+    top = [[[(9 - t, lp + 0.5), (t, lp)] for t, lp in zip(row, row_lps)] for row, row_lps in zip(ids, lps)]
+    full = tok.batch_decode(ids, skip_special_tokens=True)
+    for stop, texts, kept in [(("ad",), ["good film. b", " b", "good film"], [4, 1, 3]),
+                              ((".", " e"), ["good film", " bad", "good film"], [2, 1, 3]),
+                              (("good",), ["", " bad end", ""], [0, 2, 0])]:
+        s = PromptSamples("p", [1], list(full), [list(r) for r in ids], [sum(r) for r in lps])
+        out = finish_call(generator, SampleCall(("p",), 3, 6, stop=stop, logprobs=1), [s], [lps], [top])
+        assert s.completions == texts and s.completion_ids == [row[:k] for row, k in zip(ids, kept)], stop
+        assert s.logprobs == [sum(row[:k]) for row, k in zip(lps, kept)]
+        assert out["finish"] == [["stop" if text != f or row[-1] == 0 else "length" for text, f, row in zip(texts, full, ids)]]
+        for text, tokens, row, row_lps, k in zip(texts, out["tokens"][0], ids, lps, kept):
+            assert "".join(tokens["text"]) == text and len(tokens["text"]) == k and tokens["logprobs"] == row_lps[:k]
+            assert tokens["top"] == [{tok.word(9 - t): lp + 0.5, tok.word(t): lp} for t, lp in zip(row[:k], row_lps)]
+        assert out["prompt"] is None
+    assert out["finish"] == [["stop", "length", "stop"]]

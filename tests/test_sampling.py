@@ -129,4 +129,53 @@ def test_draw_tokens_frequencies_and_log_probs(block):
 def test_bad_arguments(model):
     ids, mask = left_padded()
     with pytest.raises(ValueError, match="temperature"):
-        sample_n(model, ids, mask, 2, max_new_tokens=3, temperature=0.0)
+        sample_n(model, ids, mask, 2, max_new_tokens=3, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_n(model, ids, mask, 2, max_new_tokens=3, top_p=0.0)
+
+
+def test_nucleus_and_greedy_distributions_in_closed_form():
+    """top_p keeps the smallest prefix of the tokens ranked by probability whose mass reaches top_p,
+    renormalised; temperature 0 is the point mass on the argmax (ties to the lowest id). Draws follow
+    those distributions and their log-probs are exactly theirs."""
+    from align.math.draw import nucleus, process_logits
+
+    p = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    logits = p.log()
+    for top_p, kept in [(0.5, [1, 3]), (0.75, [1, 2, 3]), (0.95, [0, 1, 2, 3]), (1e-9, [1])]:
+        want = torch.zeros(4)
+        want[kept] = p[kept] / p[kept].sum()
+        torch.testing.assert_close(nucleus(logits, top_p).softmax(-1), want)
+        tok, logp = draw_tokens(logits.repeat(20_000, 1), top_p=top_p, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(torch.bincount(tok, minlength=4).double() / len(tok), want.double(), atol=0.015, rtol=0)
+        torch.testing.assert_close(logp, want.log()[tok])
+    assert process_logits(logits, top_p=1.0) is logits  # top_p 1 samples the whole distribution
+    point = process_logits(torch.tensor([[1.0, 3.0, 3.0, 2.0]]), temperature=0)
+    assert point.tolist() == [[float("-inf"), 0.0, float("-inf"), float("-inf")]]
+    blocked = process_logits(torch.tensor([[1.0, 3.0, 3.0, 2.0]]), temperature=0, eos_token_id=1, eos_blocked=True)
+    assert blocked.argmax().item() == 2
+    tok, logp = draw_tokens(torch.tensor([[1.0, 3.0, 3.0, 2.0]] * 50), temperature=0, generator=torch.Generator().manual_seed(0))
+    assert tok.tolist() == [1] * 50 and logp.tolist() == [0.0] * 50
+
+
+def test_greedy_and_a_tiny_nucleus_are_the_argmax_continuation(model):
+    """temperature 0 and top_p -> 0 both decode the argmax at every step (a full forward per step
+    here, no cache), with log-prob 0; the top-k log-probs kept are each step's distribution's."""
+    from align.engine.sampling import NSampler
+
+    ids, mask = left_padded()
+    want = ids[1:].clone()
+    with torch.no_grad():
+        for _ in range(5):
+            want = torch.cat([want, model(input_ids=want).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    greedy = sample_n(model, ids[1:], mask[1:], 2, max_new_tokens=5, temperature=0.0)
+    tiny = sample_n(model, ids[1:], mask[1:], 2, max_new_tokens=5, top_p=1e-9, generator=torch.Generator().manual_seed(4))
+    for s in (greedy, tiny):
+        assert s.tokens.tolist() == [want[0, 5:].tolist()] * 2 and s.logprobs.tolist() == [0.0, 0.0]
+    with torch.no_grad():
+        s = NSampler(model, ids[1:], mask[1:], 3, 1, temperature=2.0, top_logprobs=2,
+                     generator=torch.Generator().manual_seed(0)).run().samples()
+        top = (model(input_ids=ids[1:]).logits[0, -1] / 2.0).log_softmax(-1).topk(2)
+    assert s.top_ids[:, 0].tolist() == [top.indices.tolist()] * 3
+    torch.testing.assert_close(s.top_logprobs[:, 0], top.values.expand(3, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s.token_logprobs[:, 0], s.logprobs)

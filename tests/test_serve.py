@@ -2,7 +2,9 @@
 best-of-n equal to the argmax of the returned rewards, DeRa at lambda 0 equal to pi_0's own samples,
 concurrent requests batched yet answered as alone, overload answered 503 with Retry-After, bad input
 answered with a 4xx naming the field while the server keeps serving (and, sent inside a batch of
-valid requests, failing none of them), and the playground page driven in a real headless chromium."""
+valid requests, failing none of them), the playground page driven in a real headless chromium, and
+OpenAI's surface through the official client: /v1/models, greedy and nucleus decoding, logprobs and
+echo, stop applied before ranking, and streaming."""
 import json
 import re
 import shutil
@@ -87,16 +89,14 @@ def test_bon_picks_the_best_returned_sample(server):
     assert again == r.json(), "a fixed seed gives the same answer"
 
 
-def test_dera_at_lambda_0_is_pi0(server, tiny_lm_dir):
-    from actors.generator import Generator
+def test_dera_at_lambda_0_is_pi0(server, pi0):
     from actors.generator import prompt_seeds
 
     body = {"prompt": "the plot", "lambda": 0.0, "n": 3, "max_tokens": 6, "min_tokens": 6, "return_all": True, "seed": 2}
     r = post(server, "/v1/dera", body)
     assert r.status_code == 200, r.text
     got = [s["completion"] for s in r.json()["results"][0]["samples"]]
-    want = Generator(str(tiny_lm_dir), device="cpu").sample(["the plot"], 3, 6, min_new_tokens=6,
-                                                            seeds=prompt_seeds(2, 1))["samples"][0]
+    want = pi0.sample(["the plot"], 3, 6, min_new_tokens=6, seeds=prompt_seeds(2, 1))["samples"][0]
     assert got == want.completions and r.json()["results"][0]["lambda"] == 0.0
 
 
@@ -113,7 +113,7 @@ BAD_INPUT = [
     ("/v1/bon", {"prompt": ["a"] * 5}, None, "prompt", 422),
     ("/v1/bon", {"prompt": "x" * 101}, None, "prompt", 422),
     ("/v1/bon", {"prompt": "\u00e9" * 100, "max_tokens": 16}, None, "prompt", 422),  # 200 bytes: past the model's 128 positions
-    ("/v1/bon", {"prompt": "a", "temperature": 0}, None, "temperature", 422),
+    ("/v1/bon", {"prompt": "a", "temperature": 0}, None, "n", 422),  # greedy with n = 8
     ("/v1/bon", {"prompt": "a", "n": "two"}, None, "n", 422),
     ("/v1/bon", {"prompt": "a", "penalty": "laplace"}, None, "penalty", 422),
     ("/v1/bon", {"prompt": "a", "selection": "best"}, None, "selection", 422),
@@ -282,11 +282,128 @@ def test_openai_completions_through_the_official_client(server):
         client.completions.create(model="sweetspot", prompt="a", n=3, best_of=2, max_tokens=4)
 
 
-def test_cut_at_stop():
-    from serve.app import cut_at_stop
+@pytest.fixture(scope="module")
+def pi0(tiny_lm_dir):
+    """The server's reference model, loaded here to compute what the server should answer."""
+    from actors.generator import Generator
 
-    assert cut_at_stop("good film. bad end", [".", " bad"]) == ("good film", True)
-    assert cut_at_stop("good film", ["!"]) == ("good film", False) and cut_at_stop("abc", []) == ("abc", False)
+    return Generator(str(tiny_lm_dir), device="cpu")
+
+
+def test_models_greedy_top_p_logprobs_and_echo_through_the_official_client(server, pi0):
+    """GET /v1/models in OpenAI's list format (and 404 naming model for another id). temperature 0 is
+    the argmax continuation computed here with the model, token by token; top_p -> 0 is the same
+    answer. logprobs with echo: the prompt's tokens first (null, then the model's own log-probs), the
+    completion's token log-probs summing to the sampler's log-prob of that sample, the top 2 of each
+    step holding the drawn token. Greedy with n or best_of > 1, and values out of range, are 422s."""
+    import torch
+    from openai import NotFoundError, OpenAI
+
+    from actors.generator import prompt_seeds
+
+    client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    (card,) = client.models.list().data
+    assert (card.id, card.object, card.owned_by) == ("sweetspot", "model", "sweetspot") and isinstance(card.created, int)
+    assert client.models.retrieve("sweetspot").id == "sweetspot"
+    with pytest.raises(NotFoundError) as err:
+        client.models.retrieve("gpt-9")
+    assert err.value.body["param"] == "model" and "gpt-9" in err.value.body["message"]
+
+    prompt, eos = "the movie was", pi0.tokenizer.eos_token_id
+    ids = pi0.tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        prompt_lps = torch.log_softmax(pi0.model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+        prompt_lps = prompt_lps.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        argmax = []
+        while len(argmax) < 8 and eos not in argmax:
+            argmax.append(int(pi0.model(input_ids=torch.tensor([ids + argmax])).logits[0, -1].argmax()))
+    greedy = client.completions.create(model="sweetspot", prompt=prompt, max_tokens=8, temperature=0, logprobs=1).choices[0]
+    assert greedy.text == pi0.tokenizer.decode(argmax, skip_special_tokens=True)
+    assert greedy.finish_reason == ("stop" if argmax[-1] == eos else "length")
+    assert greedy.logprobs.token_logprobs == [0.0] * len(argmax)  # the point mass: one token, log-prob 0
+    assert [list(d.values()) for d in greedy.logprobs.top_logprobs] == [[0.0]] * len(argmax)
+    nucleus = client.completions.create(model="sweetspot", prompt=prompt, max_tokens=8, top_p=1e-9, seed=11, logprobs=1).choices[0]
+    assert nucleus.model_dump() == greedy.model_dump()
+
+    out = client.completions.create(model="sweetspot", prompt=prompt, max_tokens=6, best_of=3, seed=4, logprobs=2, echo=True)
+    (choice,) = out.choices
+    lp, P = choice.logprobs, len(ids)
+    assert choice.text.startswith(prompt) and "".join(lp.tokens) == choice.text and "".join(lp.tokens[:P]) == prompt
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:P] == pytest.approx(prompt_lps, abs=1e-4)
+    drawn = pi0.sample([prompt], 3, 6, seeds=prompt_seeds(4, 1))["samples"][0]
+    j = drawn.completions.index(choice.text[len(prompt):])
+    assert len(lp.tokens) - P == len(drawn.completion_ids[j])
+    assert sum(lp.token_logprobs[P:]) == pytest.approx(drawn.logprobs[j], abs=1e-4)
+    for value, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert 1 <= len(top) <= 3 and any(v == pytest.approx(value, abs=1e-6) for v in top.values()) and max(top.values()) <= 0
+
+    for body, field in [({"temperature": 0, "n": 2, "best_of": 2}, "n"), ({"temperature": 0, "best_of": 2}, "best_of"),
+                        ({"temperature": 0.005}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+                        ({"logprobs": 6}, "logprobs"), ({"logprobs": True}, "logprobs"), ({"echo": 1}, "echo"),
+                        ({"stream_options": {"include_usage": True}}, "stream_options")]:
+        r = post(server, "/v1/completions", completion(max_tokens=4, **body))
+        assert r.status_code == 422 and r.json()["error"]["param"] == field, (body, r.text)
+
+
+def test_streamed_completions_add_up_to_the_answer(server):
+    """stream: true sends the ranked choices as server-sent events, a chunk per token then one with
+    the finish_reason; per index the chunks' texts and log-probs add up to the answer without stream
+    (the official client), the usage chunk is the answer's usage, and the stream ends `data: [DONE]`."""
+    import requests
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    body = dict(model="sweetspot", prompt=["the movie was", "a bad"], n=2, best_of=3, max_tokens=6, seed=9, logprobs=1,
+                echo=True, stop=["\t"])
+    whole = client.completions.create(**body)
+    texts, tokens, lps, finish, usage = {}, {}, {}, {}, None
+    for chunk in client.completions.create(**body, stream=True, stream_options={"include_usage": True}):
+        assert chunk.object == "text_completion"
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.logprobs is not None:
+                tokens.setdefault(c.index, []).extend(c.logprobs.tokens)
+                lps.setdefault(c.index, []).extend(c.logprobs.token_logprobs)
+            if c.finish_reason is not None:
+                finish[c.index] = c.finish_reason
+    assert len(whole.choices) == 4 and texts == {c.index: c.text for c in whole.choices}
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
+    assert tokens == {c.index: c.logprobs.tokens for c in whole.choices}
+    assert lps == {c.index: c.logprobs.token_logprobs for c in whole.choices}
+    assert usage == whole.usage
+
+    r = requests.post(server + "/v1/completions", json={**body, "logprobs": None, "stream": True}, stream=True, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: {") for e in events[:-1])
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert all(c["choices"][0]["logprobs"] is None for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == 0) == whole.choices[0].text
+
+
+def test_stop_cuts_every_sample_before_it_is_scored_and_ranked(tight_server):
+    """best_of = n = 8 on the combined (VADER + brevity) reward, once without stop and once with a
+    whitespace stop that occurs in the samples: the texts are the same samples cut at it, each
+    reward is the server's scorer's on exactly the returned texts (the cut changed some), the
+    choices are ranked by those rewards, and usage counts the cut tokens only."""
+    from actors.scorer import make_scorer
+
+    body = completion(prompt="the movie was", n=8, best_of=8, max_tokens=12, seed=0)
+    full = post(tight_server, "/v1/completions", body).json()
+    texts = [c["text"] for c in full["choices"]]
+    stop = next(ch for t in texts for ch in t.strip() if ch.isspace())
+    cut = post(tight_server, "/v1/completions", {**body, "stop": stop}).json()
+    got = [c["text"] for c in cut["choices"]]
+    assert sorted(got) == sorted(t.split(stop)[0] for t in texts)
+    scorer = make_scorer({"kind": "combined", "components": [{"kind": "vader"}, {"kind": "brevity", "max_words": 4}]})
+    rewards = [c["reward"] for c in cut["choices"]]
+    assert rewards == pytest.approx(scorer.score(["the movie was"] * 8, got, groups=[0] * 8).mean.tolist(), abs=1e-12)
+    assert rewards == sorted(rewards, reverse=True) and sorted(rewards) != sorted(c["reward"] for c in full["choices"])
+    assert all(c["finish_reason"] == "stop" for c in cut["choices"] if c["text"] not in texts)
+    assert cut["usage"]["completion_tokens"] < full["usage"]["completion_tokens"]
 
 
 def test_concurrent_requests_are_batched_and_answered_as_alone(server):

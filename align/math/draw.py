@@ -1,5 +1,7 @@
-"""Draw kernels: the distribution a token is drawn from (`process_logits`) and exact inverse-CDF
-draws from it, over materialised logits (`draw_tokens`) or fused with the LM head (`draw_from_hidden`).
+"""Draw kernels: the distribution a token is drawn from (`process_logits`: temperature, with 0 the
+greedy point mass, a blocked end-of-sequence, the `nucleus` for top_p < 1) and exact inverse-CDF
+draws from it, over materialised logits (`draw_tokens`) or fused with the LM head (`draw_from_hidden`,
+plain sampling only).
 
 Pure tensor functions: the sampling loop (align.engine.sampling), the trainers' log-probs
 (align.math.losses) and DeRa all call these, so every stored log-prob describes the same process.
@@ -10,36 +12,66 @@ import torch
 
 
 def process_logits(logits: torch.Tensor, temperature=1.0, eos_token_id: int | None = None,
-                   eos_blocked: torch.Tensor | bool = False) -> torch.Tensor:
+                   eos_blocked: torch.Tensor | bool = False, top_p: float = 1.0) -> torch.Tensor:
     """The logits of the distribution a token is actually drawn from: logits / temperature, with the
-    end-of-sequence token at -inf where it is blocked (completion positions before min_new_tokens).
+    end-of-sequence token at -inf where it is blocked (completion positions before min_new_tokens),
+    then, for top_p < 1, every token outside the nucleus at -inf (`nucleus`: its softmax is the
+    nucleus distribution renormalised). Temperature 0 is greedy decoding: the point mass on the
+    argmax (0 there, -inf elsewhere; ties to the lowest id), so its log-probs are 0, the limit of
+    top_p -> 0 and of temperature -> 0.
 
     Every log-prob the project stores or compares (sampler, reference log-probs, trainers' log-ratios,
     the KL in jobs/evaluate) goes through this one transform, so both sides of a KL or a log-ratio
     describe the same sampling process (docs/algorithms.md, "What KL(pi || pi_0) measures").
 
-    logits: (..., V). temperature: a float or a tensor broadcastable to logits[..., :1] (e.g. (B, 1, 1)).
-    eos_blocked: a bool or a bool tensor of logits.shape[:-1]. Returns a new tensor, or `logits`
-    itself when there is nothing to change.
+    logits: (..., V). temperature: a float >= 0, or a tensor > 0 broadcastable to logits[..., :1]
+    (e.g. (B, 1, 1)). eos_blocked: a bool or a bool tensor of logits.shape[:-1]. top_p: in (0, 1].
+    Returns a new tensor, or `logits` itself when there is nothing to change.
     """
     blocked = eos_token_id is not None and (eos_blocked.any().item() if torch.is_tensor(eos_blocked) else eos_blocked)
-    if not blocked and not torch.is_tensor(temperature) and temperature == 1.0:
+    greedy = not torch.is_tensor(temperature) and temperature == 0
+    if not blocked and not torch.is_tensor(temperature) and temperature == 1.0 and top_p >= 1.0:
         return logits
-    out = logits / temperature
+    out = logits.clone() if greedy else logits / temperature
     if blocked:
         col = out[..., eos_token_id]  # a view: the in-place fill below edits `out`
         if torch.is_tensor(eos_blocked):
             col.masked_fill_(eos_blocked, float("-inf"))
         else:
             col.fill_(float("-inf"))
-    return out
+    if greedy:
+        return torch.full_like(out, float("-inf")).scatter_(-1, out.argmax(-1, keepdim=True), 0.0)
+    return nucleus(out, top_p) if top_p < 1.0 else out
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus (top-p) filtering: `logits` with -inf for every token outside the nucleus of
+    softmax(logits). With the tokens ranked by probability (descending; ties by lower id first), a
+    token is kept iff the probability of the tokens ranked before it is < top_p: the smallest prefix
+    of the ranking whose mass reaches top_p. The most likely token is always kept (top_p -> 0 is the
+    argmax). The softmax of the result is the nucleus distribution renormalised."""
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p: expected 0 < top_p <= 1, got {top_p}")
+    ranked, order = logits.sort(dim=-1, descending=True, stable=True)
+    probs = ranked.softmax(-1)
+    before = probs.cumsum(-1) - probs  # the mass ranked before each token (0 exactly for the first)
+    drop = torch.empty_like(before, dtype=torch.bool).scatter_(-1, order, before >= top_p)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def top_tokens(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of softmax(logits) per row (B, V) and their log-probs: (B, k) ids and
+    (B, k) float32 log-probs, descending (-inf where the distribution has fewer than k tokens)."""
+    values, ids = torch.log_softmax(logits.float(), -1).topk(k, -1)
+    return ids, values
 
 
 def draw_tokens(logits: torch.Tensor, temperature=1.0, eos_token_id: int | None = None, eos_blocked: bool = False,
                 generator: torch.Generator | None = None, chunk_rows: int | None = None,
-                block: int = 256, u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                block: int = 256, u: torch.Tensor | None = None, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of logits (B, V) from softmax(`process_logits`), and its log-prob under that
-    distribution: (B,) ids and (B,) float32.
+    distribution: (B,) ids and (B,) float32 (under top_p, the renormalised nucleus distribution's;
+    at temperature 0, the argmax with log-prob 0).
 
     Exact inverse-CDF sampling in two levels: the unnormalised probabilities are summed in blocks of
     `block` tokens, a block is picked by searching the running sum of the block sums, and a token
@@ -56,7 +88,7 @@ def draw_tokens(logits: torch.Tensor, temperature=1.0, eos_token_id: int | None 
     tokens = torch.empty(B, dtype=torch.long, device=logits.device)
     logps = torch.empty(B, dtype=torch.float32, device=logits.device)
     for i in range(0, B, chunk):
-        scaled = process_logits(logits[i : i + chunk], temperature, eos_token_id, eos_blocked)  # (c, V)
+        scaled = process_logits(logits[i : i + chunk], temperature, eos_token_id, eos_blocked, top_p)  # (c, V)
         c = scaled.shape[0]
         top = scaled.amax(-1, keepdim=True)  # (c, 1)
         probs = scaled.new_empty(c, nb * block)  # unnormalised; the padding past V has probability 0
