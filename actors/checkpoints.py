@@ -25,6 +25,7 @@ from dataclasses import dataclass
 MARKER = ".complete"
 RUN_FILE = "sweetspot_run.json"  # the config the run's checkpoints were made under
 LOG_FILE = "train_log.jsonl"  # rank 0's per-step metrics (one run's rows only)
+START_FILE = "worker_starts.jsonl"  # a line per start of the worker group: the step it resumed at (the driver prints it)
 MODEL_DIR = "model"  # the final model, in Hugging Face format
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it registered
 _NAME = re.compile(r"^checkpoint_(\d{6,})$")

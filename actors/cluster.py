@@ -18,17 +18,56 @@ log = logging.getLogger("sweetspot.cluster")
 SHIP_LIMIT_BYTES = 512 * 2**20
 
 
-def init_ray(address: str | None = None, log_to_driver: bool = False) -> bool:
-    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray; True if this call
-    started or joined it (the caller then shuts it down). Ray's own warnings are kept to errors in
-    every process of the job; the job's prints still reach the console when log_to_driver is set."""
+def init_ray(address: str | None = None, log_to_driver: bool = False, connect_timeout_s: float = 30.0) -> bool:
+    """Join the cluster at `address` (or $RAY_ADDRESS), else the local cluster `ray start` recorded
+    if it still answers, else start a Ray here with node address 127.0.0.1 (Ray 2.60's own servers
+    still listen on every interface: docs/security.md). True if this call started or joined it (the
+    caller then shuts it down). A recorded
+    cluster that is gone is said so and replaced by a new one; an address where nothing answers within
+    connect_timeout_s is a ConnectionError naming it (Ray itself would retry without end). One line
+    says which cluster the job is on. Ray's own warnings are kept to errors in every process of the
+    job; the job's prints still reach the console when log_to_driver is set."""
+    import os
+
     import ray
 
     if ray.is_initialized():
         return False
-    ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver, logging_level="ERROR",
-             logging_config=ray.LoggingConfig(log_level="ERROR"))
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    if target is None:
+        from ray._private.utils import read_ray_address
+
+        recorded = read_ray_address(None)  # what the last `ray start` on this machine wrote
+        if recorded and not gcs_answers(recorded, min(connect_timeout_s, 5.0)):
+            log.warning("the local Ray cluster recorded at %s is gone (stopped, or its machine restarted); starting a "
+                        "new one here", recorded)
+            recorded = None
+        target = recorded or "local"
+    elif target not in ("local", "auto") and "://" not in target and not gcs_answers(target, connect_timeout_s):
+        raise ConnectionError(f"ray_address / RAY_ADDRESS: no Ray cluster answers at {target} within "
+                              f"{connect_timeout_s:g} s (is it running? `ray status --address {target}`)")
+    extra = {"_node_ip_address": "127.0.0.1"} if target == "local" else {}
+    ray.init(address=target, include_dashboard=False, log_to_driver=log_to_driver, logging_level="ERROR",
+             logging_config=ray.LoggingConfig(log_level="ERROR"), **extra)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if target == "local":
+        print(f"  started a local Ray ({cpus:g} CPUs, node address 127.0.0.1); it stops with this job", flush=True)
+    else:
+        print(f"  joined the Ray cluster at {ray.get_runtime_context().gcs_address} "
+              f"({len([n for n in ray.nodes() if n['Alive']])} nodes, {cpus:g} CPUs)", flush=True)
     return True
+
+
+def gcs_answers(address: str, timeout_s: float) -> bool:
+    """Whether something accepts a TCP connection at `address` ("host:port") within timeout_s."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)

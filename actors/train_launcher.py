@@ -14,7 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from actors.checkpoints import LOG_FILE, MODEL_DIR, RAY_SNAPSHOT, RUN_FILE, RunDir
+from actors.checkpoints import LOG_FILE, MODEL_DIR, RAY_SNAPSHOT, RUN_FILE, START_FILE, RunDir
 from actors.train_config import TrainConfig
 from align.runtime.runstate import replace_dir, write_atomic
 
@@ -145,6 +145,8 @@ class ProgressPrinter:
         self.run_dir, self.total, self.interval = run_dir, total_steps, interval
         text = run_dir.read_text(LOG_FILE) or ""  # a resumed run's earlier rows are not printed again
         self.printed = max((json.loads(line)["step"] for line in text.splitlines()), default=0)
+        self.starts_seen = len((run_dir.read_text(START_FILE) or "").splitlines())  # earlier runs' starts
+        self.starts = 0  # this job's
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="train-progress")
 
@@ -163,8 +165,19 @@ class ProgressPrinter:
     def poll(self) -> None:
         try:
             text = self.run_dir.read_text(LOG_FILE) or ""
+            start = self.run_dir.read_text(START_FILE)
         except OSError:  # mid-rename; next time
             return
+        for line in (start or "").splitlines()[self.starts_seen :]:  # the worker group started, or restarted
+            self.starts_seen, self.starts = self.starts_seen + 1, self.starts + 1
+            s = json.loads(line)
+            again = "restarted" if self.starts > 1 else "started"
+            if s["checkpoint"]:
+                print(f"  [train] workers {again}: resuming at step {s['step']} of {self.total} "
+                      f"(from {s['checkpoint'].rstrip('/').rsplit('/', 1)[-1]})", flush=True)
+            elif self.starts > 1:
+                print(f"  [train] workers restarted: no complete checkpoint yet, from step 0 of {self.total}", flush=True)
+            self.printed = min(self.printed, s["step"])  # the steps after it run again: their rows print again
         for line in text.splitlines():
             row = json.loads(line)
             if row["step"] > self.printed:

@@ -248,6 +248,12 @@ def resume_newest(engine, run_dir, rank: int, load_extra=None) -> int:
         log.info("rank %d resumed from %s at step %d", rank, path, step)
     if rank == 0:
         rewrite_log(run_dir, lambda rows: [r for r in rows if r["step"] <= step])
+        from actors.checkpoints import START_FILE
+
+        # One line per start of the worker group, so the driver can say that it (re)started and where.
+        starts = run_dir.read_text(START_FILE) or ""
+        run_dir.write_text(START_FILE, starts + json.dumps({"step": step, "checkpoint": newest[1] if newest else None,
+                                                            "started_at": time.time()}) + "\n")
         run_dir.remove_incomplete()
         for path, _ in bad:  # every rank skips it whether or not it is still there
             run_dir.fs.delete_dir(path)

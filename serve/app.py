@@ -123,6 +123,47 @@ Weight = Annotated[float, Field(ge=0, le=WEIGHT_MAX)]
 StopText = Annotated[str, Field(max_length=STOP_MAX_CHARS)]
 
 
+class Access(BaseModel):
+    """Who may call the endpoints (configs/serve.yaml `access`). The key itself never enters a config,
+    a log or a replica's arguments: it is read where the app is built and only its SHA-256 travels."""
+
+    model_config = ConfigDict(extra="forbid")
+    api_key_env: str | None = Field(None, description="an environment variable holding the API key: every route "
+                                                      "but / and /healthz then needs `Authorization: Bearer <key>`")
+    api_key_file: str | None = Field(None, description="or a file whose first line is the key")
+    allowed_hosts: list[str] | None = Field(None, description="the Host header values accepted (the port aside), "
+                                                              "against DNS rebinding; null: any")
+
+    def key_digest(self) -> str | None:
+        """The SHA-256 (hex) of the configured key, or None; a ConfigError naming the field when it is
+        configured but missing or empty."""
+        import hashlib
+        import os
+
+        from align.runtime.config import ConfigError
+
+        if self.api_key_env and self.api_key_file:
+            raise ConfigError("access.api_key_file", "null when access.api_key_env is set (one source of the key)")
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env, "")
+            if not key.strip():
+                raise ConfigError("access.api_key_env", f"the name of a set, non-empty environment variable "
+                                                        f"(${self.api_key_env} is {'empty' if self.api_key_env in os.environ else 'not set'})")
+        elif self.api_key_file:
+            path = Path(self.api_key_file).expanduser()
+            if not path.is_file():
+                raise ConfigError("access.api_key_file", "a file holding the key", self.api_key_file)
+            key = (path.read_text().splitlines() or [""])[0]
+            if not key.strip():
+                raise ConfigError("access.api_key_file", "a file whose first line is the key (it is empty)", self.api_key_file)
+        else:
+            return None
+        return hashlib.sha256(key.strip().encode()).hexdigest()
+
+
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1"]
+
+
 class SamplingRequest(BaseModel):
     model_config = ConfigDict(**STRICT, populate_by_name=True)
     prompt: str | list[str] = Field(description="one prompt or a list of prompts")
@@ -334,11 +375,12 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def refuse(send, status: int, message: str, close: bool = False) -> None:
+    async def refuse(send, status: int, message: str, close: bool = False, param: str = "body",
+                     extra: list | None = None) -> None:
         import json
 
-        content = json.dumps(error_body(message, "body")).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+        content = json.dumps(error_body(message, param)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()), *(extra or [])]
         if close:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -346,6 +388,53 @@ class BodyGuard:
 
 
 app.add_middleware(BodyGuard)
+
+
+class Door:
+    """ASGI middleware in front of everything (before a body is read): a Host header outside
+    access.allowed_hosts is a 400 naming Host (a DNS-rebinding page cannot reach a loopback server),
+    and, when an API key is configured, a request without `Authorization: Bearer <key>` is a 401
+    naming Authorization. GET / (the playground page) and /healthz hold no data and stay open, for a
+    browser to load the page and for a load balancer's health probe."""
+
+    OPEN_PATHS = ("/", "/healthz")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        state = getattr(scope.get("app"), "state", None)
+        path, root = scope.get("path", ""), scope.get("root_path", "")  # under a route prefix the path holds it
+        if scope["type"] != "http" or state is None or (path[len(root):] if path.startswith(root) else path) in self.OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        allowed = getattr(state, "allowed_hosts", None)
+        if allowed is not None:
+            host = host_name(headers.get(b"host", b"").decode("latin-1")).lower()
+            if host not in allowed:
+                return await BodyGuard.refuse(send, 400, f"Host: expected one of {', '.join(allowed)} "
+                                                         f"(access.allowed_hosts), got {host!r}", param="Host")
+        digest = getattr(state, "key_digest", None)
+        if digest is not None:
+            import hashlib
+            import hmac
+
+            scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            given = hashlib.sha256(key.strip().encode("utf-8", "replace")).hexdigest()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given, digest):
+                return await BodyGuard.refuse(send, 401, "Authorization: expected `Bearer <the server's API key>`",
+                                              param="Authorization", extra=[(b"www-authenticate", b"Bearer")])
+        return await self.app(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """The host of a Host header, without its port ("[::1]:8000" -> "::1", "a.b:80" -> "a.b")."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+app.add_middleware(Door)  # added last: the outermost, so a refused request is not even read
 
 
 @app.exception_handler(StarletteHTTPException)  # FastAPI's own 400s (a body it cannot parse) too
@@ -409,13 +498,14 @@ async def validation_error(request, exc: RequestValidationError):
 class Api:
     def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle | None, limits: dict | None = None,
                  has_aligned: bool = False, reward_kind: str = "vader", model_name: str = "sweetspot",
-                 retry_after_s: float = 1.0):
+                 retry_after_s: float = 1.0, allowed_hosts: list[str] | None = None, key_digest: str | None = None):
         self.generator, self.scorer = generator, scorer
         self.limits, self.has_aligned, self.reward_kind = Limits(**(limits or {})), has_aligned, reward_kind
         self.model_name, self.retry_after_s = model_name, retry_after_s
         self.created = int(time.time())  # the model's `created` in /v1/models: when this server started
         app.state.max_body_bytes = self.limits.max_body_bytes  # read by BodyGuard, in this replica
         app.state.body_timeout_s = self.limits.body_timeout_s
+        app.state.allowed_hosts, app.state.key_digest = allowed_hosts, key_digest  # read by Door
 
     def check(self, req: SamplingRequest) -> list[str]:
         """The request's prompts, or a 422 naming the field and the allowed range."""
@@ -645,6 +735,7 @@ class AppArgs(BaseModel):
     generator_threads: int | None = Field(None, ge=1)
     colocate_scorer: bool = Field(False, description="score in the generator's replicas: one handle call less "
                                                      "per request, but generation and scoring then scale together")
+    access: Access = Field(default_factory=Access)
 
 
 # Defaults small enough for a 2-core machine; a Serve config file's `deployments` override them.
@@ -669,7 +760,8 @@ def bind_app(a: AppArgs, options: dict[str, dict] | None = None) -> serve.Applic
         a.model, a.aligned, a.device, a.generator_threads, batching, spec if a.colocate_scorer else None)
     scorer = None if a.colocate_scorer else serve.deployment(ScorerDeployment, **opts["ScorerDeployment"]).bind(spec, batching)
     return serve.deployment(Api, **opts["Api"]).bind(
-        generator, scorer, a.limits.model_dump(), a.aligned is not None, a.reward["kind"], a.model_name, a.retry_after_s)
+        generator, scorer, a.limits.model_dump(), a.aligned is not None, a.reward["kind"], a.model_name, a.retry_after_s,
+        a.access.allowed_hosts, a.access.key_digest())
 
 
 def build_app(args: dict | None = None) -> serve.Application:

@@ -122,7 +122,7 @@ def check_call(call: SampleCall) -> None:
         ("logprobs", call.logprobs, call.logprobs is None or (integer(call.logprobs) and 0 <= call.logprobs <= LOGPROBS_MAX),
          f"an integer, 0 <= logprobs <= {LOGPROBS_MAX}"),
         ("echo", call.echo, isinstance(call.echo, bool), "a bool"),
-        ("seed", call.seed, integer(call.seed) and 0 <= call.seed <= SEED_MAX, f"an integer, 0 <= seed <= 2**63 - 1"),
+        ("seed", call.seed, integer(call.seed) and 0 <= call.seed <= SEED_MAX, "an integer, 0 <= seed <= 2**63 - 1"),
         ("lambda", call.lam, call.lam is None or (number(call.lam) and 0 <= call.lam <= LAMBDA_MAX),
          f"0 <= lambda <= {LAMBDA_MAX:g}"),
     ):

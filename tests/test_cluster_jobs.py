@@ -1,6 +1,7 @@
 """Jobs submitted to a Ray cluster with `ray job submit --working-dir .`, as a user does: the upload
 leaves out the virtual environment and caches, the job finishes, and its outputs land under the
 output root (~/sweetspot for a submitted job), not in Ray's temporary copy of the working directory."""
+import ast
 import json
 import os
 import subprocess
@@ -54,3 +55,39 @@ def test_submitted_training_job_reads_its_data_through_ray(ray_cluster, tiny_lm_
     assert (root / "runs" / "dpo" / "checkpoint_000002" / ".complete").exists()
     assert [json.loads(line)["step"] for line in (root / "submitted_dpo" / "train_log.jsonl").read_text().splitlines()] == [1, 2]
     assert f"outputs in {root / 'submitted_dpo'}" in log
+
+
+LOCAL_RAY = """
+import logging, socket, sys
+import psutil
+import ray
+import ray._private.utils
+from actors.cluster import init_ray
+
+logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+dead = socket.socket(); dead.bind(("127.0.0.1", 0)); port = dead.getsockname()[1]; dead.close()  # nothing listens
+try:
+    init_ray(f"127.0.0.1:{port}", connect_timeout_s=1)
+except ConnectionError as e:
+    print("REFUSED", e)
+ray._private.utils.read_ray_address = lambda temp_dir=None: f"127.0.0.1:{port}"  # a recorded cluster, now gone
+assert init_ray() is True
+ours = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
+listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in ours}
+print("LISTENING", sorted(listening))
+ray.shutdown()
+"""
+
+
+def test_a_job_on_a_gone_cluster_says_so_and_starts_its_own():
+    """Nothing answers at an address: a ConnectionError naming it within the timeout (not Ray's endless
+    retries). A recorded local cluster that is gone: said so, and a new Ray starts here, with a line
+    saying so. Its listening sockets are printed (docs/security.md records them: Ray 2.60's servers
+    listen on every interface whatever the node address, so the boundary must be the network's)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", LOCAL_RAY], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=180).stdout
+    assert "REFUSED ray_address / RAY_ADDRESS: no Ray cluster answers at 127.0.0.1:" in out, out
+    assert "is gone" in out and "started a local Ray (" in out and "node address 127.0.0.1" in out, out
+    listening = ast.literal_eval(out.split("LISTENING ", 1)[1].splitlines()[0])
+    assert len(listening) >= 3, listening  # the GCS, the raylet, the object manager at least

@@ -6,6 +6,7 @@ valid requests, failing none of them), the playground page driven in a real head
 OpenAI's surface through the official client: /v1/models, greedy and nucleus decoding, logprobs and
 echo, stop applied before ranking, and streaming."""
 import json
+import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 pytestmark = pytest.mark.ray
+KEY = "test-key-7f3a"  # tight_server's API key
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +44,22 @@ def server(serving):
 @pytest.fixture(scope="module")
 def tight_server(serving, tiny_lm_dir):
     """A second app beside the first: one request at a time on the generator, one more queued, and
-    an LSC-combined reward; everything else is refused with a 503."""
+    an LSC-combined reward (everything else is refused with a 503); behind an API key (KEY) and a
+    Host allowlist."""
     from ray import serve
 
     from serve.app import AppArgs, bind_app
 
     url, aligned = serving
+    os.environ["SWEETSPOT_TEST_KEY"] = KEY  # read once, where the app is built; only its digest reaches the replica
     args = AppArgs(model=str(tiny_lm_dir), aligned=str(aligned), device="cpu", retry_after_s=2,
+                   access={"api_key_env": "SWEETSPOT_TEST_KEY", "allowed_hosts": ["127.0.0.1", "localhost"]},
                    reward={"kind": "combined", "components": [{"kind": "vader"}, {"kind": "brevity", "max_words": 4}]},
                    limits={"max_n": 64, "max_tokens": 64}, batching={"max_batch_size": 1})
     tight = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 1, "max_queued_requests": 1}
     serve.run(bind_app(args, {"GeneratorDeployment": tight, "ScorerDeployment": {"ray_actor_options": {"num_cpus": 0}}}),
               name="tight", route_prefix="/tight")
+    os.environ.pop("SWEETSPOT_TEST_KEY")
     yield url + "/tight"
     serve.delete("tight")
 
@@ -61,9 +67,10 @@ def tight_server(serving, tiny_lm_dir):
 def post(url, route, body, raw=None):
     import requests
 
+    auth = {"Authorization": f"Bearer {KEY}"}  # needed by tight_server; the other app has no key and ignores it
     if raw is not None:
-        return requests.post(url + route, data=raw, headers={"Content-Type": "application/json"}, timeout=60)
-    return requests.post(url + route, json=body, timeout=60)
+        return requests.post(url + route, data=raw, headers={"Content-Type": "application/json", **auth}, timeout=60)
+    return requests.post(url + route, json=body, headers=auth, timeout=60)
 
 
 def test_health_and_openapi(server):
@@ -679,3 +686,48 @@ def test_generator_replica_killed_under_load_gives_503s_and_the_server_recovers(
     print(f"\n  replica killed under load: {codes.count(200)} answered 200, {len(failed)} answered 503; "
           f"the first request sent after the kill was answered 200 {recovered:.1f} s after it")
     assert replica()["actor_id"] != victim["actor_id"]
+
+
+def test_the_door_api_key_and_host_allowlist(tight_server):
+    """With an API key, a request without it or with another is a 401 naming Authorization (with
+    WWW-Authenticate), before its body is read; a Host outside the allowlist is a 400 naming Host (DNS
+    rebinding); /healthz and the page stay open; the official client with the key just works."""
+    import openai
+    import requests
+
+    body = {"prompt": "a good film", "n": 2, "max_tokens": 4}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}):
+        r = requests.post(tight_server + "/v1/bon", json=body, headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["param"] == "Authorization", (headers, r.text)
+        assert r.headers["www-authenticate"] == "Bearer" and KEY not in r.text
+    r = requests.post(tight_server + "/v1/bon", data=b"{not json", headers={}, timeout=30)
+    assert r.status_code == 401  # refused before the body is read or parsed
+    evil = {"Host": "attacker.example:8000", "Authorization": f"Bearer {KEY}"}
+    r = requests.post(tight_server + "/v1/bon", json=body, headers=evil, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "Host" and "attacker.example" in r.text
+    assert requests.get(tight_server + "/healthz", timeout=10).json() == {"status": "ok"}
+    assert requests.get(tight_server + "/", timeout=10).status_code == 200
+    assert post(tight_server, "/v1/bon", body).status_code == 200  # the key, and Host 127.0.0.1
+    client = openai.OpenAI(base_url=tight_server + "/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["sweetspot"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=tight_server + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_the_api_key_comes_from_the_environment_or_a_file_and_is_never_in_the_args(tmp_path, monkeypatch):
+    import hashlib
+
+    from align.runtime.config import ConfigError
+    from serve.app import Access
+
+    monkeypatch.setenv("MY_KEY", " secret-1 ")
+    assert Access(api_key_env="MY_KEY").key_digest() == hashlib.sha256(b"secret-1").hexdigest()
+    (tmp_path / "key").write_text("secret-2\nignored\n")
+    assert Access(api_key_file=str(tmp_path / "key")).key_digest() == hashlib.sha256(b"secret-2").hexdigest()
+    assert Access().key_digest() is None
+    for access, field in ((Access(api_key_env="NOT_SET_ANYWHERE"), "access.api_key_env"),
+                          (Access(api_key_file=str(tmp_path / "none")), "access.api_key_file"),
+                          (Access(api_key_env="MY_KEY", api_key_file=str(tmp_path / "key")), "access.api_key_file")):
+        with pytest.raises(ConfigError) as err:
+            access.key_digest()
+        assert err.value.field == field and "secret" not in str(err.value)

@@ -131,7 +131,8 @@ def uninterrupted(ray_session, tmp_path_factory, tiny_lm_dir, pairs_file):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rank, stage", [(0, 2), (1, 3)])
-def test_worker_killed_by_sigkill_restarts_and_ends_bit_identical(uninterrupted, tmp_path, tiny_lm_dir, pairs_file, rank, stage):
+def test_worker_killed_by_sigkill_restarts_and_ends_bit_identical(uninterrupted, tmp_path, tiny_lm_dir, pairs_file, rank, stage,
+                                                                   capsys):
     """A training worker process killed with SIGKILL during step 3 (no exception, no cleanup, as when a
     node dies): the group restarts from the step-2 checkpoint within the collective timeout, and the
     run ends with the same weights and reference, bit for bit, as an uninterrupted one."""
@@ -141,6 +142,8 @@ def test_worker_killed_by_sigkill_restarts_and_ends_bit_identical(uninterrupted,
     assert (tmp_path / "killed" / ".failed_once").exists(), "the worker was killed"
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4], "restarted at the step-2 checkpoint, so step 3 ran once, after the kill"
+    console = capsys.readouterr().out
+    assert "[train] workers restarted: resuming at step 2 of 4 (from checkpoint_000002)" in console, console
     assert_same(weights(cfg), weights(uninterrupted(stage)))
     assert_same(last_reference(cfg), last_reference(uninterrupted(stage)))
 
