@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -81,6 +82,7 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("\n  stopping: the app, then the Ray this command started", flush=True)
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the shutdown into a traceback
         try:
             serve.shutdown()
         finally:
