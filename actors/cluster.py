@@ -47,8 +47,13 @@ def init_ray(address: str | None = None, log_to_driver: bool = False, connect_ti
         raise ConnectionError(f"ray_address / RAY_ADDRESS: no Ray cluster answers at {target} within "
                               f"{connect_timeout_s:g} s (is it running? `ray status --address {target}`)")
     extra = {"_node_ip_address": "127.0.0.1"} if target == "local" else {}
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     ray.init(address=target, include_dashboard=False, log_to_driver=log_to_driver, logging_level="ERROR",
              logging_config=ray.LoggingConfig(log_level="ERROR"), **extra)
+    if handlers:  # Ray's logging_config also sets this process's root logger to ERROR: the job's own log lines stay
+        root.handlers[:] = handlers
+        root.setLevel(level)
     cpus = ray.cluster_resources().get("CPU", 0)
     if target == "local":
         print(f"  started a local Ray ({cpus:g} CPUs, node address 127.0.0.1); it stops with this job", flush=True)

@@ -72,6 +72,7 @@ except ConnectionError as e:
     print("REFUSED", e)
 ray._private.utils.read_ray_address = lambda temp_dir=None: f"127.0.0.1:{port}"  # a recorded cluster, now gone
 assert init_ray() is True
+logging.getLogger("sweetspot.test").info("a job's own INFO line, after Ray started")
 ours = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
 listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in ours}
 print("LISTENING", sorted(listening))
@@ -89,5 +90,6 @@ def test_a_job_on_a_gone_cluster_says_so_and_starts_its_own():
                          timeout=180).stdout
     assert "REFUSED ray_address / RAY_ADDRESS: no Ray cluster answers at 127.0.0.1:" in out, out
     assert "is gone" in out and "started a local Ray (" in out and "node address 127.0.0.1" in out, out
+    assert "a job's own INFO line, after Ray started" in out, "Ray's logging config must not silence the job's log"
     listening = ast.literal_eval(out.split("LISTENING ", 1)[1].splitlines()[0])
     assert len(listening) >= 3, listening  # the GCS, the raylet, the object manager at least
