@@ -47,6 +47,8 @@ def init_ray(address: str | None = None, log_to_driver: bool = False, connect_ti
         raise ConnectionError(f"ray_address / RAY_ADDRESS: no Ray cluster answers at {target} within "
                               f"{connect_timeout_s:g} s (is it running? `ray status --address {target}`)")
     extra = {"_node_ip_address": "127.0.0.1"} if target == "local" else {}
+    if target == "local":  # inherited by the Ray started here: Train's controller notices a finished or
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # failed step in 0.25 s, not 2 s
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
     ray.init(address=target, include_dashboard=False, log_to_driver=log_to_driver, logging_level="ERROR",
