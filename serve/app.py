@@ -15,6 +15,13 @@ and by the configured limits: bad input is a 4xx naming the field, never a 5xx. 
 queue is full (max_queued_requests), or a replica that dies while holding the request, makes the
 request a 503 with a Retry-After header; Serve replaces the dead replica.
 
+Bounded waits (configs/serve.yaml `admission`, serve/admission.py): a valid sampling request
+(/v1/bon, /v1/dera, /v1/completions) is admitted by its ingress replica only while the time it is
+expected to wait, (requests in flight + 1) / the measured completion rate, is at most
+admission.max_wait_s, and never more than admission.max_in_flight at once; otherwise it is a 503 at once, with Retry-After the expected wait and a body
+naming the reason ("overloaded: expected wait X s > admission.max_wait_s Y s"). Serve's own
+max_queued_requests stay behind it as the backstop. GET /v1/stats shows the admission state.
+
 One request cannot fail the requests batched with it. Its problems are found before it joins a
 batch: strict request models (no number from a bool or a string, finite numbers in the ranges below,
 bounded lists), valid Unicode text, the limits, the model's context (GeneratorDeployment.sample), and
@@ -70,11 +77,12 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.admission import Admission, Refused
 from serve.batching import (LAMBDA_MAX, LOGPROBS_MAX, SEED_MAX, STOP_MAX, STOP_MAX_CHARS, TEMPERATURE_MAX, TEMPERATURE_MIN,
                             BatchedScorer, ContinuousBatcher, InvalidCall, text_error)
 
@@ -102,6 +110,29 @@ class Batching(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="prompts per sampler (and scorer) call; a request's prompts stay together")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long an idle replica waits for more requests "
                                                                "before it starts (those arriving while it works join the next call anyway)")
+
+
+class AdmissionControl(BaseModel):
+    """Bounded waits (configs/serve.yaml `admission`; serve/admission.py): each ingress replica admits
+    a sampling request only while its expected wait stays within max_wait_s, and answers the rest
+    503 at once."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="false: admit everything (only the deployments' queues refuse)")
+    max_wait_s: float = Field(10.0, gt=0, allow_inf_nan=False,
+                              description="the bound on an accepted request's expected time in the replica")
+    max_in_flight: int = Field(48, ge=1, description="never more requests in flight in one replica, whatever the estimate: "
+                                                     "about what the generator replicas take (max_ongoing_requests) plus a batch; "
+                                                     "more wait in Serve's handle queue, which slows the batching")
+    min_in_flight: int = Field(32, ge=1, description="requests admitted at once before a completion rate is measured")
+    min_completions: int = Field(16, ge=1, description="recent completions needed for the rate (else min_in_flight holds)")
+    window_s: float = Field(30.0, gt=0, allow_inf_nan=False, description="the busy seconds the rate is measured over")
+
+    @model_validator(mode="after")
+    def _floor_under_cap(self):
+        if self.min_in_flight > self.max_in_flight:
+            raise ValueError(f"min_in_flight: expected at most max_in_flight ({self.max_in_flight}), got {self.min_in_flight}")
+        return self
 
 
 # Request models are strict: a number is a JSON number (not a bool, not a string; a float field takes
@@ -498,8 +529,11 @@ async def validation_error(request, exc: RequestValidationError):
 class Api:
     def __init__(self, generator: DeploymentHandle, scorer: DeploymentHandle | None, limits: dict | None = None,
                  has_aligned: bool = False, reward_kind: str = "vader", model_name: str = "sweetspot",
-                 retry_after_s: float = 1.0, allowed_hosts: list[str] | None = None, key_digest: str | None = None):
+                 retry_after_s: float = 1.0, allowed_hosts: list[str] | None = None, key_digest: str | None = None,
+                 admission: dict | None = None):
         self.generator, self.scorer = generator, scorer
+        control = AdmissionControl(**(admission or {}))
+        self.admission = Admission(**control.model_dump(exclude={"enabled"})) if control.enabled else None
         self.limits, self.has_aligned, self.reward_kind = Limits(**(limits or {})), has_aligned, reward_kind
         self.model_name, self.retry_after_s = model_name, retry_after_s
         self.created = int(time.time())  # the model's `created` in /v1/models: when this server started
@@ -539,9 +573,13 @@ class Api:
     async def scored_samples(self, prompts: list[str], req: SamplingRequest, lam: float | None = None, **options) -> dict:
         """Sample on the generator deployment, score on the scorer deployment: the generator's result
         (serve.batching.sample_together: finish reasons, token details) with its samples scored.
-        `options`: SampleCall's top_p, stop, logprobs, echo. A full queue on either, or a replica that
-        died while it held the request (Serve starts a new one), is a 503 with Retry-After: the
-        request can be sent again as it was."""
+        `options`: SampleCall's top_p, stop, logprobs, echo. A request the admission control does not
+        admit (its expected wait is over admission.max_wait_s) is a 503 at once, with Retry-After its
+        expected wait; an admitted one is counted out however it ends. A full queue on either
+        deployment, or a replica that died while it held the request (Serve starts a new one), is a
+        503 with Retry-After: the request can be sent again as it was."""
+        import contextlib
+
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
@@ -552,21 +590,27 @@ class Api:
         call = SampleCall(tuple(prompts), req.n, req.max_tokens, req.temperature, req.min_tokens, req.seed, lam, **options)
         retry = {"Retry-After": str(math.ceil(self.retry_after_s))}
         try:
-            if self.scorer is None:  # colocate_scorer: the generator replica scores too
-                return await self.generator.sample_colocated.remote(call)
-            # Awaited here, not handed on to the scorer as a response: a generator replica that dies
-            # must reach this handler as its own error (a 503), not as the scorer's failed argument.
-            result = await self.generator.sample.remote(call)
-            return {**result, "samples": await self.scorer.score_samples.remote(result["samples"])}
-        except BackPressureError as e:
-            raise HTTPException(503, detail=f"overloaded: {e} Retry after {self.retry_after_s:g} s", headers=retry) from None
-        except (PromptTooLongError, InvalidCall) as e:  # Ray wraps it (with the replica's traceback); its cause is the message
-            raise HTTPException(422, detail=str(getattr(e, "cause", None) or e)) from None
-        except RayActorError as e:  # ActorDiedError, ActorUnavailableError
-            log.warning("a replica failed while holding a request: %s", type(e).__name__)
-            raise HTTPException(503, detail=f"unavailable: a replica failed while holding this request "
-                                            f"({type(e).__name__}); retry after {self.retry_after_s:g} s",
-                                headers=retry) from None
+            admitted = self.admission.admit() if self.admission is not None else contextlib.nullcontext()
+        except Refused as e:
+            after = math.ceil(max(self.retry_after_s, e.expected_wait_s or 0))
+            raise HTTPException(503, detail=f"{e}. Retry after {after} s", headers={"Retry-After": str(after)}) from None
+        with admitted:
+            try:
+                if self.scorer is None:  # colocate_scorer: the generator replica scores too
+                    return await self.generator.sample_colocated.remote(call)
+                # Awaited here, not handed on to the scorer as a response: a generator replica that dies
+                # must reach this handler as its own error (a 503), not as the scorer's failed argument.
+                result = await self.generator.sample.remote(call)
+                return {**result, "samples": await self.scorer.score_samples.remote(result["samples"])}
+            except BackPressureError as e:
+                raise HTTPException(503, detail=f"overloaded: {e} Retry after {self.retry_after_s:g} s", headers=retry) from None
+            except (PromptTooLongError, InvalidCall) as e:  # Ray wraps it (with the replica's traceback); its cause is the message
+                raise HTTPException(422, detail=str(getattr(e, "cause", None) or e)) from None
+            except RayActorError as e:  # ActorDiedError, ActorUnavailableError
+                log.warning("a replica failed while holding a request: %s", type(e).__name__)
+                raise HTTPException(503, detail=f"unavailable: a replica failed while holding this request "
+                                                f"({type(e).__name__}); retry after {self.retry_after_s:g} s",
+                                    headers=retry) from None
 
     @app.get("/", include_in_schema=False)
     async def playground(self):
@@ -587,8 +631,10 @@ class Api:
 
     @app.get("/v1/stats")
     async def stats(self) -> dict:
-        """One generator replica's counts of requests and sampler calls (how much batching happens)."""
-        return {"generator": await self.generator.stats.remote()}
+        """One generator replica's counts of requests and sampler calls (how much batching happens),
+        and this ingress replica's admission state (serve.admission.Admission.state)."""
+        return {"generator": await self.generator.stats.remote(),
+                "admission": self.admission.state() if self.admission is not None else {"enabled": False}}
 
     @app.get("/v1/models")
     async def list_models(self) -> dict:
@@ -736,13 +782,16 @@ class AppArgs(BaseModel):
     colocate_scorer: bool = Field(False, description="score in the generator's replicas: one handle call less "
                                                      "per request, but generation and scoring then scale together")
     access: Access = Field(default_factory=Access)
+    admission: AdmissionControl = Field(default_factory=AdmissionControl)
 
 
 # Defaults small enough for a 2-core machine; a Serve config file's `deployments` override them.
 DEPLOYMENT_OPTIONS = {
     "GeneratorDeployment": {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 32, "max_queued_requests": 128},
     "ScorerDeployment": {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 32, "max_queued_requests": 128},
-    "Api": {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 256, "max_queued_requests": 512,
+    # The ingress takes many requests at once: admission answers the excess at once, while a request
+    # held in the proxy's queue for it is unseen by admission and handed on slowly (docs/benchmarks.md).
+    "Api": {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 1024, "max_queued_requests": 512,
             "backpressure_config": {"status_code": 503, "retry_after_s": 1}},
 }
 
@@ -761,7 +810,7 @@ def bind_app(a: AppArgs, options: dict[str, dict] | None = None) -> serve.Applic
     scorer = None if a.colocate_scorer else serve.deployment(ScorerDeployment, **opts["ScorerDeployment"]).bind(spec, batching)
     return serve.deployment(Api, **opts["Api"]).bind(
         generator, scorer, a.limits.model_dump(), a.aligned is not None, a.reward["kind"], a.model_name, a.retry_after_s,
-        a.access.allowed_hosts, a.access.key_digest())
+        a.access.allowed_hosts, a.access.key_digest(), a.admission.model_dump())
 
 
 def build_app(args: dict | None = None) -> serve.Application:

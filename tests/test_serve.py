@@ -1,6 +1,7 @@
 """The Serve app over real HTTP on loopback (a tiny reference and aligned model, VADER): each route,
 best-of-n equal to the argmax of the returned rewards, DeRa at lambda 0 equal to pi_0's own samples,
-concurrent requests batched yet answered as alone, overload answered 503 with Retry-After, bad input
+concurrent requests batched yet answered as alone, overload answered 503 with Retry-After (at once
+past the admission bound, by the queues behind it), bad input
 answered with a 4xx naming the field while the server keeps serving (and, sent inside a batch of
 valid requests, failing none of them), the playground page driven in a real headless chromium, and
 OpenAI's surface through the official client: /v1/models, greedy and nucleus decoding, logprobs and
@@ -15,6 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.ray
 KEY = "test-key-7f3a"  # tight_server's API key
+TIGHT_WAIT_S = 0.05  # tight_server's admission.max_wait_s: below any request's own time, so only an idle replica admits
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,9 @@ def server(serving):
 @pytest.fixture(scope="module")
 def tight_server(serving, tiny_lm_dir):
     """A second app beside the first: one request at a time on the generator, one more queued, and
-    an LSC-combined reward (everything else is refused with a 503); behind an API key (KEY) and a
-    Host allowlist."""
+    an LSC-combined reward (everything else is refused with a 503); admission with a bound (50 ms)
+    below any request's own time, so it admits a request only when none is in flight; behind an API
+    key (KEY) and a Host allowlist."""
     from ray import serve
 
     from serve.app import AppArgs, bind_app
@@ -55,7 +58,8 @@ def tight_server(serving, tiny_lm_dir):
     args = AppArgs(model=str(tiny_lm_dir), aligned=str(aligned), device="cpu", retry_after_s=2,
                    access={"api_key_env": "SWEETSPOT_TEST_KEY", "allowed_hosts": ["127.0.0.1", "localhost"]},
                    reward={"kind": "combined", "components": [{"kind": "vader"}, {"kind": "brevity", "max_words": 4}]},
-                   limits={"max_n": 64, "max_tokens": 64}, batching={"max_batch_size": 1})
+                   limits={"max_n": 64, "max_tokens": 64}, batching={"max_batch_size": 1},
+                   admission={"max_wait_s": TIGHT_WAIT_S, "min_in_flight": 1, "min_completions": 1, "window_s": 1})
     tight = {"ray_actor_options": {"num_cpus": 0}, "max_ongoing_requests": 1, "max_queued_requests": 1}
     serve.run(bind_app(args, {"GeneratorDeployment": tight, "ScorerDeployment": {"ray_actor_options": {"num_cpus": 0}}}),
               name="tight", route_prefix="/tight")
@@ -483,14 +487,58 @@ def test_a_colocated_scorer_answers_exactly_as_its_own_deployment(serving, tiny_
 
 
 def test_overload_is_a_503_with_retry_after_and_the_server_recovers(tight_server):
+    """Eight heavy requests at once on a generator that holds two: the excess is a 503 with
+    Retry-After (the app's retry_after_s, 2, or more: the admission's expected wait), refused by the
+    admission or by the generator's queue behind it (max_queued_requests, the backstop)."""
     body = {"prompt": "the movie was", "n": 64, "max_tokens": 64, "min_tokens": 64}
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: post(tight_server, "/v1/bon", body), range(8)))
     codes = sorted(r.status_code for r in answers)
     assert set(codes) == {200, 503} and codes.count(200) >= 1, codes
-    busy = next(r for r in answers if r.status_code == 503)
-    assert busy.headers["Retry-After"] == "2" and "overloaded" in busy.json()["error"]["message"]
+    for busy in (r for r in answers if r.status_code == 503):
+        assert int(busy.headers["Retry-After"]) >= 2 and busy.json()["error"]["message"].startswith("overloaded: ")
     assert post(tight_server, "/v1/bon", {"prompt": "a good film", "n": 2, "max_tokens": 4}).status_code == 200
+
+
+def test_a_burst_past_the_admission_bound_is_refused_at_once(tight_server):
+    """One heavy request measures tight_server's completion rate; then 12 at once. A second request
+    in flight would be expected to wait 2 / rate, over the 50 ms bound: the one admitted is answered
+    200, and the others get a 503 at once (each in well under a second, while the admitted one is
+    still sampling) naming the expected wait and the bound, with Retry-After; afterwards nothing is
+    left counted in flight and the counts add up (GET /v1/stats)."""
+    import time
+
+    import requests
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"prompt": "the movie was", "n": 64, "max_tokens": 64, "min_tokens": 64}
+    assert post(tight_server, "/v1/bon", body).status_code == 200
+    before = requests.get(tight_server + "/v1/stats", headers=auth, timeout=10).json()["admission"]
+    assert before["enabled"] and before["max_wait_s"] == TIGHT_WAIT_S and before["in_flight"] == 0
+    assert before["completion_rate_per_s"] > 0 and before["expected_wait_s"] == pytest.approx(1 / before["completion_rate_per_s"])
+
+    def timed(_):
+        t0 = time.perf_counter()
+        r = post(tight_server, "/v1/bon", body)
+        return r, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(timed, range(12)))
+    accepted = [t for r, t in answers if r.status_code == 200]
+    refused = [(r, t) for r, t in answers if r.status_code == 503 and "admission." in r.json()["detail"]]
+    assert accepted and len(accepted) + len(refused) == 12, [(r.status_code, r.text[:200]) for r, _ in answers]
+    assert len(refused) >= 9, len(refused)
+    for r, t in refused:
+        detail = r.json()["detail"]
+        assert re.fullmatch(r"overloaded: expected wait [0-9.e+-]+ s > admission.max_wait_s 0.05 s \(\d+ requests in "
+                            r"flight, [0-9.e+-]+ completed per second\)\. Retry after \d+ s", detail), detail
+        assert r.json()["error"]["param"] == "overloaded" and int(r.headers["Retry-After"]) >= 2  # retry_after_s 2 at least
+        assert t < 1.0, (t, detail)
+    after = requests.get(tight_server + "/v1/stats", headers=auth, timeout=10).json()["admission"]
+    assert after["in_flight"] == 0 and after["refused"] - before["refused"] == len(refused), after
+    assert after["admitted"] - before["admitted"] == len(accepted) == after["completed"] - before["completed"], after
+    print(f"\n  admission burst: 12 at once, {len(accepted)} answered 200 in {max(accepted) * 1000:.0f} ms, "
+          f"{len(refused)} refused in {min(t for _, t in refused) * 1000:.0f} to {max(t for _, t in refused) * 1000:.0f} ms")
 
 
 def test_dera_with_the_combined_reward_is_refused_by_name(tight_server):
@@ -566,7 +614,9 @@ def test_load_test_counts_every_answer_and_reads_replica_memory(server, tmp_path
     r = run(LoadTestConfig(url=server, clients=8, requests=40, body={"prompt": "the plot", "n": 2, "max_tokens": 4},
                            output_dir=str(tmp_path)))
     assert r["requests"] == 40 and r["ok"] + r["overloaded_503"] == 40 and r["failures"] == 0
-    assert r["p50_s"] <= r["p95_s"] <= r["p99_s"] and r["throughput_rps"] > 0
+    assert r["p50_s"] <= r["p95_s"] <= r["p99_s"] <= r["max_s"] and r["throughput_rps"] > 0
+    assert (r["p50_503_s"] is None) == (r["overloaded_503"] == 0)
+    assert r["admission"]["enabled"] and r["admission"]["in_flight"] == 0  # GET /v1/stats after the run: none left counted in
     assert any("GeneratorDeployment" in m["replica"] and m["before_mb"] > 50 for m in r["memory"])
     assert "requests/s" in (tmp_path / "results.md").read_text()
 
@@ -612,26 +662,75 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server):
     assert post(server, "/v1/bon", {"prompt": "a good film", "n": 2, "max_tokens": 4}).status_code == 200
 
 
-def test_a_replica_dying_with_the_request_is_a_503_with_retry_after():
+@pytest.mark.parametrize("error, detail", [
+    ("died", "unavailable: a replica failed while holding this request (ActorDiedError); retry after 2.5 s"),
+    ("queue full", "overloaded: Request dropped due to backpressure (num_queued_requests=1, max_queued_requests=1). "
+                   "Retry after 2.5 s"),
+])
+def test_a_replica_dying_or_a_full_queue_is_a_503_with_retry_after(error, detail):
     """The ingress's mapping, without timing: a generator call that fails because its replica died
-    (ActorDiedError) is a 503 with Retry-After naming what happened."""
+    (ActorDiedError) or its queue is full (BackPressureError: max_queued_requests, the backstop
+    behind admission) is a 503 with Retry-After naming what happened; the admitted request is
+    counted out."""
     import asyncio
     from types import SimpleNamespace
 
     from fastapi import HTTPException
     from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
 
+    from serve.admission import Admission
     from serve.app import Api, BonRequest
 
-    async def died(call):
-        raise ActorDiedError()
+    async def fails(call):
+        raise ActorDiedError() if error == "died" else BackPressureError(1, 1)
 
-    api = SimpleNamespace(generator=SimpleNamespace(sample=SimpleNamespace(remote=died)),
-                          scorer=SimpleNamespace(score_samples=None), retry_after_s=2.5)
+    api = SimpleNamespace(generator=SimpleNamespace(sample=SimpleNamespace(remote=fails)),
+                          scorer=SimpleNamespace(score_samples=None), retry_after_s=2.5, admission=Admission())
     with pytest.raises(HTTPException) as err:
         asyncio.run(Api.scored_samples(api, ["the plot"], BonRequest(prompt="the plot", n=2, max_tokens=4)))
     assert err.value.status_code == 503 and err.value.headers == {"Retry-After": "3"}
-    assert "a replica failed while holding this request (ActorDiedError)" in err.value.detail
+    assert err.value.detail == detail
+    assert api.admission.in_flight == 0 and api.admission.counts == {"admitted": 1, "failed": 1}
+
+
+def test_a_request_past_the_admission_bound_is_a_503_at_once_without_a_handle_call():
+    """The ingress's mapping of a refusal: 503, Retry-After the expected wait (at least
+    retry_after_s), the reason in the body; the generator is never called. The admission section is
+    validated by name."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastapi import HTTPException
+    from pydantic import ValidationError
+
+    from serve.admission import Admission
+    from serve.app import Api, AppArgs, BonRequest
+
+    async def never(call):
+        raise AssertionError("a refused request reached the generator")
+
+    t = [0.0]
+    admission = Admission(max_wait_s=3, min_in_flight=1, min_completions=1, clock=lambda: t[0])
+    admission.enter()
+    t[0] = 2.0
+    admission.leave(completed=True)  # 0.5 completions per busy second
+    admission.enter()  # expected wait of the next: 2 / 0.5 = 4 s > 3 s
+    api = SimpleNamespace(generator=SimpleNamespace(sample=SimpleNamespace(remote=never)),
+                          scorer=None, retry_after_s=1.0, admission=admission)
+    with pytest.raises(HTTPException) as err:
+        asyncio.run(Api.scored_samples(api, ["the plot"], BonRequest(prompt="the plot", n=2, max_tokens=4)))
+    assert err.value.status_code == 503 and err.value.headers == {"Retry-After": "4"}
+    assert err.value.detail == ("overloaded: expected wait 4 s > admission.max_wait_s 3 s (1 requests in flight, "
+                                "0.5 completed per second). Retry after 4 s")
+    assert admission.in_flight == 1 and admission.counts["refused"] == 1
+    assert AppArgs().admission.enabled and AppArgs().admission.max_wait_s == 10 and AppArgs().admission.max_in_flight == 48
+    with pytest.raises(ValidationError, match="admission.max_wait_s"):
+        AppArgs(admission={"max_wait_s": 0})
+    with pytest.raises(ValidationError, match="admission.bound"):
+        AppArgs(admission={"bound": 3})
+    with pytest.raises(ValidationError, match="min_in_flight: expected at most max_in_flight"):
+        AppArgs(admission={"min_in_flight": 64})
 
 
 def test_generator_replica_killed_under_load_gives_503s_and_the_server_recovers(server):
