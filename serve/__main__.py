@@ -80,9 +80,10 @@ def main(argv=None) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the shutdown into a traceback
         print("\n  stopping: the app, then the Ray this command started", flush=True)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the shutdown into a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # also when it ends another way
         try:
             serve.shutdown()
         finally:

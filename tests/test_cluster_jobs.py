@@ -93,3 +93,46 @@ def test_a_job_on_a_gone_cluster_says_so_and_starts_its_own():
     assert "a job's own INFO line, after Ray started" in out, "Ray's logging config must not silence the job's log"
     listening = ast.literal_eval(out.split("LISTENING ", 1)[1].splitlines()[0])
     assert len(listening) >= 3, listening  # the GCS, the raylet, the object manager at least
+
+
+SERVE_MAIN = """
+import sys
+import ray._private.utils
+ray._private.utils.read_ray_address = lambda temp_dir=None: None  # its own Ray, never the test session's
+from serve.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+def test_python_m_serve_says_ready_only_when_it_answers_and_stops_cleanly_on_ctrl_c(tiny_lm_dir):
+    """`python -m serve`: the "serving on" line comes once /healthz answers (checked the moment it is
+    printed), and Ctrl-C, pressed twice, stops the app and its Ray with exit status 0 and no traceback."""
+    import signal
+    import time
+    import urllib.request
+
+    from conftest import free_ports
+
+    (port,) = free_ports(1)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_MAIN, "--model", str(tiny_lm_dir), "--port", str(port)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving on" in line:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    assert r.status == 200, "the ready line came before the app answered"
+                break
+        assert any("serving on" in x for x in lines), "".join(lines) + proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)  # pressed again, impatient, while it shuts down
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert "stopping: the app, then the Ray this command started" in out
