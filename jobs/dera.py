@@ -34,6 +34,7 @@ class DeraConfig:
     proxy: RewardConfig | None = None  # optional: a proxy reward reported beside the gold one
     seed: int = 0
     output_dir: OutputPath = "outputs/dera"
+    replace: bool = False  # replace another config's results in output_dir (otherwise refused, naming the keys)
 
     def __post_init__(self):
         ok = len(self.lambdas) > 0 and all(lam >= 0 and lam == lam and lam != float("inf") for lam in self.lambdas)
@@ -97,9 +98,11 @@ def run(cfg: DeraConfig) -> dict:
     from actors.scorer import ScorerPool
     from align.data.prompts import load_prompts
     from align.engine.models import model_path_problem, resolve_model_path
-    from align.runtime.runstate import write_atomic
+    from align.runtime.config import to_dict
+    from align.runtime.runstate import claim_output, write_atomic
     from jobs.tables import format_table, write_results
 
+    claim_output(cfg.output_dir, to_dict(cfg), cfg.replace)
     for name in ("reference", "aligned"):  # here, not at load: the YAML's default points at a job's output
         problem = model_path_problem(getattr(cfg, name))
         if problem:

@@ -40,12 +40,14 @@ from types import SimpleNamespace
 from typing import Literal
 
 import torch
+import yaml
 
 from align.runtime.config import InputRef, OutputPath, require, run_job, to_dict
 from align.runtime.runstate import write_atomic
 from align.math.stats import clustered_mean_stderr
 from jobs.sections import PromptsConfig, RewardConfig, SamplingConfig
 
+EVAL_CONFIG = "eval_config.yaml"  # the config evaluate's results there were made under
 log = logging.getLogger("sweetspot.evaluate")
 
 
@@ -99,6 +101,7 @@ class EvalConfig:
     device: str = "auto"
     seed: int = 0
     output_dir: OutputPath | None = None  # where metrics.json goes; null = next to the policy
+    replace: bool = False  # replace results of another evaluate config there (otherwise refused, naming the keys)
 
     def __post_init__(self):
         require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
@@ -334,7 +337,11 @@ def run(cfg: EvalConfig) -> dict:
     from align.data.prompts import load_prompts
     from align.engine.models import load_causal_lm, model_path_problem
     from align.runtime.paths import resolve_input
+    from align.runtime.runstate import claim_output
 
+    out = Path(cfg.output_dir) if cfg.output_dir else resolve_input(cfg.policy).parent
+    # Its own file: next to a trained policy, config.yaml is the trainer's.
+    claim_output(out, to_dict(cfg), cfg.replace, EVAL_CONFIG)
     for i, spec in enumerate(cfg.decoders):  # checked here, not at load: an earlier pipeline stage may write it
         problem = model_path_problem(spec.aligned) if spec.aligned else None
         require(problem is None, f"decoders[{i}].aligned", f"a model directory with config.json or an HF name ({problem})",
@@ -346,7 +353,6 @@ def run(cfg: EvalConfig) -> dict:
     ref_texts, _, _ = sample_with_logprobs(ref, ref_tok, None, prompts, cfg, cfg.seed + 10_000)
     r_ref = scorer.score(rep, ref_texts).mean  # one set of pi_0 samples for every policy and decoder
 
-    out = Path(cfg.output_dir) if cfg.output_dir else resolve_input(cfg.policy).parent
     rows, first = [], None
     policies = ([("policy", cfg.policy)] if cfg.policy is not None else []) + [(c.name, c.path) for c in cfg.compare]
     for name, path in policies:
@@ -370,11 +376,9 @@ def run(cfg: EvalConfig) -> dict:
         decoder_rows.append({"name": spec.name, "method": describe(spec), "kind": spec.kind, "n": spec.n, "beta": spec.beta,
                              "lam": spec.lam, "aligned": spec.aligned,
                              "selector": None if spec.selector is None else to_dict(spec.selector), **metrics})
-    if cfg.compare or cfg.decoders:
-        table = compare_table(rows, decoder_rows, cfg, out)
-        if first is None:
-            return table
-    return first
+    table = compare_table(rows, decoder_rows, cfg, out) if cfg.compare or cfg.decoders else None
+    write_atomic(out / EVAL_CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return first if first is not None else table
 
 
 def compare_table(rows: list[dict], decoder_rows: list[dict], cfg: EvalConfig, out) -> dict:

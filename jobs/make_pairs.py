@@ -27,6 +27,7 @@ class MakePairsConfig:
     splits: list[str] = field(default_factory=lambda: ["train", "test"])
     random_pairs_per_prompt: int = 2
     output_dir: OutputPath = "outputs/pairs"
+    replace: bool = False  # replace another config's pairs in output_dir (otherwise refused, naming the keys)
 
     def __post_init__(self):
         require(len(self.splits) > 0, "splits", "a non-empty list of prompt splits", self.splits)
@@ -35,7 +36,7 @@ class MakePairsConfig:
         require(self.random_pairs_per_prompt >= 1, "random_pairs_per_prompt", "an integer >= 1", self.random_pairs_per_prompt)
 
 
-def sample_split(cfg: MakePairsConfig, split: str, out: Path):
+def sample_split(cfg: MakePairsConfig, split: str, out: Path, resample: bool):
     """BoN samples for one prompt split -> (bon metrics, best/worst pairs, random pairs)."""
     import datasets
 
@@ -43,7 +44,8 @@ def sample_split(cfg: MakePairsConfig, split: str, out: Path):
     from jobs import bon
 
     log.info("sampling split %r", split)
-    split_cfg = replace(cfg.bon, prompts=replace(cfg.bon.prompts, split=split), output_dir=str(out / f"samples_{split}"))
+    split_cfg = replace(cfg.bon, prompts=replace(cfg.bon.prompts, split=split), output_dir=str(out / f"samples_{split}"),
+                        resume="never" if resample else cfg.bon.resume)
     metrics = bon.run(split_cfg)
     rows = [json.loads(line) for line in (out / f"samples_{split}" / "samples.jsonl").read_text().splitlines()]
     return (metrics, datasets.Dataset.from_dict(bon_pairs(rows)),
@@ -55,14 +57,19 @@ def run(cfg: MakePairsConfig) -> dict:
     import ray
 
     from actors.cluster import init_ray
-    from align.runtime.runstate import replace_dir
+    import yaml
+
+    from align.runtime.config import to_dict
+    from align.runtime.runstate import claim_output, replace_dir, write_atomic
 
     out = Path(cfg.output_dir)
+    changed = claim_output(out, to_dict(cfg), cfg.replace)
+    resample = any(d.startswith("bon.") for d in changed)  # replacing: the samples only when their config changed
     best_worst, rand, metrics = {}, {}, {}
     started = init_ray(cfg.bon.ray_address)  # one Ray for all splits
     try:
         for split in cfg.splits:
-            metrics[split], best_worst[split], rand[split] = sample_split(cfg, split, out)
+            metrics[split], best_worst[split], rand[split] = sample_split(cfg, split, out, resample)
     finally:
         if started:
             ray.shutdown()
@@ -72,6 +79,7 @@ def run(cfg: MakePairsConfig) -> dict:
         datasets.DatasetDict(parts).save_to_disk(str(tmp))
         replace_dir(tmp, target)
         print(f"  {target}: " + ", ".join(f"{s} {len(d)} pairs" for s, d in parts.items()))
+    write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return metrics
 
 

@@ -73,6 +73,7 @@ class OveroptConfig:
     two_reward: TwoRewardParams = field(default_factory=TwoRewardParams)
     seed: int = 0
     output_dir: OutputPath = "outputs/overopt"
+    replace: bool = False  # replace another config's results in output_dir (otherwise refused, naming the keys)
 
     def __post_init__(self):
         N = self.sampling.n
@@ -245,21 +246,26 @@ def run(cfg: OveroptConfig) -> dict:
     import ray
 
     from actors.cluster import init_ray
-    from align.runtime.runstate import write_atomic
+    from align.runtime.config import to_dict
+    from align.runtime.runstate import claim_output, write_atomic
     from jobs import make_pairs, train_rm
     from jobs.tables import format_table, write_results
 
     out = Path(cfg.output_dir)
+    changed = {d.split(":", 1)[0] for d in claim_output(out, to_dict(cfg), cfg.replace)}
+    # Replacing: the pairs job compares its own config; the proxy retrains when its data or knobs changed.
+    retrain = any(k == "policy" or k.startswith(("pairs.", "proxy.")) for k in changed)
     started = init_ray()
     try:
-        pairs_cfg = replace(cfg.pairs, output_dir=str(out / "pairs"),
+        pairs_cfg = replace(cfg.pairs, output_dir=str(out / "pairs"), replace=cfg.replace,
                             bon=replace(cfg.pairs.bon, model=replace(cfg.pairs.bon.model, path=cfg.policy)))
         print("\n== 1/3 gold-labelled pairs and the proxy reward model", flush=True)
         make_pairs.run(pairs_cfg)
         proxy_cfg = replace(cfg.proxy, output_dir=str(out / "proxy"),
                             data=replace(cfg.proxy.data, source=str(out / "pairs" / "random"), split="train"),
                             eval=replace(cfg.proxy.eval, source=str(out / "pairs" / "random"), split="test"),
-                            train=replace(cfg.proxy.train, run=replace(cfg.proxy.train.run, storage_path=str(out / "runs"))))
+                            train=replace(cfg.proxy.train, run=replace(cfg.proxy.train.run, storage_path=str(out / "runs"),
+                                                                     resume="never" if retrain else cfg.proxy.train.run.resume)))
         proxy = train_rm.run(proxy_cfg)
         key, cache = data_key(cfg), out / "scores.pt"
         saved = torch.load(cache, weights_only=True) if cache.exists() else None

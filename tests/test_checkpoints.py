@@ -1,6 +1,7 @@
 """RunDir's checkpoint manifest: a checkpoint truncated, altered or missing a file after it was marked
 complete is recognised, named, and skipped for the newest one that still verifies."""
 import json
+import pytest
 
 from actors.checkpoints import MARKER, RunDir, checkpoint_name
 
@@ -49,7 +50,6 @@ def test_a_marker_without_a_manifest_is_trusted_and_a_garbled_one_is_not(tmp_pat
 def test_a_new_run_name_does_not_take_another_runs_output_dir(tmp_path):
     """start_run refuses, before Ray or any file is touched, an output_dir whose config.yaml is another
     run's (its name or checkpoint storage differ), names the keys, and says how to replace it."""
-    import pytest
     import yaml
 
     from align.runtime.config import load_config, to_dict
@@ -71,3 +71,39 @@ def test_a_new_run_name_does_not_take_another_runs_output_dir(tmp_path):
     owner = {"train.run.name": "second", "train.run.storage_path": second.train.run.storage_path}
     check_output_owner(out, owner, replace=True, hint="")  # told to replace: no objection
     check_output_owner(out, {**owner, "train.run.name": "first"}, replace=False, hint="")  # the same run: resumes
+
+
+@pytest.mark.parametrize("job, knob, file", [("dera", "lambdas=[0.0,0.5]", "config.yaml"),
+                                             ("overopt", "ns=[1,2]", "config.yaml"),
+                                             ("make_pairs", "random_pairs_per_prompt=3", "config.yaml"),
+                                             ("evaluate", "bon_n=[2]", "eval_config.yaml")])
+def test_jobs_refuse_another_configs_results_before_any_work(tmp_path, job, knob, file):
+    """dera, overopt, make_pairs and evaluate: an output_dir whose saved config differs in a knob the
+    results depend on is refused at once, naming the key and replace=true; nothing there is touched
+    and Ray is not started. A rerun that changes only where it runs (ray_address, devices) is no
+    change, and replace=true reports the differing keys to the job instead of raising."""
+    import importlib
+
+    import ray
+    import yaml
+
+    from align.runtime.config import load_config, to_dict
+    from align.runtime.runstate import StaleStateError, claim_output
+
+    module = importlib.import_module(f"jobs.{job}")
+    config_class = next(v for k, v in vars(module).items() if k.endswith("Config") and getattr(v, "__module__", "") == module.__name__
+                        and "output_dir" in getattr(v, "__dataclass_fields__", {}))
+    out = tmp_path / "out"
+    base = [f"output_dir={out}"] + (["policy=null", "decoders=[{name: b, kind: bon, n: 2}]"] if job == "evaluate" else [])
+    first = load_config(config_class, f"configs/{job}.yaml", base)
+    out.mkdir()
+    (out / file).write_text(yaml.safe_dump(to_dict(first)))
+    (out / "results.json").write_text("{}")
+    second = load_config(config_class, f"configs/{job}.yaml", base + [knob])
+    key = knob.split("=")[0]
+    with pytest.raises(StaleStateError, match=rf"{out} holds state made under a different config; differing keys: {key}: .* -> .*Set replace=true"):
+        module.run(second)
+    assert not ray.is_initialized()
+    assert sorted(p.name for p in out.iterdir()) == sorted([file, "results.json"])
+    assert claim_output(out, to_dict(load_config(config_class, f"configs/{job}.yaml", base + ["replace=true"])), False, file) == []
+    assert [d.split(":")[0] for d in claim_output(out, to_dict(second), True, file)] == [key]

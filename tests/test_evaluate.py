@@ -2,15 +2,18 @@
 and early end-of-sequence blocking on both sides), checked against exact enumeration on a tiny model;
 it is exactly zero for pi = pi_0. Decoders (BoN, RBoN, DeRa over pi_0) are rows of the same comparison:
 oracle BoN against its closed form, DeRa at lambda 0 / 1 against either model, RBoN-KL at its limits."""
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from align.runtime.config import ConfigError, load_config
+from align.runtime.runstate import StaleStateError
 from align.engine.sampling import continuation_logprobs
 from align.math.stats import clustered_mean_stderr
 from jobs.evaluate import DecoderSpec, EvalConfig, decoder_seed, run, run_decoder, sample_with_logprobs
@@ -117,7 +120,11 @@ def test_kl_zero_against_itself_and_positive_otherwise(tiny_lm_dir, tmp_path):
     same = run(load_config(EvalConfig, "configs/evaluate.yaml", [f"policy={tiny_lm_dir}", *common]))
     assert same["kl_to_pi0"] == 0.0 and same["kl_to_pi0_stderr"] == 0.0 and same["samples"] == 24
     assert same["win_rate_vs_pi0"] == pytest.approx(0.5, abs=0.25)
-    other = run(load_config(EvalConfig, "configs/evaluate.yaml", [f"policy={save_tiny_lm(tmp_path / 'other', seed=1)}", *common]))
+    other_cfg = load_config(EvalConfig, "configs/evaluate.yaml", [f"policy={save_tiny_lm(tmp_path / 'other', seed=1)}", *common])
+    with pytest.raises(StaleStateError, match=r"differing keys: policy: .*tiny_lm.* -> .*other.*Set replace=true"):
+        run(other_cfg)  # the first policy's results are there
+    other = run(dataclasses.replace(other_cfg, replace=True))
+    assert yaml.safe_load((tmp_path / "eval_config.yaml").read_text())["policy"] == other_cfg.policy
     assert other["kl_to_pi0"] > 0.01 and other["kl_to_pi0_stderr"] > 0  # two random nets near uniform: small, not 0
     assert json.loads((tmp_path / "eval_metrics.json").read_text()) == other
     assert other["process"] == {"temperature": 1.0, "min_new_tokens": 3, "eos_token_id": 0}

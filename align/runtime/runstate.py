@@ -106,6 +106,33 @@ def check_resume(saved: dict | None, current: dict, mode: str, where: str, has_s
     return True
 
 
+# Keys that say where or how fast a job runs, not what it computes: a rerun may change them freely.
+WHERE_NOT_WHAT = frozenset({"output_dir", "replace", "resume", "ray_address", "device", "num_actors", "num_cpus",
+                            "num_cpus_per_actor", "num_gpus_per_actor", "cache", "compile", "num_examples"})
+
+
+def result_keys(cfg: dict) -> dict:
+    """The flattened config without the WHERE_NOT_WHAT keys, at any depth: what a job's results depend on."""
+    return {k: v for k, v in flatten(cfg).items() if k.rsplit(".", 1)[-1] not in WHERE_NOT_WHAT}
+
+
+def claim_output(out: str | Path, cfg: dict, replace: bool, file: str = "config.yaml") -> list[str]:
+    """Before a job writes into `out`: refuse when `out/file` (the config the results there were made
+    under) differs from `cfg` in a key the results depend on, unless `replace` (the job was told to
+    replace them). Returns the differing keys ('key: old -> new'), empty for a new directory or a rerun
+    of the same config, so a job that may replace knows what changed. The caller saves `cfg` to `file`
+    when its results are written, so a failed run leaves the old results and their config together."""
+    import yaml
+
+    saved_file = Path(out) / file
+    if not saved_file.is_file():
+        return []
+    diff = config_diff(result_keys(yaml.safe_load(saved_file.read_text()) or {}), result_keys(cfg))
+    if diff and not replace:
+        raise StaleStateError(str(out), diff, "Set replace=true to replace them, or use another output_dir.")
+    return diff
+
+
 def check_output_owner(out: str | Path, owner: dict, replace: bool, hint: str) -> None:
     """Refuse to write into `out` when its saved config.yaml shows it holds another run's results:
     one whose `owner` keys (e.g. the training run's name and checkpoint storage) differ. `replace`
@@ -119,4 +146,4 @@ def check_output_owner(out: str | Path, owner: dict, replace: bool, hint: str) -
     saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
     diff = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in sorted(owner.items()) if k in saved and saved[k] != v]
     if diff:
-        raise StaleStateError(f"{out} holds another run's results", diff, hint)
+        raise StaleStateError(str(out), diff, hint)
