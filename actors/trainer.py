@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from actors.train_loop import batch_indices, gathered, mean_over_ranks, upload_final_model, worker_setup
+from align.engine.chat import generation_eos, stop_ids_of
 
 if TYPE_CHECKING:
     from actors.train_config import TrainConfig
@@ -44,7 +45,7 @@ def update_reference(model, ref_model, mode: str, alpha: float, zero_stage: int)
 
 
 @torch.no_grad()
-def reference_table(model, data, micro: int, pad_id: int, eos_id: int | None, rank: int, world: int, device,
+def reference_table(model, data, micro: int, pad_id: int, eos_id: int | tuple[int, ...] | None, rank: int, world: int, device,
                     collate) -> torch.Tensor:
     """(N, 2) log-probs of (chosen, rejected) for every pair under `model` at step 0, the frozen
     reference: each rank scores every world-th pair and an all-gather assembles the table, so the
@@ -94,6 +95,9 @@ class PairObjectiveSteps:
         self.tokenizer, self.collate, self.train, self.rank, self.world, self.zero_stage = \
             tokenizer, collate, train, rank, world, zero_stage
         self.micro = train.batch_size // world
+        # every id that ends a completion (a chat model's end-of-turn ids): blocked for min_new_tokens in
+        # the log-probs exactly as the sampler blocked them
+        self.stop_ids = stop_ids_of(tokenizer, generation_eos(tokenizer.name_or_path)) or None
         self.ref_logps = self.eval_ref_logps = None
         self.tokens = 0
         self.hook_context: dict = {}
@@ -119,7 +123,7 @@ class PairObjectiveSteps:
             save_file({"logps": self.eval_ref_logps.contiguous()}, os.path.join(tmp, EVAL_REF_LOGPS_FILE))
 
     def table(self, data) -> torch.Tensor:
-        return reference_table(self.engine.module, data, self.micro, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
+        return reference_table(self.engine.module, data, self.micro, self.tokenizer.pad_token_id, self.stop_ids,
                                self.rank, self.world, self.engine.device, self.collate)
 
     def start(self, step: int) -> None:
@@ -136,7 +140,7 @@ class PairObjectiveSteps:
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = self.ref_logps[idx, 0], self.ref_logps[idx, 1]
         batch = {k: v.to(self.engine.device) for k, v in batch.items()}
         self.tokens += int(batch["num_tokens"])  # prompt + completion of both sides, however they are laid out
-        return self.objective.compute_loss(self.engine, self.ref_model, batch, self.tokenizer.eos_token_id)
+        return self.objective.compute_loss(self.engine, self.ref_model, batch, self.stop_ids)
 
     def after_step(self, step: int) -> None:
         mode = self.objective.reference_update(step)
@@ -153,7 +157,7 @@ class PairObjectiveSteps:
         if self.eval_data is not None and (step % every == 0 or last):
             report.update(validation_metrics(self.engine, self.ref_model, self.objective, self.eval_data, self.eval_ref_logps,
                                              self.micro, self.rank, self.world, self.tokenizer.pad_token_id,
-                                             self.tokenizer.eos_token_id, self.collate))
+                                             self.stop_ids, self.collate))
         return report
 
 

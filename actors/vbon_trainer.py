@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from align.engine.chat import generation_eos, stop_ids_of
+
 if TYPE_CHECKING:
     from actors.train_config import TrainConfig
     from align.objectives.vbon import VbonParams, VbonSampling
@@ -67,7 +69,8 @@ class OnPolicySteps:
         self.generators, self.micro = generators, train.batch_size // world  # prompts per rank per step
         self.generator, self.scorer = generators[rank % len(generators)], scorers[rank % len(scorers)]
         self.hook_context = {"generator": self.generator}
-        self.eos = tokenizer.eos_token_id if sampling.stop_at_eos else None
+        # every end-of-turn id, as the generators stop on them (align.engine.chat)
+        self.eos = (stop_ids_of(tokenizer, generation_eos(tokenizer.name_or_path)) or None) if sampling.stop_at_eos else None
         self.min_new = sampling.min_new_tokens if self.eos is not None else 0
         self.pushed = 0
         self.counts = {"samples": 0, "syncs": 0, "sync_seconds": 0.0}  # since the last logged row

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 import yaml
 
+from align.engine.chat import prompt_text
 from align.runtime.config import ConfigError, OutputPath, require, run_job, to_dict
 from jobs.sections import (ModelConfig, PenaltyConfig, PoolConfig, PromptsConfig, RbonConfig, RewardConfig,
                            SamplingConfig, SpeculativeConfig)
@@ -154,12 +155,12 @@ def print_report(metrics: dict, records: list[dict], n: int, k: int, stride: int
              if metrics["tokens_per_s"] else "n/a (every prompt reused from the previous run)")
     rows = [
         ("prompts x samples", f"{metrics['prompts']} x {n + 1}"),
-        (f"win rate BoN(n={n}) vs pi_0", f"{metrics['win_rate_bon_vs_pi0']:.3f}" + (
+        (f"win rate BoN(n={n}) vs pi_0" + ("" if metrics.get("reward", "gold") == "gold" else f", {metrics['reward']}"), f"{metrics['win_rate_bon_vs_pi0']:.3f}" + (
             f"  (closed form n/(n+1) = {metrics['win_rate_closed_form']:.3f}, no ties)" if metrics["win_rate_closed_form"] else
             f"  ({metrics['selection']})")),
         ("tie rate", f"{metrics['tie_rate']:.3f}"),
-        ("mean gold reward: BoN", f"{metrics['mean_reward_bon']:+.3f}"),
-        ("mean gold reward: pi_0", f"{metrics['mean_reward_pi0']:+.3f}"),
+        (f"mean {metrics.get('reward', 'gold')} reward: BoN", f"{metrics['mean_reward_bon']:+.3f}"),
+        (f"mean {metrics.get('reward', 'gold')} reward: pi_0", f"{metrics['mean_reward_pi0']:+.3f}"),
         ("tokens drawn per prompt", f"{metrics['drawn_tokens_per_prompt']:.1f} (the n candidates)"),
     ]
     if "fluency_bon" in metrics:
@@ -168,7 +169,7 @@ def print_report(metrics: dict, records: list[dict], n: int, k: int, stride: int
     width = max(len(r[0]) for r in rows)
     print("\n" + "\n".join(f"  {a:<{width}}  {b}" for a, b in rows))
     for r in records[::stride][:k]:  # stride: one example per distinct prompt
-        print(f"\n  prompt: {r['prompt']!r}")
+        print(f"\n  prompt: {prompt_text(r['prompt'])!r}")
         print(f"    BoN  ({r['rewards'][r['chosen']]:+.3f}): {r['completions'][r['chosen']]!r}")
         print(f"    pi_0 ({r['pi0_reward']:+.3f}): {r['pi0_completion']!r}")
 
@@ -238,6 +239,7 @@ def run(cfg: BonConfig) -> dict:
     from actors.scorer import ScorerPool, ship_spec
     from align.data.prompts import load_prompts
     from align.engine.models import resolve_model_path
+    from align.rewards.registry import reward_kind
     from align.runtime.runstate import write_atomic
 
     prompts = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.column, cfg.prompts.limit)
@@ -250,7 +252,7 @@ def run(cfg: BonConfig) -> dict:
     model_path = resolve_model_path(cfg.model.path)
     from align.engine.models import check_prompts_fit
 
-    check_prompts_fit(model_path, list(dict.fromkeys(prompts)), cfg.sampling.max_new_tokens)
+    check_prompts_fit(model_path, prompts, cfg.sampling.max_new_tokens)
     vocabulary = None
     if cfg.model.path == "default":
         from align.task.default_task import ensure_default_task
@@ -301,6 +303,8 @@ def run(cfg: BonConfig) -> dict:
     records = [done[i] for i in range(len(prompts))]
     label = cfg.selection if cfg.penalty.kind == "none" else f"{cfg.selection}, penalty {cfg.penalty.kind}"
     metrics = summarize(records, n, seconds, new_tokens, vocabulary, label)
+    # A learned reward model (a kind read from a path) is a proxy of what people want, never "gold".
+    metrics["reward"] = f"proxy ({cfg.reward.kind})" if reward_kind(cfg.reward.kind).needs_path else "gold"
     write_atomic(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     (out / "samples.partial.jsonl").unlink(missing_ok=True)
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))

@@ -118,7 +118,11 @@ class EvalConfig:
 
 def process_of(cfg: EvalConfig, tokenizer) -> dict:
     """The sampling process both models are run as (docs/algorithms.md, "What KL(pi || pi_0) measures")."""
-    eos = tokenizer.eos_token_id if cfg.sampling.stop_at_eos else None
+    from align.engine.chat import generation_eos, stop_ids_of
+
+    model_dir = getattr(tokenizer, "name_or_path", None)
+    ends = stop_ids_of(tokenizer, generation_eos(model_dir) if model_dir else None) if cfg.sampling.stop_at_eos else ()
+    eos = (ends[0] if len(ends) == 1 else list(ends)) if ends else None  # every end-of-turn id (align.engine.chat)
     return {"temperature": cfg.sampling.temperature, "min_new_tokens": cfg.sampling.min_new_tokens if eos is not None else 0,
             "eos_token_id": eos}
 

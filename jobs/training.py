@@ -66,14 +66,15 @@ def load_pair_dataset(cfg: PairDataConfig):
     return ds
 
 
-def tokenize_pairs(ds, tokenizer, max_length: int):
-    """The pairs with the token ids the workers train on (the sampled ids when the tokenizer matches)."""
+def tokenize_pairs(ds, tokenizer, max_length: int, for_reward_model: bool = False):
+    """The pairs with the token ids the workers train on (the sampled ids when the tokenizer matches;
+    for a reward model, a conversation as its own chat template renders it)."""
     from align.engine.models import tokenizer_fingerprint
     from align.data.pairs import tokenize_pair_batch
 
     fingerprint = tokenizer_fingerprint(tokenizer)
     # In memory: a map over a saved dataset would otherwise write cache files into the source directory.
-    ds = ds.map(lambda b: tokenize_pair_batch(tokenizer, b, max_length, fingerprint), batched=True,
+    ds = ds.map(lambda b: tokenize_pair_batch(tokenizer, b, max_length, fingerprint, for_reward_model), batched=True,
                 desc="tokenizing pairs", load_from_cache_file=False, keep_in_memory=True)
     reused = "tokenizer" in ds.column_names and all(t == fingerprint for t in ds["tokenizer"])
     log.info("%d pairs: %s", len(ds), "the sampled token ids, as they were drawn" if reused else "tokenized from text")
@@ -165,12 +166,13 @@ def run_training(objective: Objective, cfg, lora: dict | None = None, bootstrap_
     ds = load_pair_dataset(cfg.data)  # data errors stop here, before a model is loaded or Ray starts
     model_path = resolve_model_path(cfg.model)
     key = run_key(objective, model_path, cfg.data, cfg.train, lora)
+    reads_whole = objective.model_kind == "reward_model"  # scores a conversation whole, as the classifier reward
     if bootstrap_seed is not None:
         import torch
 
         ds = ds.select(torch.randint(len(ds), (len(ds),), generator=torch.Generator().manual_seed(bootstrap_seed)).tolist())
         key["data"]["bootstrap_seed"] = bootstrap_seed
-    ds = tokenize_pairs(ds, load_tokenizer(model_path), cfg.train.max_length)
+    ds = tokenize_pairs(ds, load_tokenizer(model_path), cfg.train.max_length, reads_whole)
     eval_ds = None
     if cfg.data.eval_split and cfg.train.eval_every:
         from dataclasses import replace
@@ -179,7 +181,7 @@ def run_training(objective: Objective, cfg, lora: dict | None = None, bootstrap_
         if len(eval_ds) < cfg.train.batch_size:
             raise ConfigError("data.eval_limit", f"at least train.batch_size ({cfg.train.batch_size}) validation pairs",
                               len(eval_ds))
-        eval_ds = tokenize_pairs(eval_ds, load_tokenizer(model_path), cfg.train.max_length)
+        eval_ds = tokenize_pairs(eval_ds, load_tokenizer(model_path), cfg.train.max_length, reads_whole)
     started = init_ray()  # quiet workers: the driver prints their progress (actors.train_launcher.ProgressPrinter)
     try:
         start_run(title, cfg, out, storage, key)

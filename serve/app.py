@@ -7,7 +7,7 @@
                           colocate_scorer, none: the generator replica scores its own samples)
     Api                   the FastAPI ingress: GET / (the playground), GET /healthz, GET /v1/info,
                           POST /v1/bon, POST /v1/dera, and OpenAI's surface: GET /v1/models,
-                          GET /v1/models/{id}, POST /v1/completions
+                          GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions
 
 The ingress holds DeploymentHandles to the other two, so generation and scoring scale separately
 (replicas and autoscaling per deployment in configs/serve.yaml). Requests are validated by pydantic
@@ -61,6 +61,13 @@ request at a time (serve.batching), so only the request that causes the error ge
                    Ranking needs every sample first, so the chunks are sent after ranking: streaming
                    changes how the answer arrives, not when sampling ends; the chunks add up to
                    the answer without stream
+
+/v1/chat/completions, OpenAI's chat completions, with the same limits, options and rules as
+/v1/completions (best_of and dera_lambda in extra_body; logprobs true with top_logprobs 0 .. 5 in
+OpenAI's chat form; stream as chat.completion.chunk deltas): the messages go through the served
+model's chat template (align.engine.chat; a model without one answers 422 naming `messages`), every
+answer stops at an end-of-turn id, and each choice carries its reward. max_tokens (or
+max_completion_tokens) defaults to min(limits.max_tokens, 256).
 
     serve run configs/serve.yaml        # a Ray Serve config file
     python -m serve                     # the default task on 127.0.0.1:8000
@@ -247,6 +254,51 @@ class CompletionRequest(BaseModel):
     user: str | None = None  # accepted and ignored, as OpenAI clients may send it
 
 
+class TextPart(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation: OpenAI's role and content (text, or a list of text parts)."""
+
+    model_config = ConfigDict(**STRICT)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    name: str | None = None  # accepted and ignored
+
+    def as_message(self) -> dict:
+        """{role, content} as align.engine.chat takes it (OpenAI's developer role is the system role)."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI chat completions request (the fields Sweetspot honours; others are refused by name),
+    plus `best_of` and `dera_lambda`, which OpenAI clients send in extra_body. The messages go
+    through the served model's chat template; `best_of` answers are drawn and the `n` best by the
+    server's reward come back."""
+
+    model_config = STRICT
+    model: str
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    n: int = Field(1, ge=1)
+    best_of: int | None = Field(None, ge=1)
+    temperature: Temperature = 1.0
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, description="deprecated by OpenAI for max_completion_tokens; either works")
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: StopText | Annotated[list[StopText], Field(max_length=STOP_MAX)] | None = None
+    seed: Seed | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=LOGPROBS_MAX)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    dera_lambda: Lambda | None = None
+    user: str | None = None  # accepted and ignored
+
+
 class GeneratorDeployment:
     """One Generator per replica (actors/generator.py). Requests that arrive together are sampled in
     one call (serve/batching.py: ContinuousBatcher decides what runs together, sample_together groups
@@ -323,6 +375,21 @@ def openai_logprobs(parts: list[dict], k: int) -> dict:
             offsets.append(at)
             at += len(text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops if k else None, "text_offset": offsets}
+
+
+def chat_logprobs(parts: list[dict], k: int) -> dict:
+    """OpenAI's chat `logprobs` of a choice: per returned token its text, log-prob, UTF-8 bytes and the
+    k likeliest tokens of the distribution it was drawn from (the same details as openai_logprobs)."""
+    def entry(text: str, lp: float) -> dict:
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8", "surrogatepass"))}
+
+    legacy = openai_logprobs(parts, k)
+    content = []
+    for j, text in enumerate(legacy["tokens"]):
+        top = legacy["top_logprobs"][j] if legacy["top_logprobs"] else None
+        content.append({**entry(text, legacy["token_logprobs"][j]),
+                        "top_logprobs": [entry(t, v) for t, v in list((top or {}).items())[:k]]})
+    return {"content": content, "refusal": None}
 
 
 def sse(content) -> bytes:
@@ -583,7 +650,7 @@ class Api:
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
-        from actors.generator import PromptTooLongError
+        from actors.generator import PromptError
 
         from serve.batching import SampleCall
 
@@ -604,7 +671,7 @@ class Api:
                 return {**result, "samples": await self.scorer.score_samples.remote(result["samples"])}
             except BackPressureError as e:
                 raise HTTPException(503, detail=f"overloaded: {e} Retry after {self.retry_after_s:g} s", headers=retry) from None
-            except (PromptTooLongError, InvalidCall) as e:  # Ray wraps it (with the replica's traceback); its cause is the message
+            except (PromptError, InvalidCall) as e:  # Ray wraps it (with the replica's traceback); its cause is the message
                 raise HTTPException(422, detail=str(getattr(e, "cause", None) or e)) from None
             except RayActorError as e:  # ActorDiedError, ActorUnavailableError
                 log.warning("a replica failed while holding a request: %s", type(e).__name__)
@@ -721,6 +788,100 @@ class Api:
                                                   "text_offset": [lp["text_offset"][j]]}
                     yield sse({**head, "choices": [{"text": text, "index": choice["index"], "logprobs": one, "finish_reason": None}]})
                 yield sse({**head, "choices": [{"text": "", "index": choice["index"], "logprobs": None,
+                                                "finish_reason": choice["finish_reason"], "reward": choice["reward"]}]})
+            if usage is not None:
+                yield sse({**head, "choices": [], "usage": usage})
+            yield sse(b"[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, req: ChatCompletionRequest):
+        """OpenAI-compatible chat completions: the messages through the model's chat template, each
+        answer stopped at the end of its turn; best_of (extra_body) answers ranked by the server's
+        reward and the n best returned, each choice with its reward."""
+        import secrets
+        import uuid
+
+        from align.engine.chat import check_prompt
+
+        if req.model != self.model_name:
+            raise HTTPException(404, detail=f"model: this server serves {self.model_name!r}, got {req.model!r}")
+        best_of = req.best_of or req.n
+        for ok, message in (
+            (req.n <= best_of, f"n: expected n <= best_of ({best_of}), got {req.n}"),
+            (best_of <= self.limits.max_n, f"{'best_of' if req.best_of else 'n'}: expected n <= best_of <= {self.limits.max_n}, "
+                                           f"got {best_of}"),
+            (req.temperature != 0 or best_of == 1, f"{'n' if req.n > 1 else 'best_of'}: expected 1 with temperature 0 "
+                                                   "(greedy decoding has one answer)"),
+            (req.stream_options is None or req.stream, "stream_options: expected only with stream: true"),
+            (req.top_logprobs is None or req.logprobs, "top_logprobs: expected only with logprobs: true"),
+            (req.max_tokens is None or req.max_completion_tokens is None,
+             "max_completion_tokens: expected one of max_tokens and max_completion_tokens"),
+        ):
+            if not ok:
+                raise HTTPException(422, detail=message)
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(self.limits.max_tokens, 256)
+        if max_tokens > self.limits.max_tokens:
+            field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise HTTPException(422, detail=f"{field}: expected 1 <= {field} <= {self.limits.max_tokens}, got {max_tokens}")
+        conversation = [m.as_message() for m in req.messages]
+        try:
+            check_prompt(conversation, "messages")
+        except ValueError as e:
+            raise HTTPException(422, detail=str(e)) from None
+        texts = [("messages", m["content"]) for m in conversation]
+        if sum(len(t) for _, t in texts) > self.limits.max_prompt_chars:
+            raise HTTPException(422, detail=f"messages: expected at most {self.limits.max_prompt_chars} characters in all")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        for where, text in [*((f"messages[{i}].content", t) for i, (_, t) in enumerate(texts)),
+                            *((f"stop[{i}]", t) for i, t in enumerate(stops))]:
+            if (why := text_error(text)) is not None:
+                raise HTTPException(422, detail=f"{where.split('[')[0]}: expected valid Unicode text, got {why} in {where}")
+        if req.dera_lambda is not None:
+            self.check_dera("dera_lambda")
+        seed = req.seed if req.seed is not None else secrets.randbits(62)
+        sampling = SamplingRequest.model_construct(prompt="", n=best_of, temperature=req.temperature, max_tokens=max_tokens,
+                                                   min_tokens=0, seed=seed)
+        k = req.top_logprobs or 0
+        logprobs = k if req.logprobs else (0 if req.stream else None)
+        result = await self.scored_samples([conversation], sampling, req.dera_lambda, top_p=req.top_p, stop=tuple(stops),
+                                           logprobs=logprobs)
+        (s,) = result["samples"]
+        best = sorted(range(len(s.completions)), key=lambda i: -s.rewards[i])[: req.n]  # stable: ties keep order
+        parts = [[result["tokens"][0][i]] if logprobs is not None else [] for i in best]
+        choices = [{"index": j, "message": {"role": "assistant", "content": s.completions[i], "refusal": None},
+                    "logprobs": chat_logprobs(parts[j], k) if req.logprobs else None,
+                    "finish_reason": result["finish"][0][i], "reward": s.rewards[i]} for j, i in enumerate(best)]
+        completion_tokens = sum(len(ids) for ids in s.completion_ids)  # every best_of answer, as cut
+        usage = {"prompt_tokens": len(s.prompt_ids), "completion_tokens": completion_tokens,
+                 "total_tokens": len(s.prompt_ids) + completion_tokens}
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        if req.stream:
+            return self.chat_stream(head, choices, parts, usage if req.stream_options and req.stream_options.include_usage
+                                    else None, k if req.logprobs else None)
+        return fast_json({**head, "object": "chat.completion", "choices": choices, "usage": usage})
+
+    @staticmethod
+    def chat_stream(head: dict, choices: list[dict], parts: list[list[dict]], usage: dict | None, k: int | None):
+        """The ranked answers as chat.completion.chunk events: per choice a first chunk with the role,
+        a chunk per token (its text; with logprobs its entry), a last one with finish_reason and
+        reward; the usage chunk when asked for; then [DONE]."""
+        from fastapi.responses import StreamingResponse
+
+        head = {**head, "object": "chat.completion.chunk"}
+
+        def events():
+            for choice, part in zip(choices, parts):
+                i = choice["index"]
+                yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+                lp = chat_logprobs(part, k or 0)
+                for entry in lp["content"]:
+                    yield sse({**head, "choices": [{"index": i, "delta": {"content": entry["token"]},
+                                                    "logprobs": None if k is None else {"content": [entry], "refusal": None},
+                                                    "finish_reason": None}]})
+                yield sse({**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
                                                 "finish_reason": choice["finish_reason"], "reward": choice["reward"]}]})
             if usage is not None:
                 yield sse({**head, "choices": [], "usage": usage})

@@ -33,6 +33,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from align.engine.chat import check_prompt
+
 # What one call may ask of the sampler (the Serve app's request models use the same bounds).
 # seed: a non-negative int64. prompt_seeds feeds it to numpy's SeedSequence, which refuses negative
 #   numbers; the per-prompt seeds it derives are 63-bit, inside what torch.Generator.manual_seed
@@ -72,7 +74,7 @@ def text_error(text: str) -> str | None:
 class SampleCall:
     """One request's sampling: its prompts and how to sample them."""
 
-    prompts: tuple[str, ...]
+    prompts: tuple  # text, or conversations (lists of {role, content} messages, align.engine.chat)
     n: int
     max_tokens: int
     temperature: float = 1.0
@@ -103,10 +105,19 @@ def check_call(call: SampleCall) -> None:
     if not call.prompts:
         raise InvalidCall("prompt: expected at least one prompt")
     for i, p in enumerate(call.prompts):
-        if not isinstance(p, str) or not p.strip():
+        if isinstance(p, list):  # a conversation (/v1/chat/completions): well-formed messages of valid text
+            try:
+                check_prompt(p, "messages")
+            except ValueError as e:
+                raise InvalidCall(str(e)) from None
+            texts = [(f"messages[{j}].content", m["content"]) for j, m in enumerate(p)]
+        elif not isinstance(p, str) or not p.strip():
             raise InvalidCall(f"prompt: expected non-empty text, got {p!r} as prompt[{i}]")
-        if (why := text_error(p)) is not None:
-            raise InvalidCall(f"prompt: expected valid Unicode text, prompt[{i}] has {why}")
+        else:
+            texts = [(f"prompt[{i}]", p)]
+        for where, text in texts:
+            if (why := text_error(text)) is not None:
+                raise InvalidCall(f"{where.split('[')[0]}: expected valid Unicode text, {where} has {why}")
     for field, value, ok, allowed in (
         ("n", call.n, integer(call.n) and call.n >= 1, "an integer >= 1"),
         ("max_tokens", call.max_tokens, integer(call.max_tokens) and call.max_tokens >= 1, "an integer >= 1"),
@@ -200,8 +211,8 @@ def finish_call(generator, call: SampleCall, samples: list, token_logprobs: list
               tokens under the model (`Generator.prompt_logprobs`; None for the first token)
     """
     cut = generator.cut_at_stop(samples, call.stop, token_logprobs) if call.stop else [[None] * len(s.completions) for s in samples]
-    eos = generator.tokenizer.eos_token_id
-    finish = [["stop" if k is not None or (ids and ids[-1] == eos) else "length" for k, ids in zip(ks, s.completion_ids)]
+    ends = generator.encoder.stop_ids  # every end-of-turn id
+    finish = [["stop" if k is not None or (ids and ids[-1] in ends) else "length" for k, ids in zip(ks, s.completion_ids)]
               for ks, s in zip(cut, samples)]
     out = {"finish": finish, "tokens": None, "prompt": None}
     if call.logprobs is None:

@@ -1,6 +1,8 @@
 """Batching requests (serve/batching.py, align.engine.sampling.NSampler's per-prompt streams): a request's
 samples and rewards are the same whether it runs alone or batched with others, and a request that
 fails its batch's call fails alone (the others are run again alone and get what they get alone)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -204,6 +206,7 @@ class FakeGenerator:
     sampler does for a seed it cannot take."""
 
     tokenizer = WordTokenizer()
+    encoder = SimpleNamespace(stop_ids=(0,))  # Generator.encoder's end ids: <eos>
 
     def __init__(self):
         self.calls = []
@@ -422,11 +425,12 @@ def test_stop_cuts_before_scoring_and_keeps_the_tokens_the_text_covers():
     to the text, and the alternatives (logprobs 1) hold the likeliest token and the drawn one."""
     from actors.generator import Generator
     from align.engine.samples import PromptSamples
+    from align.engine.chat import PromptEncoder
     from serve.batching import SampleCall, finish_call
 
     tok = WordTokenizer()
-    generator = Generator.__new__(Generator)  # no model: only its tokenizer is used
-    generator.tokenizer = tok
+    generator = Generator.__new__(Generator)  # no model: only its tokenizer and end ids are used
+    generator.tokenizer, generator.encoder = tok, PromptEncoder(tok, (tok.eos_token_id,))
     ids = [[1, 2, 3, 4, 5, 0], [4, 5], [1, 2, 0]]
     lps = [[-0.5, -1.0, -0.25, -2.0, -0.125, -0.0625], [-1.0, -3.0], [-1.0, -2.0, -4.0]]
     top = [[[(9 - t, lp + 0.5), (t, lp)] for t, lp in zip(row, row_lps)] for row, row_lps in zip(ids, lps)]

@@ -42,6 +42,7 @@ def test_bon_job_end_to_end(ray_session, tiny_lm_dir, tmp_path):
     assert metrics["win_rate_bon_vs_pi0"] == pytest.approx(wins.mean().item(), abs=1e-12)
     assert metrics["tie_rate"] == pytest.approx((bon == pi0).double().mean().item(), abs=1e-12)
     assert metrics["prompts"] == 6 and metrics["new_tokens"] == 6 * 5 * 6  # every row runs to max_new_tokens
+    assert metrics["reward"] == "gold"  # VADER is the task's gold judge; a learned reward prints as a proxy
     assert metrics["tokens_per_s"] == pytest.approx(metrics["new_tokens"] / metrics["sampling_seconds"])
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.yaml", "metrics.json", "samples.jsonl"]
@@ -57,7 +58,7 @@ def test_bon_job_end_to_end(ray_session, tiny_lm_dir, tmp_path):
     ("pool.num_actors=0", "pool.num_actors", ">= 1"),
     ("model.path=./no/such/model", "model.path", "config.json"),
     ("model.path=''", "model.path", "config.json"),
-    ("reward.kind=bleu", "reward.kind", "brevity | classifier | combined | ensemble | laplace | vader"),
+    ("reward.kind=bleu", "reward.kind", "arithmetic | brevity | classifier | combined | ensemble | laplace | vader"),
     ("penalty.kind=ensemble", "penalty.kind", "only with reward.kind 'ensemble'"),
     ("penalty.coef=-1", "penalty.coef", ">= 0"),
     ("penalty.ensemble_mode=median", "penalty.ensemble_mode", "'worst'"),

@@ -27,7 +27,8 @@ def test_module_imports(name):
 
 def config_class(yaml_path: Path):
     """configs/X.yaml documents jobs/X.py (configs/tune_X.yaml: tune/X.py; configs/bench/X.yaml:
-    jobs/bench/X.py); the job's config class is the dataclass `run` takes."""
+    jobs/bench/X.py; configs/instruct/X.yaml: jobs/X.py on the instruct task); the job's config class is
+    the dataclass `run` takes."""
     import typing
 
     stem = yaml_path.stem
@@ -38,7 +39,8 @@ def config_class(yaml_path: Path):
     return typing.get_type_hints(module.run)["cfg"]
 
 
-JOB_CONFIGS = sorted(p for p in [*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "bench").glob("*.yaml")]
+JOB_CONFIGS = sorted(p for p in [*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "bench").glob("*.yaml"),
+                                  *(ROOT / "configs" / "instruct").glob("*.yaml")]
                      if p.name != "serve.yaml")  # serve.yaml: a Ray Serve file
 
 

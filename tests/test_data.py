@@ -48,7 +48,7 @@ def test_jsonl_default_column(tmp_path):
 def test_jsonl_column_selection_and_a_non_string_prompt_named(tmp_path):
     p = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "text": "alpha"}, {"prompt": "y", "text": 7}])
     assert load_prompts(str(p), column="prompt") == ["x", "y"]
-    with pytest.raises(ValueError, match=r"prompts\.column: line 2 of .*'text' must be a non-empty string, got 7"):
+    with pytest.raises(ValueError, match=r"prompts\.column: line 2 of .*'text' must be a non-empty string or a list of \{role, content\} messages, got 7"):
         load_prompts(str(p), column="text")
 
 

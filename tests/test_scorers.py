@@ -80,7 +80,7 @@ def test_score_samples_fills_variance_and_members(tiny_ensemble_dir):
 
 
 def test_scorer_spec_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"'reward.kind': expected one of brevity \| classifier \| combined \| ensemble \| laplace \| vader"):
+    with pytest.raises(ValueError, match=r"'reward.kind': expected one of arithmetic \| brevity \| classifier \| combined \| ensemble \| laplace \| vader"):
         make_scorer({"kind": "bleu"})
     with pytest.raises(FileNotFoundError, match="ensemble.json is missing"):
         make_scorer({"kind": "ensemble", "path": str(tmp_path)})

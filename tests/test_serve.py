@@ -830,3 +830,62 @@ def test_the_api_key_comes_from_the_environment_or_a_file_and_is_never_in_the_ar
         with pytest.raises(ConfigError) as err:
             access.key_digest()
         assert err.value.field == field and "secret" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def instruct_server(serving):
+    """A third app beside the first: the instruct task's SmolLM2-135M-Instruct with the arithmetic verifier."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    url, _ = serving
+    serve.run(build_app({"model": "smollm2", "device": "cpu", "reward": {"kind": "arithmetic"},
+                         "limits": {"max_n": 8, "max_tokens": 24}, "batching": {"batch_wait_timeout_s": 0.05}}),
+              name="instruct", route_prefix="/instruct")
+    yield url + "/instruct"
+    serve.delete("instruct")
+
+
+QUESTION = [{"role": "system", "content": "You are a calculator."}, {"role": "user", "content": "What is 7 * 6? Reply with the number only."}]
+
+
+def test_chat_completions_through_the_official_client_on_the_instruct_model(instruct_server):
+    """n = 2 with best_of = 8 (extra_body): the two best of eight answers by the server's reward, best first,
+    each an assistant message stopped at the end of its turn (no template token in it), with its reward;
+    logprobs for the returned tokens; the stream adds up to the same answers; bad requests are 4xx by name."""
+    from openai import BadRequestError, NotFoundError, OpenAI, UnprocessableEntityError
+
+    client = OpenAI(base_url=instruct_server + "/v1", api_key="unused", max_retries=0)
+    ask = dict(model="sweetspot", messages=QUESTION, n=2, max_tokens=24, seed=0, temperature=0.7, extra_body={"best_of": 8})
+    out = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
+    assert out.object == "chat.completion" and [c.index for c in out.choices] == [0, 1]
+    rewards = [c.model_extra["reward"] for c in out.choices]
+    assert rewards[0] >= rewards[1] and set(rewards) <= {0.0, 1.0}
+    for c in out.choices:
+        assert c.message.role == "assistant" and "<|im" not in c.message.content and c.finish_reason in ("stop", "length")
+        assert "".join(t.token for t in c.logprobs.content) == c.message.content
+        assert all(len(t.top_logprobs) <= 2 for t in c.logprobs.content)
+    assert 8 <= out.usage.completion_tokens <= 8 * 24 and out.usage.prompt_tokens > 20  # the template's tokens count
+    stream = client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True})
+    text, finish = {0: "", 1: ""}, {}
+    for chunk in stream:
+        for c in chunk.choices:
+            text[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert [text[0], text[1]] == [c.message.content for c in out.choices]
+    assert [finish[0], finish[1]] == [c.finish_reason for c in out.choices]
+    for bad, field in ((dict(messages=[]), "messages"), (dict(messages=[{"role": "assistant", "content": "hi"}]), r"messages\[0\]\.role"),
+                       (dict(messages=[{"role": "robot", "content": "hi"}]), "messages"), (dict(n=3, extra_body={"best_of": 2}), "n"),
+                       (dict(max_tokens=25), "max_tokens")):
+        with pytest.raises((BadRequestError, UnprocessableEntityError), match=field):
+            client.chat.completions.create(**{**ask, "extra_body": {}, "n": 1, **bad})
+    with pytest.raises(NotFoundError, match="model"):
+        client.chat.completions.create(**{**ask, "model": "gpt-9"})
+
+
+def test_chat_completions_need_a_model_with_a_chat_template(server):
+    r = post(server, "/v1/chat/completions", {"model": "sweetspot", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert r.status_code == 422 and "messages: a conversation needs a tokenizer with a chat template" in r.json()["error"]["message"]
+    assert post(server, "/v1/completions", {"model": "sweetspot", "prompt": "the movie", "max_tokens": 4}).status_code == 200

@@ -68,34 +68,80 @@ def check_pair_columns(column_names, source: str) -> None:
         raise ValueError(f"data.source: {source} lacks column(s) {missing}; a pair dataset needs {list(PAIR_COLUMNS)}")
 
 
-def tokenize_pair_batch(tokenizer, batch: dict[str, list], max_length: int, fingerprint: str | None = None) -> dict[str, list]:
+def tokenize_pair_batch(tokenizer, batch: dict[str, list], max_length: int, fingerprint: str | None = None,
+                        for_reward_model: bool = False) -> dict[str, list]:
     """Token ids of prompt + completion for both sides, the prompt's length, and the sampling process.
 
     When the batch carries sampled ids from a tokenizer with this `fingerprint`, those ids are used
-    as they are. Otherwise prompt (with the tokenizer's special tokens, e.g. BOS) and completion
-    (without) are tokenized separately and concatenated so the boundary is exact, and the process
-    is plain (temperature 1, nothing blocked): a foreign tokenizer's positions mean nothing here.
+    as they are. Otherwise prompt (with the tokenizer's special tokens, e.g. BOS; a conversation
+    through the chat template) and completion (without; after a conversation, ended by eos) are
+    tokenized separately and concatenated so the boundary is exact, and the process is plain
+    (temperature 1, nothing blocked): a foreign tokenizer's positions mean nothing here.
+    for_reward_model: a conversation is read whole as the reward tokenizer's template renders it
+    (`reward_input_ids`), what the classifier reward scores.
     Sequences longer than max_length lose completion tokens from the end; the prompt is kept whole.
     """
     rows = len(batch["prompt"])
     own_ids = "chosen_ids" in batch and fingerprint is not None
     use = [own_ids and batch["tokenizer"][i] == fingerprint for i in range(rows)]
-    p_ids = tokenizer(list(batch["prompt"]))["input_ids"]  # with BOS where the tokenizer adds one
+    p_ids = prompt_ids(tokenizer, batch["prompt"], [not u for u in use])
     p_ids = [batch["prompt_ids"][i] if use[i] else p_ids[i] for i in range(rows)]
     out = {"temperature": [float(batch["temperature"][i]) if use[i] else 1.0 for i in range(rows)],
            "min_new_tokens": [int(batch["min_new_tokens"][i]) if use[i] else 0 for i in range(rows)]}
     for side in ("chosen", "rejected"):
-        c_ids = tokenizer(list(batch[side]), add_special_tokens=False)["input_ids"]
-        c_ids = [batch[f"{side}_ids"][i] if use[i] else c_ids[i] for i in range(rows)]
+        if for_reward_model:  # a reward model reads a conversation as its own template renders it whole
+            seqs = [batch["prompt_ids"][i] + batch[f"{side}_ids"][i] if use[i]
+                    else reward_input_ids(tokenizer, batch["prompt"][i], batch[side][i]) for i in range(rows)]
+            out[f"{side}_input_ids"] = [s[: max(max_length, min(len(p), len(s) - 1) + 1)] for p, s in zip(p_ids, seqs)]
+            out[f"{side}_prompt_len"] = [min(len(p), len(s) - 1) for p, s in zip(p_ids, seqs)]
+            continue
+        c_ids = [batch[f"{side}_ids"][i] if use[i] else completion_ids(tokenizer, batch["prompt"][i], batch[side][i], side)
+                 for i in range(rows)]
         out[f"{side}_input_ids"] = [(p + c)[: max(max_length, len(p) + 1)] for p, c in zip(p_ids, c_ids)]
         out[f"{side}_prompt_len"] = [len(p) for p in p_ids]
     return out
 
 
+def prompt_ids(tokenizer, prompts, needed=None) -> list[list[int] | None]:
+    """Each prompt's ids (`align.engine.chat`: text with the tokenizer's special tokens, a conversation
+    through its chat template); None where `needed` says the ids are not wanted."""
+    from align.engine.chat import PromptEncoder
+
+    encoder = PromptEncoder(tokenizer)
+    needed = [True] * len(prompts) if needed is None else needed
+    wanted = [p for p, k in zip(prompts, needed) if k]
+    it = iter(encoder.batch_ids(wanted) if wanted else [])
+    return [next(it) if k else None for k in needed]
+
+
+def completion_ids(tokenizer, prompt, completion, where: str = "completion") -> list[int]:
+    """A completion's ids after `prompt`: its text without special tokens, and for a conversation (an
+    answer, TRL's [{role: assistant, content}] or text) the tokenizer's eos after it, as a chat model ends
+    its turn; the same boundary the sampler's ids have."""
+    from align.engine.chat import PromptEncoder, completion_text, is_conversation
+
+    return PromptEncoder(tokenizer).completion_ids(completion_text(completion, where), ended=is_conversation(prompt))
+
+
+def reward_input_ids(tokenizer, prompt, completion) -> list[int]:
+    """What a reward model reads for (prompt, completion), in its own tokenizer. Text: prompt ids +
+    completion ids, as the policy's boundary. A conversation: the whole exchange, the completion as the
+    assistant's turn, rendered by the reward tokenizer's own chat template (as chat reward models such
+    as Skywork-Reward are trained to read it); without a template, as "role: content" lines."""
+    from align.engine.chat import completion_text, is_conversation
+
+    if not is_conversation(prompt):
+        return prompt_ids(tokenizer, [prompt])[0] + completion_ids(tokenizer, prompt, completion)
+    turns = [*prompt, {"role": "assistant", "content": completion_text(completion)}]
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"])
+    return list(tokenizer("\n".join(f"{m['role']}: {m['content']}" for m in turns))["input_ids"])
+
+
 def concat_token_ids(tokenizer, prompts, completions, max_length: int | None = None) -> list[list[int]]:
     """Prompt ids + completion ids, tokenized separately (the same boundary the trainers use)."""
-    p_ids = tokenizer(list(prompts))["input_ids"]  # with BOS where the tokenizer adds one
-    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    p_ids = prompt_ids(tokenizer, list(prompts))
+    c_ids = [completion_ids(tokenizer, p, c) for p, c in zip(prompts, completions)]
     return [(p + c)[:max_length] if max_length else p + c for p, c in zip(p_ids, c_ids)]
 
 

