@@ -145,3 +145,25 @@ class PairDataConfig:
     def __post_init__(self):
         require(self.limit is None or self.limit >= 1, "limit", "null or an integer >= 1", self.limit)
         require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "null or an integer >= 1", self.eval_limit)
+
+
+@dataclass
+class LoraParams:
+    """LoRA adapters (peft) instead of full fine-tuning: only the adapters train (and a reward model's
+    score head); the saved model has them merged, so it loads by path like any model."""
+
+    enabled: bool = False
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn"])  # GPT-2 attention; q_proj,v_proj for Llama
+
+    def __post_init__(self):
+        require(self.r >= 1, "r", "an integer >= 1", self.r)
+        require(0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)", self.lora_dropout)
+        require(len(self.target_modules) > 0, "target_modules", "a non-empty list of module names", self.target_modules)
+
+    def kwargs(self) -> dict | None:
+        """peft LoraConfig's keyword arguments, or None when LoRA is off."""
+        return {"r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+                "target_modules": list(self.target_modules)} if self.enabled else None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from actors.train_config import TrainConfig
 from align.objectives.bonbon import BonbonObjective
 from align.runtime.config import InputRef, OutputPath, run_job
-from jobs.sections import PairDataConfig
+from jobs.sections import LoraParams, PairDataConfig
 
 
 @dataclass
@@ -22,6 +22,7 @@ class BonbonJobConfig:
     data: PairDataConfig = field(default_factory=PairDataConfig)
     bonbon: BonbonObjective = field(default_factory=BonbonObjective)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraParams = field(default_factory=LoraParams)  # train LoRA adapters, merged on save
     output_dir: OutputPath = "outputs/bonbon"
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from actors.train_config import TrainConfig
 from align.objectives.preference import PreferenceObjective
 from align.runtime.config import InputRef, OutputPath, run_job
-from jobs.sections import PairDataConfig
+from jobs.sections import LoraParams, PairDataConfig
 
 log = logging.getLogger("sweetspot.dpo")
 
@@ -26,6 +26,7 @@ class DpoJobConfig:
     data: PairDataConfig = field(default_factory=PairDataConfig)
     dpo: PreferenceObjective = field(default_factory=PreferenceObjective)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraParams = field(default_factory=LoraParams)  # train LoRA adapters, merged on save
     output_dir: OutputPath = "outputs/dpo"
 
 

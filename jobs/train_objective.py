@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from actors.train_config import TrainConfig
 from align.runtime.config import InputRef, OutputPath, from_dict, run_job
-from jobs.sections import PairDataConfig
+from jobs.sections import LoraParams, PairDataConfig
 
 
 @dataclass
@@ -46,6 +46,7 @@ class TrainObjectiveConfig:
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     data: PairDataConfig = field(default_factory=PairDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraParams = field(default_factory=LoraParams)  # train LoRA adapters, merged on save
     output_dir: OutputPath = "outputs/train_objective"
 
 

@@ -23,21 +23,7 @@ from pathlib import Path
 
 from actors.train_config import TrainConfig
 from align.runtime.config import InputRef, OutputPath, require, run_job
-from jobs.sections import PairDataConfig
-
-
-@dataclass
-class LoraParams:
-    enabled: bool = False
-    r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn"])  # GPT-2 attention; q_proj,v_proj for Llama
-
-    def __post_init__(self):
-        require(self.r >= 1, "r", "an integer >= 1", self.r)
-        require(0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)", self.lora_dropout)
-        require(len(self.target_modules) > 0, "target_modules", "a non-empty list of module names", self.target_modules)
+from jobs.sections import LoraParams, PairDataConfig
 
 
 @dataclass
@@ -105,13 +91,12 @@ def heldout_agreement(model_dir: str, cfg: RmJobConfig) -> dict:
 def run(cfg: RmJobConfig) -> dict:
     import json
     import shutil
-    from dataclasses import asdict
 
     from align.objectives.bradley_terry import BradleyTerryObjective
     from align.runtime.runstate import write_atomic
     from jobs.training import run_training
 
-    lora = {k: v for k, v in asdict(cfg.lora).items() if k != "enabled"} if cfg.lora.enabled else None
+    lora = cfg.lora.kwargs()
     out = Path(cfg.output_dir)
     for stale, keep in (("ensemble", cfg.ensemble.members > 1), ("laplace", cfg.laplace.enabled)):
         if not keep and (out / stale).exists():  # made around an earlier model/: never left beside a new one

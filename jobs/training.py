@@ -161,6 +161,10 @@ def run_training(objective: Objective, cfg, lora: dict | None = None, bootstrap_
 
     start = time.perf_counter()
     title = title or objective.describe()
+    if lora is None and getattr(cfg, "lora", None) is not None:
+        lora = cfg.lora.kwargs()  # the job's lora section (jobs.sections.LoraParams)
+    if lora and objective.live_reference:  # its updates copy the policy's weights into a model without adapters
+        raise ConfigError("lora.enabled", "false with a live (TR-DPO) reference; use a frozen reference (ref_update: none)", True)
     out = Path(cfg.output_dir)
     storage = cfg.train.run.storage_path
     ds = load_pair_dataset(cfg.data)  # data errors stop here, before a model is loaded or Ray starts

@@ -185,14 +185,18 @@ def encode_prompts(tokenizer, prompts: list, device: torch.device | str = "cpu")
 
 def build_model_for(kind: str, path: str, tokenizer, lora: dict | None = None):
     """A trainable fp32 model: "causal_lm", or "reward_model" (a one-logit sequence classifier whose
-    score head is new when `path` is a causal LM). `lora`: peft LoraConfig kwargs; the score head is
-    then fully trained (modules_to_save) and everything else but the adapters is frozen."""
+    score head is new when `path` is a causal LM). `lora`: peft LoraConfig kwargs; everything but the
+    adapters (and a reward model's score head, modules_to_save) is then frozen."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(path)
     if kind == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         fuse_gelu(model)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
         return model
     if kind != "reward_model":
         raise ValueError(f"unknown model kind {kind!r}")
