@@ -77,14 +77,13 @@ def test_a_new_run_name_does_not_take_another_runs_output_dir(tmp_path):
                                              ("overopt", "ns=[1,2]", "config.yaml"),
                                              ("make_pairs", "random_pairs_per_prompt=3", "config.yaml"),
                                              ("evaluate", "bon_n=[2]", "eval_config.yaml")])
-def test_jobs_refuse_another_configs_results_before_any_work(tmp_path, job, knob, file):
+def test_jobs_refuse_another_configs_results_before_any_work(tmp_path, monkeypatch, job, knob, file):
     """dera, overopt, make_pairs and evaluate: an output_dir whose saved config differs in a knob the
     results depend on is refused at once, naming the key and replace=true; nothing there is touched
     and Ray is not started. A rerun that changes only where it runs (ray_address, devices) is no
     change, and replace=true reports the differing keys to the job instead of raising."""
     import importlib
 
-    import ray
     import yaml
 
     from align.runtime.config import load_config, to_dict
@@ -101,9 +100,12 @@ def test_jobs_refuse_another_configs_results_before_any_work(tmp_path, job, knob
     (out / "results.json").write_text("{}")
     second = load_config(config_class, f"configs/{job}.yaml", base + [knob])
     key = knob.split("=")[0]
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the output directory was checked")
+
+    monkeypatch.setattr("actors.cluster.init_ray", no_ray)
     with pytest.raises(StaleStateError, match=rf"{out} holds state made under a different config; differing keys: {key}: .* -> .*Set replace=true"):
         module.run(second)
-    assert not ray.is_initialized()
     assert sorted(p.name for p in out.iterdir()) == sorted([file, "results.json"])
     assert claim_output(out, to_dict(load_config(config_class, f"configs/{job}.yaml", base + ["replace=true"])), False, file) == []
     assert [d.split(":")[0] for d in claim_output(out, to_dict(second), True, file)] == [key]
