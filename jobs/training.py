@@ -19,9 +19,11 @@ log = logging.getLogger("sweetspot.train")
 
 def check_pair_file(path: Path, source: str) -> None:
     """A JSON Lines pair file, line by line, before `datasets` reads it: UTF-8, one JSON object per
-    line, prompt / chosen / rejected strings. Errors name data.source, the file and the line."""
-    from align.data.prompts import read_json_objects
+    line, a prompt (text or a conversation) and chosen / rejected (text or one assistant message).
+    Errors name data.source, the file, the line and the field."""
     from align.data.pairs import PAIR_COLUMNS
+    from align.data.prompts import read_json_objects
+    from align.engine.chat import check_prompt, completion_text
 
     if path.suffix != ".jsonl":
         return
@@ -32,9 +34,10 @@ def check_pair_file(path: Path, source: str) -> None:
         missing = [c for c in PAIR_COLUMNS if c not in row]
         if missing:
             raise ValueError(f"data.source: line {i} of {source} lacks {missing}; a pair needs {list(PAIR_COLUMNS)}")
-        wrong = [c for c in PAIR_COLUMNS if not isinstance(row[c], str)]
-        if wrong:
-            raise ValueError(f"data.source: line {i} of {source}: {wrong[0]!r} must be a string, got {row[wrong[0]]!r:.60}")
+        check_prompt(row["prompt"], f"data.source: line {i} of {source}: 'prompt'")  # text or a conversation
+        for side in ("chosen", "rejected"):  # text, or TRL's conversational [{role: assistant, content}]
+            if not isinstance(row[side], str):
+                completion_text(row[side], f"data.source: line {i} of {source}: {side!r}")
 
 
 def load_pair_dataset(cfg: PairDataConfig):

@@ -195,3 +195,45 @@ def test_best_of_n_on_the_instruct_model_with_its_template_and_a_verifier(ray_se
         r = sampled[json.dumps(p)]
         c = r["completion_ids"].index(pairs["chosen_ids"][i])
         assert chosen[i].item() == pytest.approx(r["logprobs"][c], abs=2e-3)
+
+
+CHATML = ("{% for m in messages %}{{ '<|endoftext|>' + m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|endoftext|>assistant: ' }}{% endif %}")
+
+
+@pytest.mark.ray
+def test_train_rm_on_conversational_pairs_scores_what_its_own_template_renders(ray_session, tiny_lm_dir, tmp_path):
+    """jobs.train_rm on TRL-style conversational pairs, the reward model's tokenizer carrying a chat
+    template: the trained classifier scores (conversation, answer) exactly as its forward on the ids
+    of its own template's rendering of the whole exchange, and the template is saved with it."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from align.rewards.classifier import SequenceClassifierReward
+    from align.runtime.config import load_config
+    from jobs.train_rm import RmJobConfig, run
+
+    base = tmp_path / "chat_lm"
+    shutil.copytree(tiny_lm_dir, base)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = CHATML
+    tok.save_pretrained(base)
+    rows = [([{"role": "user", "content": p}], [{"role": "assistant", "content": c}], [{"role": "assistant", "content": r}])
+            for p, c, r in [("the movie was", "great .", "awful ."), ("a good film", "lovely .", "bad ."),
+                            ("the plot", "is fine .", "is weak ."), ("the music is", "lovely .", "terrible .")] * 2]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in rows))
+    out = tmp_path / "rm"
+    run(load_config(RmJobConfig, "configs/train_rm.yaml", [
+        f"model={base}", f"data.source={pairs}", "data.eval_split=null", "eval.source=null", f"output_dir={out}",
+        f"train.run.storage_path={tmp_path / 'runs'}", "train.steps=2", "train.batch_size=4", "train.workers.num_workers=1",
+        "train.workers.collective_timeout_s=30"]))
+    reward = SequenceClassifierReward(str(out / "model"), device="cpu")
+    assert reward.tokenizer.chat_template == CHATML
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    prompt, answer = rows[0][0], "great ."
+    ids = tok.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], return_dict=True)["input_ids"]
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0, 0].double()
+    torch.testing.assert_close(reward([prompt], [answer])[0], want, rtol=0, atol=1e-6)
