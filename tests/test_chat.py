@@ -201,24 +201,47 @@ CHATML = ("{% for m in messages %}{{ '<|endoftext|>' + m['role'] + ': ' + m['con
           "{% if add_generation_prompt %}{{ '<|endoftext|>assistant: ' }}{% endif %}")
 
 
+@pytest.fixture(scope="module")
+def chat_lm_dir(tiny_lm_dir, tmp_path_factory):
+    """The tiny GPT-2 with a chat template on its tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base = tmp_path_factory.mktemp("chat_lm") / "model"
+    shutil.copytree(tiny_lm_dir, base)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = CHATML
+    tok.save_pretrained(base)
+    return base
+
+
+def test_evaluate_on_conversational_prompts(chat_lm_dir, tmp_path):
+    """jobs.evaluate on a prompt file of conversations: sampled through the chat template, and a policy
+    evaluated against itself has KL exactly 0."""
+    from align.runtime.config import load_config
+    from jobs.evaluate import EvalConfig, run
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}]}) + "\n" for p in ["the movie was", "a film"]))
+    m = run(load_config(EvalConfig, "configs/evaluate.yaml", [
+        f"policy={chat_lm_dir}", f"reference={chat_lm_dir}", f"prompts.source={prompts}", "sampling.n=4",
+        "sampling.max_new_tokens=4", "sampling.min_new_tokens=2", f"output_dir={tmp_path / 'eval'}", "device=cpu"]))
+    assert m["samples"] == 8 and m["kl_to_pi0"] == 0.0
+
+
 @pytest.mark.ray
-def test_train_rm_on_conversational_pairs_scores_what_its_own_template_renders(ray_session, tiny_lm_dir, tmp_path):
+def test_train_rm_on_conversational_pairs_scores_what_its_own_template_renders(ray_session, chat_lm_dir, tmp_path):
     """jobs.train_rm on TRL-style conversational pairs, the reward model's tokenizer carrying a chat
     template: the trained classifier scores (conversation, answer) exactly as its forward on the ids
     of its own template's rendering of the whole exchange, and the template is saved with it."""
-    import shutil
-
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from align.rewards.classifier import SequenceClassifierReward
     from align.runtime.config import load_config
     from jobs.train_rm import RmJobConfig, run
 
-    base = tmp_path / "chat_lm"
-    shutil.copytree(tiny_lm_dir, base)
-    tok = AutoTokenizer.from_pretrained(base)
-    tok.chat_template = CHATML
-    tok.save_pretrained(base)
+    base, tok = chat_lm_dir, AutoTokenizer.from_pretrained(chat_lm_dir)
     rows = [([{"role": "user", "content": p}], [{"role": "assistant", "content": c}], [{"role": "assistant", "content": r}])
             for p, c, r in [("the movie was", "great .", "awful ."), ("a good film", "lovely .", "bad ."),
                             ("the plot", "is fine .", "is weak ."), ("the music is", "lovely .", "terrible .")] * 2]
