@@ -152,6 +152,19 @@ def test_dera_sweep_killed_mid_run_resumes_without_rerunning_finished_trials(ray
         return {t["relative_logdir"]: (trials / t["relative_logdir"] / "result.json").read_text()
                 for t in done if t["status"] == "TERMINATED"}
 
+    def searcher_state_readable() -> bool:
+        import pickle
+
+        import cloudpickle
+
+        states = sorted(trials.glob("basic-variant-state-*.json"))
+        try:
+            with open(states[-1], "rb") as f:
+                cloudpickle.load(f)
+            return True
+        except (IndexError, EOFError, OSError, ValueError, pickle.UnpicklingError):
+            return False
+
     args = [f"reference={tiny_lm_dir}", f"aligned={aligned}", f"prompts.source={root / 'prompts.txt'}",
             "sampling.n=2", "sampling.max_new_tokens=4", "sampling.min_new_tokens=4", "device=cpu", "reward.kind=brevity",
             "reward.params.max_words=4", f"ray_address={ray_cluster[0]}", *extra]
@@ -160,7 +173,9 @@ def test_dera_sweep_killed_mid_run_resumes_without_rerunning_finished_trials(ray
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 120
-        while len(finished()) < 2:
+        # Killed between writes: Tune copies its searcher state to storage without a rename, so a kill
+        # inside that copy leaves it truncated and the restore fails (a known gap, not this test's case).
+        while len(finished()) < 2 or not searcher_state_readable():
             assert proc.poll() is None and time.time() < deadline, "the sweep ended or stalled before it was killed"
             time.sleep(0.2)
     finally:
