@@ -114,3 +114,11 @@ class TrainConfig:
                 f"a multiple of workers.num_workers ({self.workers.num_workers})", self.batch_size)
         require(self.max_length >= 2, "max_length", "an integer >= 2", self.max_length)
         require(self.eval_every >= 0, "eval_every", "an integer >= 0 (0: no validation)", self.eval_every)
+        if self.optim.warmup_steps >= self.steps:
+            import logging
+
+            # Allowed (a short test run), but the schedule then never reaches optim.lr: say so.
+            logging.getLogger("sweetspot.train").warning(
+                "optim.warmup_steps (%d) >= steps (%d): the learning rate never leaves warmup and peaks at %.3g x optim.lr "
+                "(%g) at the last step (actors.train_loop.linear_schedule)", self.optim.warmup_steps, self.steps,
+                (self.steps - 1) / self.optim.warmup_steps, self.optim.lr)

@@ -139,10 +139,13 @@ class ProgressPrinter:
     KEYS = ("loss", "rewards/accuracies", "accuracy", "loss/sft", "loss/ipo", "reward", "log_f", "kl", "sync_s",
             "val/loss", "val/rewards/accuracies", "val/accuracy", "lr", "tokens_per_s", "samples_per_s")
 
-    def __init__(self, run_dir, total_steps: int, interval: float = 2.0):
+    def __init__(self, run_dir, total_steps: int, interval: float = 2.0, clock=None):
         import threading
+        import time
 
         self.run_dir, self.total, self.interval = run_dir, total_steps, interval
+        self.clock = clock or time.monotonic
+        self.mark = None  # (step, time) of the first row seen since the workers (re)started: the ETA's origin
         text = run_dir.read_text(LOG_FILE) or ""  # a resumed run's earlier rows are not printed again
         self.printed = max((json.loads(line)["step"] for line in text.splitlines()), default=0)
         self.starts_seen = len((run_dir.read_text(START_FILE) or "").splitlines())  # earlier runs' starts
@@ -178,9 +181,20 @@ class ProgressPrinter:
             elif self.starts > 1:
                 print(f"  [train] workers restarted: no complete checkpoint yet, from step 0 of {self.total}", flush=True)
             self.printed = min(self.printed, s["step"])  # the steps after it run again: their rows print again
+            self.mark = None
         for line in text.splitlines():
             row = json.loads(line)
             if row["step"] > self.printed:
                 shown = " ".join(f"{k} {row[k]:.4g}" for k in self.KEYS if k in row)
-                print(f"  [train] step {row['step']}/{self.total} {shown}", flush=True)
+                print(f"  [train] step {row['step']}/{self.total} {shown}{self.eta(row['step'])}", flush=True)
                 self.printed = row["step"]
+
+    def eta(self, step: int) -> str:
+        """' eta 1m05s' from the pace since the first row of this start (nothing at that first row)."""
+        now = self.clock()
+        if self.mark is None:
+            self.mark = (step, now)
+        if step <= self.mark[0] or now <= self.mark[1]:  # rows read in the same poll as the origin: no pace yet
+            return ""
+        left = (self.total - step) * (now - self.mark[1]) / (step - self.mark[0])
+        return f" eta {int(left // 60)}m{int(left % 60):02d}s"

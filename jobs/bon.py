@@ -26,7 +26,7 @@ import yaml
 
 from align.engine.chat import prompt_text
 from align.runtime.config import ConfigError, OutputPath, require, run_job, to_dict
-from jobs.sections import (ModelConfig, PenaltyConfig, PoolConfig, PromptsConfig, RbonConfig, RewardConfig,
+from jobs.sections import (JudgeConfig, ModelConfig, check_model_paths, PenaltyConfig, PoolConfig, PromptsConfig, RbonConfig, RewardConfig,
                            SamplingConfig, SpeculativeConfig)
 
 log = logging.getLogger("sweetspot.bon")
@@ -36,6 +36,7 @@ log = logging.getLogger("sweetspot.bon")
 class BonConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # a held-out judge: grades the samples, never selects
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
@@ -61,7 +62,8 @@ class BonConfig:
 
 
 # Knobs that change where or how fast samples are drawn, not which: a run may resume under other values.
-NOT_IN_RESULT = ("output_dir", "num_examples", "ray_address", "resume", "model.device", "reward.device",
+# The judge is scored again at the end of every run, so it may change too.
+NOT_IN_RESULT = ("output_dir", "num_examples", "judge.", "ray_address", "resume", "model.device", "reward.device",
                  "reward.num_cpus", "pool.num_actors", "pool.num_cpus_per_actor", "pool.num_gpus_per_actor",
                  "pool.cache", "pool.compile")
 
@@ -121,6 +123,50 @@ def read_records(path: Path, batch_sizes: dict[int, int]) -> dict[int, dict]:
     return {r["index"]: r for b, rs in per_batch.items() if len(rs) == batch_sizes.get(b) for r in rs}
 
 
+def judge_records(records: list[dict], spec: dict, batch_prompts: int = 16) -> None:
+    """Grade every candidate and the pi_0 sample of each record with the held-out judge, in place:
+    `judge_rewards` (one per candidate) and `pi0_judge_reward`. The judge reads text (it may have
+    another tokenizer), `batch_prompts` prompts' samples per call."""
+    from align.rewards.registry import build_scorer
+
+    scorer = build_scorer(spec)
+    for start in range(0, len(records), batch_prompts):
+        chunk = records[start : start + batch_prompts]
+        prompts = [r["prompt"] for r in chunk for _ in range(len(r["completions"]) + 1)]
+        completions = [c for r in chunk for c in r["completions"] + [r["pi0_completion"]]]
+        groups = [g for g, r in enumerate(chunk) for _ in range(len(r["completions"]) + 1)]
+        scores = scorer.score(prompts, completions, groups=groups).mean.tolist()
+        i = 0
+        for r in chunk:
+            k = len(r["completions"])
+            r["judge_rewards"], r["pi0_judge_reward"] = scores[i : i + k], scores[i + k]
+            i += k + 1
+
+
+def best_of_k_curve(records: list[dict], n: int) -> list[dict]:
+    """The best-of-k curve for k = 1, 2, 4, ..., n, read off the n samples each prompt already has
+    (align.math.bon.best_of_k_expectation): the mean reward BoN ranks by and its win rate against the
+    pi_0 sample, and with a judge the judge's mean and win rate of the same choice. argmax selection only."""
+    from align.math.bon import best_of_k_expectation
+
+    ranking = torch.tensor([r.get("ranking", r["rewards"]) for r in records], dtype=torch.float64)
+    grades = {"reward": torch.tensor([r["rewards"] for r in records], dtype=torch.float64)}
+    base = {"reward": torch.tensor([[r["pi0_reward"]] for r in records], dtype=torch.float64)}
+    if "judge_rewards" in records[0]:
+        grades["judge"] = torch.tensor([r["judge_rewards"] for r in records], dtype=torch.float64)
+        base["judge"] = torch.tensor([[r["pi0_judge_reward"]] for r in records], dtype=torch.float64)
+    ks = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
+    curve = []
+    for k in ks:
+        row = {"n": k}
+        for name, g in grades.items():
+            wins = (g > base[name]).double() + 0.5 * (g == base[name]).double()  # ties count 1/2, as win_rate
+            row[f"mean_{name}"] = best_of_k_expectation(ranking, g, k).mean().item()
+            row[f"win_rate_{name}"] = best_of_k_expectation(ranking, wins, k).mean().item()
+        curve.append(row)
+    return curve
+
+
 def summarize(records: list[dict], n: int, seconds: float, new_tokens: int, vocabulary: set[str] | None,
               selection: str = "argmax") -> dict:
     """BoN vs pi_0 metrics from samples.jsonl records (scored candidates plus one pi_0 sample each)."""
@@ -142,6 +188,13 @@ def summarize(records: list[dict], n: int, seconds: float, new_tokens: int, voca
         "tokens_per_s": new_tokens / seconds if seconds > 0 else None,
         "sampling_seconds": seconds,
     }
+    if "judge_rewards" in records[0]:
+        bon_j = torch.tensor([r["judge_rewards"][r["chosen"]] for r in records], dtype=torch.float64)
+        base_j = torch.tensor([r["pi0_judge_reward"] for r in records], dtype=torch.float64)
+        metrics.update(win_rate_judge_bon_vs_pi0=float(win_rate(bon_j, base_j)), mean_judge_bon=bon_j.mean().item(),
+                       mean_judge_pi0=base_j.mean().item())
+    if selection.startswith("argmax") and all(len(r["rewards"]) == n for r in records):
+        metrics["curve"] = best_of_k_curve(records, n)
     if vocabulary is not None:
         from align.task.corpus import fluency
 
@@ -163,11 +216,22 @@ def print_report(metrics: dict, records: list[dict], n: int, k: int, stride: int
         (f"mean {metrics.get('reward', 'gold')} reward: pi_0", f"{metrics['mean_reward_pi0']:+.3f}"),
         ("tokens drawn per prompt", f"{metrics['drawn_tokens_per_prompt']:.1f} (the n candidates)"),
     ]
+    if "judge" in metrics:
+        rows += [(f"win rate BoN vs pi_0, judge ({metrics['judge']})", f"{metrics['win_rate_judge_bon_vs_pi0']:.3f}"),
+                 ("mean judge reward: BoN / pi_0", f"{metrics['mean_judge_bon']:+.3f} / {metrics['mean_judge_pi0']:+.3f}")]
     if "fluency_bon" in metrics:
         rows.append(("fluency BoN / pi_0", f"{metrics['fluency_bon']:.3f} / {metrics['fluency_pi0']:.3f}"))
     rows.append(("throughput", speed))
     width = max(len(r[0]) for r in rows)
     print("\n" + "\n".join(f"  {a:<{width}}  {b}" for a, b in rows))
+    if metrics.get("curve"):
+        from jobs.tables import format_table
+
+        columns = [("k", "n", "{}"), ("mean reward", "mean_reward", "{:+.3f}"), ("win rate vs pi_0", "win_rate_reward", "{:.3f}")]
+        if "judge" in metrics:
+            columns += [("mean judge", "mean_judge", "{:+.3f}"), ("judge win rate", "win_rate_judge", "{:.3f}")]
+        print(f"\n  best of k, read off the same {n} samples per prompt (unbiased; ranked by the {metrics.get('reward', 'gold')} reward):")
+        print(format_table(metrics["curve"], columns)[0])
     for r in records[::stride][:k]:  # stride: one example per distinct prompt
         print(f"\n  prompt: {prompt_text(r['prompt'])!r}")
         print(f"    BoN  ({r['rewards'][r['chosen']]:+.3f}): {r['completions'][r['chosen']]!r}")
@@ -242,6 +306,8 @@ def run(cfg: BonConfig) -> dict:
     from align.rewards.registry import reward_kind
     from align.runtime.runstate import write_atomic
 
+    check_model_paths(cfg)  # a wrong reward model path stops here, before any work
+
     prompts = load_prompts(cfg.prompts.source, cfg.prompts.split, cfg.prompts.column, cfg.prompts.limit)
     prompts = [p for p in prompts for _ in range(cfg.prompts.repeats)]
     if not prompts:
@@ -301,10 +367,17 @@ def run(cfg: BonConfig) -> dict:
             ray.shutdown()
 
     records = [done[i] for i in range(len(prompts))]
+    for r in records:  # a resumed run's records may carry another judge's grades
+        r.pop("judge_rewards", None), r.pop("pi0_judge_reward", None)
+    if cfg.judge.kind is not None:
+        log.info("grading %d prompts' samples with the judge %s", len(records), cfg.judge.kind)
+        judge_records(records, cfg.judge.spec())
     label = cfg.selection if cfg.penalty.kind == "none" else f"{cfg.selection}, penalty {cfg.penalty.kind}"
     metrics = summarize(records, n, seconds, new_tokens, vocabulary, label)
     # A learned reward model (a kind read from a path) is a proxy of what people want, never "gold".
     metrics["reward"] = f"proxy ({cfg.reward.kind})" if reward_kind(cfg.reward.kind).needs_path else "gold"
+    if cfg.judge.kind is not None:
+        metrics["judge"] = cfg.judge.kind
     write_atomic(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     (out / "samples.partial.jsonl").unlink(missing_ok=True)
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))

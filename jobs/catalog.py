@@ -15,7 +15,7 @@ import pkgutil
 import typing
 
 # Modules that run other jobs (not stages themselves), and those that are not jobs.
-NOT_STAGES = ("pipeline", "report", "catalog", "sections", "tables", "training")
+NOT_STAGES = ("pipeline", "report", "catalog", "cli", "sections", "tables", "training")
 
 
 def config_class(job: str) -> type:

@@ -100,7 +100,10 @@ def run(cfg: DeraConfig) -> dict:
     from align.engine.models import model_path_problem, resolve_model_path
     from align.runtime.config import to_dict
     from align.runtime.runstate import claim_output, write_atomic
+    from jobs.sections import check_model_paths
     from jobs.tables import format_table, write_results
+
+    check_model_paths(cfg)  # a wrong reward model path stops here, before any work
 
     claim_output(cfg.output_dir, to_dict(cfg), cfg.replace)
     for name in ("reference", "aligned"):  # here, not at load: the YAML's default points at a job's output

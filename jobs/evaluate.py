@@ -342,6 +342,9 @@ def run(cfg: EvalConfig) -> dict:
     from align.engine.models import load_causal_lm, model_path_problem
     from align.runtime.paths import resolve_input
     from align.runtime.runstate import claim_output
+    from jobs.sections import check_model_paths
+
+    check_model_paths(cfg)  # a wrong reward model path stops here, before any work
 
     out = Path(cfg.output_dir) if cfg.output_dir else resolve_input(cfg.policy).parent
     # Its own file: next to a trained policy, config.yaml is the trainer's.

@@ -249,7 +249,10 @@ def run(cfg: OveroptConfig) -> dict:
     from align.runtime.config import to_dict
     from align.runtime.runstate import claim_output, write_atomic
     from jobs import make_pairs, train_rm
+    from jobs.sections import check_model_paths
     from jobs.tables import format_table, write_results
+
+    check_model_paths(cfg)  # a wrong reward model path stops here, before any work
 
     out = Path(cfg.output_dir)
     changed = {d.split(":", 1)[0] for d in claim_output(out, to_dict(cfg), cfg.replace)}

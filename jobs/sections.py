@@ -10,6 +10,16 @@ from typing import Literal
 from align.runtime.config import InputRef, require
 
 
+def check_model_field(name_or_path: str, field: str = "model") -> None:
+    """Stop before any work when a model field names no model: a local path that does not exist or has
+    no config.json (align.engine.models.model_path_problem); a hub name is left to the loader."""
+    from align.engine.models import model_path_problem
+
+    problem = model_path_problem(name_or_path)
+    require(problem is None, field, "'default', 'smollm2', an HF model name or a directory with config.json",
+            f"{name_or_path} ({problem})" if problem else name_or_path)
+
+
 @dataclass
 class ModelConfig:
     path: InputRef = "default"  # "default" (embedded task), an HF model name, or a local directory
@@ -36,21 +46,84 @@ class RewardConfig:
     num_cpus: float = 0  # logical CPUs reserved per scorer actor (0: shares the generators' cores)
 
     def __post_init__(self):
-        from align.rewards.registry import check_spec
-
         require(self.num_actors >= 1, "num_actors", "an integer >= 1", self.num_actors)
         require(self.num_cpus >= 0, "num_cpus", ">= 0", self.num_cpus)
-        require(not {"kind", "path", "device", "embedder"} & set(self.params), "params",
-                "the kind's own knobs (kind, path and device are fields of reward itself)", self.params)
-        spec = check_spec({**self.params, "kind": self.kind, "path": self.path}, field="", params_field="params")
-        self.params = {k: v for k, v in spec.items() if k not in ("kind", "path")}  # typed, defaults filled
+        self.params = checked_params(self.kind, self.path, self.params, "reward")
 
     def spec(self) -> dict:
         """The flat spec actors.scorer.make_scorer takes, model directories resolved ("default", "minilm")."""
-        from align.engine.models import resolve_model_path
-        from align.rewards.registry import map_paths
+        return flat_spec(self.kind, self.path, self.device, self.params)
 
-        return map_paths({"kind": self.kind, "path": self.path, "device": self.device, **self.params}, resolve_model_path)
+
+def model_path_error(kind: str | None, path, field: str) -> None:
+    """ConfigError naming `field` when a reward kind that loads a model by name or directory (classifier)
+    is given a local path that does not exist or holds no model; kinds with their own directory check
+    (ensemble, laplace) have it at load already, and a hub name is left to the loader."""
+    from align.engine.models import model_path_problem
+    from align.rewards.registry import reward_kind
+
+    if kind is None or not isinstance(path, str) or not reward_kind(kind).needs_path or reward_kind(kind).path_problem:
+        return
+    problem = model_path_problem(path)
+    require(problem is None, field, "an HF model name or a directory with config.json", f"{path} ({problem})")
+
+
+def check_model_paths(cfg, prefix: str = "") -> None:
+    """Before any work: every reward, judge and selector section of a job config, however nested, that
+    reads a model names one (model_path_error). Not at config load: a config may name a model a
+    pipeline stage before it makes."""
+    import dataclasses
+
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), prefix + f.name
+        if isinstance(value, (RewardConfig, JudgeConfig)):
+            model_path_error(value.kind, value.path, f"{name}.path")
+        elif dataclasses.is_dataclass(value):
+            check_model_paths(value, f"{name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    check_model_paths(item, f"{name}[{i}].")
+
+
+def checked_params(kind: str, path, params: dict, section: str) -> dict:
+    """A reward section's params checked against its kind (align.rewards.registry.check_spec), typed and
+    with the kind's defaults filled in; errors name the field."""
+    from align.rewards.registry import check_spec
+
+    require(not {"kind", "path", "device", "embedder"} & set(params), "params",
+            f"the kind's own knobs (kind, path and device are fields of {section} itself)", params)
+    spec = check_spec({**params, "kind": kind, "path": path}, field="", params_field="params")
+    return {k: v for k, v in spec.items() if k not in ("kind", "path")}
+
+
+def flat_spec(kind: str, path, device: str, params: dict) -> dict:
+    """The flat spec a scorer is built from, model directories resolved ("default", "minilm", "smollm2")."""
+    from align.engine.models import resolve_model_path
+    from align.rewards.registry import map_paths
+
+    return map_paths({"kind": kind, "path": path, "device": device, **params}, resolve_model_path)
+
+
+@dataclass
+class JudgeConfig:
+    """A held-out judge: a reward that grades the samples but never selects them (Gao et al. 2210.10760
+    grade a proxy's best-of-n with the gold reward it imitates). Scored in the driver after sampling."""
+
+    kind: str | None = None  # null: none | any reward kind (arithmetic, vader, classifier, ...), as reward.kind
+    path: InputRef | None = None  # a model-based judge: an HF name or directory
+    params: dict = field(default_factory=dict)  # the kind's own knobs, as reward.params
+    device: str = "auto"
+
+    def __post_init__(self):
+        require(self.kind is not None or (self.path is None and not self.params), "kind",
+                "a reward kind when path or params are set", self.kind)
+        if self.kind is not None:
+            self.params = checked_params(self.kind, self.path, self.params, "judge")
+
+    def spec(self) -> dict | None:
+        """The flat spec align.rewards.registry.build_scorer takes, or None without a judge."""
+        return None if self.kind is None else flat_spec(self.kind, self.path, self.device, self.params)
 
 
 @dataclass

@@ -102,8 +102,11 @@ def run(cfg: VbonJobConfig) -> dict:
     from align.data.prompts import load_prompts
     from align.engine.models import resolve_model_path
     from align.runtime.runstate import digest, path_fingerprint
+    from jobs.sections import check_model_field, check_model_paths
     from jobs.training import finish, start_run
 
+    check_model_field(cfg.model)
+    check_model_paths(cfg)  # wrong model paths stop here, before any work
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

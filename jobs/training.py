@@ -161,6 +161,7 @@ def run_training(objective: Objective, cfg, lora: dict | None = None, bootstrap_
     from actors.cluster import init_ray, ship_dir
     from actors.train_launcher import launch_training
     from align.engine.models import load_tokenizer, resolve_model_path
+    from jobs.sections import check_model_field
 
     start = time.perf_counter()
     title = title or objective.describe()
@@ -168,6 +169,7 @@ def run_training(objective: Objective, cfg, lora: dict | None = None, bootstrap_
         lora = cfg.lora.kwargs()  # the job's lora section (jobs.sections.LoraParams)
     if lora and objective.live_reference:  # its updates copy the policy's weights into a model without adapters
         raise ConfigError("lora.enabled", "false with a live (TR-DPO) reference; use a frozen reference (ref_update: none)", True)
+    check_model_field(cfg.model)
     out = Path(cfg.output_dir)
     storage = cfg.train.run.storage_path
     ds = load_pair_dataset(cfg.data)  # data errors stop here, before a model is loaded or Ray starts

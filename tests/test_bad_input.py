@@ -78,6 +78,11 @@ CASES = [
      lambda t, m: __import__("jobs.dera", fromlist=["run"]).run(load_config(
          __import__("jobs.dera", fromlist=["DeraConfig"]).DeraConfig, "configs/dera.yaml", [f"aligned={t / 'nowhere'}"])),
      "config field 'aligned': expected 'default', an HF model name or a directory with config.json"),
+    ("config", "a classifier reward directory that does not exist", lambda t, m: bon(t, "reward.kind=classifier", f"reward.path={t / 'rm'}"),
+     "config field 'reward.path': expected an HF model name or a directory with config.json, got \"{t}/rm ('{t}/rm' does not exist)\""),
+    ("config", "a trainer's model directory without config.json", lambda t, m: dpo(t, "x.jsonl", f"model={t}"),
+     "config field 'model': expected 'default', 'smollm2', an HF model name or a directory with config.json"),
+    ("config", "a judge of a kind that does not exist", lambda t, m: bon(t, "judge.kind=bleu"), "config field 'judge.kind'"),
     ("override", "`sampling.n` with no `=value`", lambda t, m: bon(t, "sampling.n"),
      "config field 'sampling.n': expected an override of the form key.sub=value"),
     ("override", "`prompts.source=[unclosed`", lambda t, m: bon(t, "prompts.source=[unclosed"),

@@ -217,3 +217,37 @@ def test_worst_best_joint_large_space_marginals():
 def test_worst_best_joint_rejects_ties():
     with pytest.raises(ValueError, match="distinct"):
         worst_best_joint(PROBS4, TIED4, 2)
+
+
+def brute_force_best_of_k(ranking, grades, k):
+    """Every k-subset of the n draws, equally likely; the best by ranking, ties broken uniformly."""
+    total, subsets = 0.0, list(itertools.combinations(range(len(ranking)), k))
+    for subset in subsets:
+        top = max(ranking[i] for i in subset)
+        best = [i for i in subset if ranking[i] == top]
+        total += sum(grades[i] for i in best) / len(best)
+    return total / len(subsets)
+
+
+def test_best_of_k_expectation_matches_every_subset_with_ties():
+    """The U-statistic equals the average over all C(n, k) subsets, with rankings full of ties (a 0/1
+    verifier) and grades from another reward; at k = n it is the argmax's (mean over tied) grade, and at
+    k = 1 the plain mean."""
+    from align.math.bon import best_of_k_expectation
+
+    gen = torch.Generator().manual_seed(0)
+    ranking = torch.randint(0, 3, (5, 7), generator=gen).double()
+    grades = torch.randn(5, 7, generator=gen, dtype=F64)
+    for k in range(1, 8):
+        got = best_of_k_expectation(ranking, grades, k)
+        want = torch.tensor([brute_force_best_of_k(ranking[p].tolist(), grades[p].tolist(), k) for p in range(5)], dtype=F64)
+        assert_close(got, want, rtol=0, atol=1e-12)
+    assert_close(best_of_k_expectation(ranking, grades, 1), grades.mean(1), rtol=0, atol=1e-12)
+    # pass@k (Chen et al. 2107.03374): c of n right answers, ranked by themselves: 1 - C(n-c, k) / C(n, k).
+    right = torch.tensor([[1.0, 0, 0, 1, 0, 0, 0, 0]], dtype=F64)
+    for k in range(1, 9):
+        assert best_of_k_expectation(right, right, k).item() == pytest.approx(1 - math.comb(6, k) / math.comb(8, k), abs=1e-12)
+    with pytest.raises(ValueError, match=r"k must be in \[1, n = 7\], got 8"):
+        best_of_k_expectation(ranking, grades, 8)
+    with pytest.raises(ValueError, match="equal"):
+        best_of_k_expectation(ranking, grades[:, :3], 2)

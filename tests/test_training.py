@@ -297,22 +297,59 @@ def test_key_bias_gradient_is_zero_in_exact_arithmetic():
     assert grad[mask].abs().max() < 1e-15 < grad[~mask].abs().max()
 
 
-def test_lora_dpo_trains_only_the_adapters_and_saves_them_merged(ray_session, tmp_path, tiny_lm_dir, pairs_file):
-    """lora.enabled on a policy trainer: through Ray Train and DeepSpeed only the adapters train, the saved
-    model is a plain HF model (adapters merged into c_attn, every other weight pi_0's bit for bit, the
-    adapter kept beside it) that loads and samples by path; a live TR-DPO reference with LoRA is refused."""
-    from actors.generator import Generator
+def test_lora_with_a_live_tr_dpo_reference_is_refused_before_any_work(tmp_path, tiny_lm_dir, pairs_file):
+    """A soft or hard TR-DPO reference update copies full weights, which LoRA does not train. (LoRA itself
+    trains through Ray Train in tests/test_chat.py, on the instruct model.)"""
     from align.runtime.config import ConfigError
 
-    cfg = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "lora", "train.workers.num_workers=1", "train.steps=2",
-                     "dpo.ref_update=none", "lora.enabled=true", "lora.r=4")
-    run_dpo(cfg)
-    trained, base = weights(cfg), load_file(str(tiny_lm_dir / "model.safetensors"))
-    assert set(trained) == set(base), "merged: no adapter tensors in the saved model"
-    moved = {k for k in base if not torch.equal(trained[k], base[k])}
-    assert moved and all(k.endswith("attn.c_attn.weight") for k in moved), moved
-    assert (tmp_path / "lora" / "model" / "lora" / "adapter_config.json").is_file()
-    g = Generator(str(tmp_path / "lora" / "model"), device="cpu")
-    assert len(g.sample(["the movie was"], n=2, max_new_tokens=4, seed=0)["samples"][0].completions) == 2
-    with pytest.raises(ConfigError, match="lora.enabled"):
-        run_dpo(dpo_config(tmp_path, tiny_lm_dir, pairs_file, "lora_soft", "lora.enabled=true", "dpo.ref_update=soft"))
+    for update in ("soft", "hard"):
+        with pytest.raises(ConfigError, match="lora.enabled"):
+            run_dpo(dpo_config(tmp_path, tiny_lm_dir, pairs_file, "lora_live", "lora.enabled=true", f"dpo.ref_update={update}"))
+    assert not (tmp_path / "lora_live").exists(), "refused before anything is written"
+
+
+def test_progress_lines_carry_an_eta_from_the_pace_since_the_workers_started(capsys):
+    """The driver's progress printer: one line per logged step, and once two rows arrived at different
+    times, the steps left at that pace (here 2 steps per 10 s, 6 steps left: 30 s); a restart resets it."""
+    from actors.train_launcher import LOG_FILE, START_FILE, ProgressPrinter
+
+    files = {LOG_FILE: "", START_FILE: ""}
+
+    class FakeRunDir:
+        def read_text(self, name):
+            return files[name]
+
+    now = [100.0]
+    printer = ProgressPrinter(FakeRunDir(), total_steps=10, clock=lambda: now[0])
+    files[START_FILE] = json.dumps({"step": 0, "checkpoint": None}) + "\n"
+    for step in (2, 4):
+        files[LOG_FILE] += json.dumps({"step": step, "loss": 0.5}) + "\n"
+        printer.poll()
+        now[0] += 10.0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["  [train] step 2/10 loss 0.5", "  [train] step 4/10 loss 0.5 eta 0m30s"]
+    files[START_FILE] += json.dumps({"step": 2, "checkpoint": "run/checkpoint_000002"}) + "\n"
+    files[LOG_FILE] += json.dumps({"step": 6, "loss": 0.4}) + "\n"
+    printer.poll()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("  [train] workers restarted: resuming at step 2") and "eta" not in out[-1]
+
+
+def test_a_warmup_as_long_as_the_run_is_said_with_the_peak_it_reaches(caplog):
+    from actors.train_config import OptimConfig, TrainConfig
+    from actors.train_loop import linear_schedule
+
+    with caplog.at_level("WARNING", logger="sweetspot.train"):
+        TrainConfig(steps=4, optim=OptimConfig(lr=1e-3, warmup_steps=10))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule, lrs = linear_schedule(4, 10)(opt), []
+    for _ in range(4):  # the lr each of the 4 steps runs at
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step(), schedule.step()
+    peak = max(lrs)
+    assert peak == pytest.approx(0.3)
+    assert f"optim.warmup_steps (10) >= steps (4): the learning rate never leaves warmup and peaks at {peak:.3g} x optim.lr" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sweetspot.train"):
+        TrainConfig(steps=40, optim=OptimConfig(lr=1e-3, warmup_steps=10))
+    assert caplog.text == ""

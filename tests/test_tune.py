@@ -51,6 +51,24 @@ def test_pareto_front():
     assert pareto_front([1.0, 1.0], [0.5, 0.5]) == [True, True]
 
 
+def test_an_unreadable_searcher_state_refuses_to_resume_by_name(tmp_path):
+    """A searcher state cut short (a driver killed while Tune copied it to storage) stops the resume
+    naming the file and resume=never; the newest readable one passes, older ones are not read."""
+    import ray.cloudpickle as cloudpickle
+
+    from align.runtime.config import ConfigError
+    from tune.sweep import check_searcher_state
+
+    whole = cloudpickle.dumps({"trials": ["a", "b"], "lam": [0.0, 1.0]})
+    (tmp_path / "basic-variant-state-2026-01-01.json").write_bytes(whole[:7])
+    (tmp_path / "basic-variant-state-2026-01-02.json").write_bytes(whole)
+    check_searcher_state(tmp_path)
+    (tmp_path / "basic-variant-state-2026-01-03.json").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ConfigError, match="never for this sweep") as err:
+        check_searcher_state(tmp_path)
+    assert err.value.field == "resume" and "basic-variant-state-2026-01-03.json" in str(err.value)
+
+
 @pytest.fixture(scope="module")
 def sweep_setup(tiny_lm_dir, tmp_path_factory):
     from conftest import save_tiny_lm

@@ -19,10 +19,31 @@ def prepare(out: Path, key: dict, mode: str, experiment: str) -> bool:
     state, key_file = out / "tune", out / "sweep.json"
     saved = json.loads(key_file.read_text()) if key_file.is_file() else None
     resume = check_resume(saved, key, mode, str(state), tune.Tuner.can_restore(str(state / experiment)))
+    if resume:
+        check_searcher_state(state / experiment)
     if not resume:
         shutil.rmtree(state, ignore_errors=True)
     write_atomic(key_file, json.dumps(key, indent=2, default=str))
     return resume
+
+
+def check_searcher_state(experiment: Path) -> None:
+    """Refuse to resume from a searcher state Tune cannot read: Tune copies it to storage without a
+    rename, so a driver killed during the copy leaves it truncated, and a restore from it would start
+    trials without their parameters. The newest file of each pattern is the one Tune reads."""
+    import ray.cloudpickle as cloudpickle
+
+    for pattern in ("basic-variant-state-*.json", "searcher-state-*.pkl"):
+        files = sorted(experiment.glob(pattern))
+        if not files:
+            continue
+        try:
+            with files[-1].open("rb") as f:
+                cloudpickle.load(f)
+        except Exception as e:  # EOFError, UnpicklingError, ...: any failure to read it back
+            raise ConfigError("resume", "never for this sweep: its searcher state cannot be read back, so the trials "
+                              "left to run are unknown (the sweep was killed while Tune saved it)",
+                              f"auto, with {files[-1]} unreadable ({type(e).__name__})") from e
 
 
 def searcher(name: str, seed: int):

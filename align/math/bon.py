@@ -265,3 +265,35 @@ def expected_win_rate(p_a: Tensor, p_b: Tensor, rewards: Tensor) -> float:
     _, (a_l, b_l) = _reward_levels(r, a, b)
     b_below = _exclusive_cumsum(b_l)
     return (a_l * (b_below + 0.5 * b_l)).sum().item()
+
+
+def best_of_k_expectation(ranking: Tensor, grades: Tensor, k: int) -> Tensor:
+    """E[grade of the best of k], estimated without bias from n >= k draws per prompt.
+
+    ``ranking`` and ``grades`` are (P, n): what selects (the reward BoN ranks by) and what is measured
+    (the same reward, a held-out judge, or a win indicator against pi_0). The best of a uniformly random
+    k-subset of the n draws, ties in ``ranking`` broken uniformly, has expected grade
+    sum_i C(i-1, k-1) / C(n, k) * g_(i) over the draws sorted by ranking (the i-th is the subset's best
+    exactly when it is in the subset with k-1 of the i-1 below it), each g_(i) replaced by the mean
+    grade of its tie group. For a 0/1 verifier ranking itself this is pass@k (Chen et al. 2107.03374,
+    eq. 1); in general the U-statistic of the best-of-k curve drawn from one set of n samples.
+    Returns (P,) float64.
+    """
+    r, g = torch.as_tensor(ranking, dtype=torch.float64), torch.as_tensor(grades, dtype=torch.float64)
+    if r.dim() != 2 or r.shape != g.shape or r.shape[1] == 0:
+        raise ValueError(f"ranking and grades must be equal (P, n) shapes with n >= 1, got {tuple(r.shape)} and {tuple(g.shape)}")
+    n = r.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, n = {n}], got {k}")
+    order = r.argsort(dim=1, stable=True)
+    r_sorted, g_sorted = r.gather(1, order), g.gather(1, order)
+    # Probability that sorted position i (0-based) is the subset's best: C(i, k-1) / C(n, k).
+    weight = torch.tensor([math.comb(i, k - 1) / math.comb(n, k) for i in range(n)], dtype=torch.float64)
+    out = torch.empty(r.shape[0], dtype=torch.float64)
+    for p in range(r.shape[0]):
+        levels, group = torch.unique_consecutive(r_sorted[p], return_inverse=True)
+        mass = torch.zeros(len(levels), dtype=torch.float64).index_add_(0, group, weight)
+        mean_grade = torch.zeros(len(levels), dtype=torch.float64).index_add_(0, group, g_sorted[p])
+        mean_grade /= torch.bincount(group, minlength=len(levels)).double()
+        out[p] = (mass * mean_grade).sum()
+    return out
