@@ -77,6 +77,23 @@ def gcs_answers(address: str, timeout_s: float) -> bool:
         return False
 
 
+def reserved_device(device: str, num_gpus: float | None = None) -> str:
+    """The device an actor should use for `device`: "auto" is the CPU when the actor reserved no GPU.
+    Ray hides no GPU from an actor without a GPU reservation (CUDA_VISIBLE_DEVICES is left alone), so
+    "auto" would pick one Ray gave to another actor. num_gpus: the actor's reservation when known (a
+    pool creating it); None: ask Ray from inside the actor (a Serve replica, whose options come from
+    the config file). Outside Ray, and for a device named explicitly, `device` is kept."""
+    if device != "auto":
+        return device
+    if num_gpus is None:
+        import ray
+
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+            return device
+        num_gpus = len(ray.get_gpu_ids())
+    return device if num_gpus else "cpu"
+
+
 @dataclass(frozen=True)
 class ShippedDir:
     """A local directory packed into the object store; `local_dir` unpacks it once per node."""

@@ -338,12 +338,13 @@ class GeneratorPool:
         restartable: Ray restarts a dead actor in place under the same handle (handles given to other
         processes stay valid), and never replays a call that was lost with it: an on-policy trainer
         pushes its weights again first (`sample(weights_version=...)` refuses stale ones)."""
-        from actors.cluster import ship_dir
+        from actors.cluster import reserved_device, ship_dir
         from actors.resilient import ResilientActors
 
         threads = max(1, int(num_cpus_per_actor))
         aligned = ship_dir(aligned_path) if aligned_path else None
         # A local model directory travels through the object store: actors on any node can load it.
+        device = reserved_device(device, num_gpus_per_actor)
         self.group = ResilientActors(Generator, num_actors, (ship_dir(model_path), device, dtype, threads, cache, compile, aligned),
                                      options={"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor,
                                               **({"max_restarts": -1, "max_task_retries": 0} if restartable else {})},

@@ -57,7 +57,10 @@ class ScorerPool:
 
         # One torch thread per reserved CPU, and one when none is reserved: scorers sharing cores with
         # generators would otherwise oversubscribe them, and busy-waiting threads slow everyone down.
+        from actors.cluster import reserved_device
+
         threads = max(1, int(num_cpus_per_actor))
+        spec = {**spec, "device": reserved_device(spec.get("device", "auto"), num_gpus_per_actor)}
         self.group = ResilientActors(ScorerActor, num_actors, (ship_spec(spec), threads),
                                      options={"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor},
                                      max_retries=max_retries, name="Scorer")

@@ -28,10 +28,16 @@ class OptimConfig:
 class DeepSpeedConfig:
     zero_stage: int = 0  # 0 (plain data parallel) .. 3 (parameters partitioned)
     bf16: bool | str = "auto"  # auto: bf16 on GPU, fp32 on CPU | true | false
+    offload_optimizer: bool = False  # ZeRO >= 1: optimizer states (and the step) in CPU memory, freeing GPU memory
+    offload_params: bool = False  # ZeRO-3: parameters in CPU memory between uses as well
 
     def __post_init__(self):
         require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "0, 1, 2 or 3", self.zero_stage)
         require(self.bf16 in ("auto", True, False), "bf16", "'auto', true or false", self.bf16)
+        require(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
+                "false with zero_stage 0 (DeepSpeed offloads ZeRO's partitioned optimizer states)", self.offload_optimizer)
+        require(not self.offload_params or self.zero_stage == 3, "offload_params",
+                "false unless zero_stage is 3 (only ZeRO-3 partitions parameters)", self.offload_params)
 
 
 @dataclass
@@ -56,6 +62,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     max_failures: int = 1  # worker-group restarts from the last checkpoint before giving up
     log_every: int = 10
+    tracking: Literal["tensorboard", "none"] = "tensorboard"  # logged rows also as TensorBoard events in <output_dir>/tensorboard
 
     def __post_init__(self):
         require(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'", self.name)
@@ -89,9 +96,11 @@ class StepHookConfig:
 
 @dataclass
 class TrainConfig:
-    # Knobs that observe a run, never change what it computes: left out of every key that decides
-    # whether outputs may be reused (the trainers' run key, a pipeline stage's key).
-    NOT_IN_RUN_KEY = ("step_hook",)
+    # Knobs that observe a run or only change how a step is computed, never what (accumulation and
+    # checkpointing give the same gradient up to rounding): left out of every key that decides whether
+    # outputs may be reused (the trainers' run key, a pipeline stage's key), so a run that ran out of
+    # memory resumes with more micro-batches.
+    NOT_IN_RUN_KEY = ("step_hook", "micro_batches", "gradient_checkpointing")
 
     steps: int = 100  # optimizer steps
     batch_size: int = 16  # global batch (pairs), split evenly over the workers
@@ -106,6 +115,8 @@ class TrainConfig:
     save_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # the final model's weights (from fp32 masters)
     step_hook: StepHookConfig = field(default_factory=StepHookConfig)  # called before every step (see StepHookConfig)
     eval_every: int = 0  # steps between validation passes over data.eval_split (0: none); logged as val/<metric>
+    micro_batches: int = 1  # gradient accumulation: each rank's share of a batch in this many forward/backward passes, one optimizer step
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, about a third more compute
 
     def __post_init__(self):
         require(self.steps >= 1, "steps", "an integer >= 1", self.steps)
@@ -114,6 +125,10 @@ class TrainConfig:
                 f"a multiple of workers.num_workers ({self.workers.num_workers})", self.batch_size)
         require(self.max_length >= 2, "max_length", "an integer >= 2", self.max_length)
         require(self.eval_every >= 0, "eval_every", "an integer >= 0 (0: no validation)", self.eval_every)
+        per_rank = self.batch_size // self.workers.num_workers
+        require(self.micro_batches >= 1 and per_rank % self.micro_batches == 0, "micro_batches",
+                f"an integer >= 1 dividing each worker's share of the batch (batch_size / workers.num_workers = {per_rank})",
+                self.micro_batches)
         if self.optim.warmup_steps >= self.steps:
             import logging
 

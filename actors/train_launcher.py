@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from actors.checkpoints import LOG_FILE, MODEL_DIR, RAY_SNAPSHOT, RUN_FILE, START_FILE, RunDir
+from actors.tracking import TB_DIR, Tracker
 from actors.train_config import TrainConfig
 from align.runtime.runstate import replace_dir, write_atomic
 
@@ -67,7 +68,8 @@ def prepare_run(train: TrainConfig, storage_path: str, output_dir: Path, run_key
         run_dir.remove()
         for name in (LOG_FILE, "metrics.json", ".failed_once"):
             (output_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(output_dir / MODEL_DIR, ignore_errors=True)
+        for name in (MODEL_DIR, TB_DIR):
+            shutil.rmtree(output_dir / name, ignore_errors=True)
     else:  # it may name checkpoints pruned since; the workers pick the newest complete one themselves
         run_dir.remove_file(RAY_SNAPSHOT)
         newest, bad = run_dir.newest_valid()
@@ -117,12 +119,13 @@ def launch_training(objective: Objective | None, model, data_ref, train: TrainCo
     log.info("training %s on %d worker(s), ZeRO-%d, run %r in %s", config["saved_as"]["objective"], w.num_workers,
              train.deepspeed.zero_stage, train.run.name, storage_path)
     run_dir = RunDir(storage_path, train.run.name)
-    progress = ProgressPrinter(run_dir, train.steps)
+    progress = ProgressPrinter(run_dir, train.steps, tracker=Tracker(train.run.tracking, output_dir))
     progress.start()
     try:
         trainer.fit()
     finally:
         progress.stop()
+        progress.tracker.close()
         write_atomic(output_dir / LOG_FILE, run_dir.read_text(LOG_FILE) or "")
     tmp = output_dir / f".{MODEL_DIR}.download"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -134,16 +137,17 @@ def launch_training(objective: Objective | None, model, data_ref, train: TrainCo
 
 class ProgressPrinter:
     """Prints rank 0's per-step rows as they reach the run's storage directory (the workers' own
-    output stays in their log files), every `interval` seconds, from a thread of the driver."""
+    output stays in their log files), every `interval` seconds, from a thread of the driver, and hands
+    each to the run's tracker (actors.tracking: TensorBoard events)."""
 
     KEYS = ("loss", "rewards/accuracies", "accuracy", "loss/sft", "loss/ipo", "reward", "log_f", "kl", "sync_s",
             "val/loss", "val/rewards/accuracies", "val/accuracy", "lr", "tokens_per_s", "samples_per_s")
 
-    def __init__(self, run_dir, total_steps: int, interval: float = 2.0, clock=None):
+    def __init__(self, run_dir, total_steps: int, interval: float = 2.0, clock=None, tracker: Tracker | None = None):
         import threading
         import time
 
-        self.run_dir, self.total, self.interval = run_dir, total_steps, interval
+        self.run_dir, self.total, self.interval, self.tracker = run_dir, total_steps, interval, tracker
         self.clock = clock or time.monotonic
         self.mark = None  # (step, time) of the first row seen since the workers (re)started: the ETA's origin
         text = run_dir.read_text(LOG_FILE) or ""  # a resumed run's earlier rows are not printed again
@@ -187,6 +191,8 @@ class ProgressPrinter:
             if row["step"] > self.printed:
                 shown = " ".join(f"{k} {row[k]:.4g}" for k in self.KEYS if k in row)
                 print(f"  [train] step {row['step']}/{self.total} {shown}{self.eta(row['step'])}", flush=True)
+                if self.tracker is not None:
+                    self.tracker.log(row)
                 self.printed = row["step"]
 
     def eta(self, step: int) -> str:

@@ -42,8 +42,9 @@ class StepAlgorithm(Protocol):
     def start(self, step: int) -> None:
         """After resume (step 0 on a fresh run), before the first step: e.g. reference tables, weight pushes."""
 
-    def loss(self, step: int) -> tuple[torch.Tensor, dict]:
-        """This rank's loss for 0-based step `step`, and its metrics (scalars, averaged over ranks when logged)."""
+    def loss(self, step: int, part: int = 0) -> tuple[torch.Tensor, dict]:
+        """This rank's loss for 0-based step `step` (its micro-batch `part` of train.micro_batches), and its
+        metrics (scalars, averaged over micro-batches and ranks when logged)."""
 
     def after_step(self, step: int) -> None:
         """After optimizer step `step` (1-based): e.g. a TR-DPO reference update, a weight push."""
@@ -57,8 +58,13 @@ class StepAlgorithm(Protocol):
 
 
 def make_engine(model, train: TrainConfig, micro_batch: int, bf16: bool):
-    """The DeepSpeed engine of `model` for one rank (deepspeed_config, linear_schedule)."""
+    """The DeepSpeed engine of `model` for one rank (deepspeed_config, linear_schedule); micro_batch:
+    examples per forward/backward pass (train.micro_batches of them make one optimizer step)."""
     import deepspeed
+
+    if train.gradient_checkpointing:
+        # Non-reentrant: no inputs that require grad needed (LoRA's frozen embeddings), and exact.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -94,10 +100,17 @@ def run_steps(engine, algorithm: StepAlgorithm, config: dict, rank: int, world: 
         if hook is not None:
             hook(step + 1, rank, world, config["output_dir"], algorithm.hook_context)
         engine.train()
-        loss, metrics = algorithm.loss(step)
-        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on in engine.step)
-        engine.backward(loss)
-        engine.step()
+        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on at the optimizer step)
+        losses, parts = [], []
+        for part in range(train.micro_batches):
+            # DeepSpeed scales each backward by 1 / micro_batches and steps the optimizer after the last:
+            # the gradient of the mean loss over the whole batch, for losses that average their examples.
+            loss, metrics = algorithm.loss(step, part)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            parts.append(metrics)
+        metrics = {k: sum(float(m[k]) for m in parts) / len(parts) for k in parts[0]}
         step += 1
         algorithm.after_step(step)
 
@@ -105,7 +118,7 @@ def run_steps(engine, algorithm: StepAlgorithm, config: dict, rank: int, world: 
         checkpoint = step % run.checkpoint_every == 0 or last
         if step % run.log_every == 0 or checkpoint:
             window = algorithm.window(time.perf_counter() - t0)
-            report = mean_over_ranks({"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}, **window},
+            report = mean_over_ranks({"loss": sum(losses) / len(losses), **metrics, **window},
                                      engine.device)
             report = algorithm.finish_report(report, step, last)
             report.update(step=step, lr=lr)
@@ -130,6 +143,17 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> t
     return torch.tensor(out)
 
 
+def zero_config(ds) -> dict:
+    """DeepSpeed's zero_optimization section: the stage and, when asked, CPU offload of the optimizer
+    states (ZeRO >= 1) and of the parameters (ZeRO-3)."""
+    zero = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return zero
+
+
 def deepspeed_config(train: TrainConfig, micro_batch: int, use_bf16: bool) -> dict:
     """The DeepSpeed config for one rank: AdamW (torch implementation: no JIT build), explicit
     clipping, ZeRO stage from the job config. The schedule is `linear_schedule` (DeepSpeed's
@@ -137,12 +161,15 @@ def deepspeed_config(train: TrainConfig, micro_batch: int, use_bf16: bool) -> di
     optim = train.optim
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": train.micro_batches,
         "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": train.deepspeed.zero_stage},
+        "zero_optimization": zero_config(train.deepspeed),
         "bf16": {"enabled": use_bf16},
         "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "weight_decay": optim.weight_decay,
                                                   "betas": list(optim.adam_betas), "torch_adam": True}},
+        # Offloaded optimizer states step with torch's AdamW here too: DeepSpeedCPUAdam is a C++ op built
+        # on first use, which the CPU machines and CI cannot rely on.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

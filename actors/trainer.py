@@ -94,7 +94,7 @@ class PairObjectiveSteps:
         self.engine, self.objective, self.ref_model, self.data, self.eval_data = engine, objective, ref_model, data, eval_data
         self.tokenizer, self.collate, self.train, self.rank, self.world, self.zero_stage = \
             tokenizer, collate, train, rank, world, zero_stage
-        self.micro = train.batch_size // world
+        self.micro = train.batch_size // world // train.micro_batches  # pairs per forward/backward pass
         # every id that ends a completion (a chat model's end-of-turn ids): blocked for min_new_tokens in
         # the log-probs exactly as the sampler blocked them
         self.stop_ids = stop_ids_of(tokenizer, generation_eos(tokenizer.name_or_path)) or None
@@ -132,9 +132,10 @@ class PairObjectiveSteps:
         if self.objective.stored_reference and self.eval_data is not None and self.eval_ref_logps is None:
             self.eval_ref_logps = self.table(self.eval_data)  # at step 0 (pi_0), kept like the training table
 
-    def loss(self, step: int):
-        micro, rank = self.micro, self.rank
-        idx = batch_indices(step, self.train.batch_size, len(self.data), self.train.seed)[rank * micro : (rank + 1) * micro]
+    def loss(self, step: int, part: int = 0):
+        micro, share = self.micro, self.train.batch_size // self.world  # this rank's share: micro_batches parts of micro
+        start = self.rank * share + part * micro
+        idx = batch_indices(step, self.train.batch_size, len(self.data), self.train.seed)[start : start + micro]
         batch = self.collate([self.data[int(i)] for i in idx], self.tokenizer.pad_token_id)
         if self.ref_logps is not None:
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = self.ref_logps[idx, 0], self.ref_logps[idx, 1]
@@ -190,7 +191,7 @@ def train_worker(config: dict) -> None:
     if objective.live_reference:
         ref_model = build_model_for(objective.model_kind, model_path, tokenizer, None).eval().requires_grad_(False)
     data = datasets.Dataset(datasets.table.InMemoryTable(ray.get(config["data"])))
-    engine = make_engine(model, train, train.batch_size // world, bf16)
+    engine = make_engine(model, train, train.batch_size // world // train.micro_batches, bf16)
     if ref_model is not None:
         ref_model.to(device=engine.device, dtype=torch.bfloat16 if bf16 else torch.float32)
     eval_data = None

@@ -85,7 +85,7 @@ class OnPolicySteps:
         push_weights(self.engine, self.zero_stage, self.rank, self.generators, step)  # pi_0, or the resumed policy
         self.pushed = step
 
-    def loss(self, step: int):
+    def loss(self, step: int, part: int = 0):  # one part: jobs.train_vbon refuses train.micro_batches > 1
         import ray
 
         from actors.train_loop import batch_indices

@@ -259,12 +259,12 @@ def check_resources(cfg: BonConfig) -> None:
     import ray
 
     have = ray.cluster_resources()
-    for res, per_actor, scorer, knob in (("CPU", cfg.pool.num_cpus_per_actor, cfg.reward.num_cpus * cfg.reward.num_actors, "pool.num_cpus_per_actor"),
-                                          ("GPU", cfg.pool.num_gpus_per_actor, 0, "pool.num_gpus_per_actor")):
+    for res, per_actor, scorer, knob in (("CPU", cfg.pool.num_cpus_per_actor, cfg.reward.num_cpus * cfg.reward.num_actors, "num_cpus"),
+                                          ("GPU", cfg.pool.num_gpus_per_actor, cfg.reward.num_gpus * cfg.reward.num_actors, "num_gpus")):
         need = cfg.pool.num_actors * per_actor + scorer
         if need > have.get(res, 0):
-            raise ConfigError("pool.num_actors", f"num_actors * {knob} + reward.num_actors * reward.num_cpus <= the cluster's {have.get(res, 0):g} {res}s",
-                              f"{cfg.pool.num_actors} x {per_actor:g} + {scorer:g}")
+            raise ConfigError("pool.num_actors", f"num_actors * pool.{knob}_per_actor + reward.num_actors * reward.{knob} <= the "
+                              f"cluster's {have.get(res, 0):g} {res}s", f"{cfg.pool.num_actors} x {per_actor:g} + {scorer:g}")
 
 
 def prepare_output(cfg: BonConfig, out: Path, batch_sizes: dict[int, int]) -> dict[int, dict]:
@@ -342,7 +342,7 @@ def run(cfg: BonConfig) -> dict:
             pool = GeneratorPool(model_path, cfg.pool.num_actors, cfg.pool.num_cpus_per_actor, cfg.pool.num_gpus_per_actor,
                                  cfg.model.device, cfg.model.dtype, cache=cfg.pool.cache, compile=cfg.pool.compile)
             spec = ship_spec(scorer_spec(cfg))
-            scorers = ScorerPool(spec, cfg.reward.num_actors, cfg.reward.num_cpus)
+            scorers = ScorerPool(spec, cfg.reward.num_actors, cfg.reward.num_cpus, cfg.reward.num_gpus)
             start = time.perf_counter()
             # n+1 draws: the first n for BoN, the last an independent pi_0 sample for the win rate.
             scored = scored_batches(pool, scorers, todo, n + 1, cfg.sampling.max_new_tokens, cfg.seed,

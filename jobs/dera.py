@@ -121,9 +121,9 @@ def run(cfg: DeraConfig) -> dict:
     try:
         pool = GeneratorPool(resolve_model_path(cfg.reference), cfg.pool.num_actors, cfg.pool.num_cpus_per_actor,
                              cfg.pool.num_gpus_per_actor, cache=cfg.pool.cache, aligned_path=resolve_model_path(cfg.aligned))
-        scorers = {"gold": ScorerPool(cfg.reward.spec(), cfg.reward.num_actors, cfg.reward.num_cpus)}
+        scorers = {"gold": ScorerPool(cfg.reward.spec(), cfg.reward.num_actors, cfg.reward.num_cpus, cfg.reward.num_gpus)}
         if cfg.proxy is not None:
-            scorers["proxy"] = ScorerPool(cfg.proxy.spec(), cfg.proxy.num_actors, cfg.proxy.num_cpus)
+            scorers["proxy"] = ScorerPool(cfg.proxy.spec(), cfg.proxy.num_actors, cfg.proxy.num_cpus, cfg.proxy.num_gpus)
         calls = [pool.submit([prompts[i] for _, i in b], s.n, s.max_new_tokens, k, cfg.seed, temperature=s.temperature,
                              min_new_tokens=s.min_new_tokens, stop_at_eos=s.stop_at_eos, lam=[lam for lam, _ in b])
                  for k, b in enumerate(batches)]

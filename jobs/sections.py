@@ -44,10 +44,12 @@ class RewardConfig:
     device: str = "auto"
     num_actors: int = 1  # scorer actors (a ScorerPool); scoring scales separately from generation
     num_cpus: float = 0  # logical CPUs reserved per scorer actor (0: shares the generators' cores)
+    num_gpus: float = 0  # GPUs reserved per scorer actor; with 0 device auto is the CPU (Ray gave it no GPU)
 
     def __post_init__(self):
         require(self.num_actors >= 1, "num_actors", "an integer >= 1", self.num_actors)
         require(self.num_cpus >= 0, "num_cpus", ">= 0", self.num_cpus)
+        require(self.num_gpus >= 0, "num_gpus", ">= 0 (a fraction shares a GPU between scorer actors)", self.num_gpus)
         self.params = checked_params(self.kind, self.path, self.params, "reward")
 
     def spec(self) -> dict:

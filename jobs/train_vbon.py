@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from actors.train_config import TrainConfig
-from align.runtime.config import InputRef, OutputPath, run_job
+from align.runtime.config import InputRef, OutputPath, require, run_job
 from align.objectives.vbon import VbonParams, VbonSampling
 from jobs.sections import PoolConfig, PromptsConfig, RewardConfig
 
@@ -47,6 +47,11 @@ class VbonJobConfig:
     evaluate: VbonEvalConfig = field(default_factory=VbonEvalConfig)
     seed: int = 0
     output_dir: OutputPath = "outputs/vbon"
+
+    def __post_init__(self):
+        require(self.train.micro_batches == 1, "train.micro_batches",
+                "1 (each step draws and scores its batch on the generators at once; a larger train.batch_size over "
+                "more workers instead)", self.train.micro_batches)
 
 
 def reference_rewards(cfg: VbonJobConfig, prompts: list[str], pool, scorers, out):
@@ -127,7 +132,7 @@ def run(cfg: VbonJobConfig) -> dict:
         p = cfg.pool
         pool = GeneratorPool(str(model_path), p.num_actors, p.num_cpus_per_actor, p.num_gpus_per_actor, cache=p.cache,
                              compile=p.compile, restartable=True)  # the trainer's handles survive a restart
-        scorers = ScorerPool(cfg.reward.spec(), cfg.reward.num_actors, cfg.reward.num_cpus)
+        scorers = ScorerPool(cfg.reward.spec(), cfg.reward.num_actors, cfg.reward.num_cpus, cfg.reward.num_gpus)
         ref = reference_rewards(cfg, prompts, pool, scorers, out)
         data_ref = ray.put({"prompts": prompts, "ref_rewards": ref})
         # Its own loop, not a pair objective: the typed sections cross to the workers; the model records saved_as.

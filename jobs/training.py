@@ -100,7 +100,7 @@ def run_key(objective: Objective, model_path: str, data: PairDataConfig, train, 
             "data": {"source": str(source), "split": data.split, "limit": data.limit, "files": path_fingerprint(source),
                      "eval_split": data.eval_split, "eval_limit": data.eval_limit},
             "train": drop_keys(asdict(train), ("run.", "workers.collective_timeout_s", "workers.cpus_per_worker",
-                                                *(f"{k}." for k in TrainConfig.NOT_IN_RUN_KEY)))}
+                                                *TrainConfig.NOT_IN_RUN_KEY, *(f"{k}." for k in TrainConfig.NOT_IN_RUN_KEY)))}
 
 
 def finish(name: str, metrics: dict, output_dir: Path, seconds: float) -> dict:

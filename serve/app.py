@@ -308,9 +308,11 @@ class GeneratorDeployment:
     def __init__(self, model: str, aligned: str | None = None, device: str = "auto", num_threads: int | None = None,
                  batching: dict | None = None, reward: dict | None = None):
         """reward: a scorer spec to score in this replica too (`colocate_scorer`), or None."""
+        from actors.cluster import reserved_device
         from actors.generator import Generator
         from align.engine.models import resolve_model_path
 
+        device = reserved_device(device)  # "auto": a GPU only where this replica reserved one (ray_actor_options)
         self.generator = Generator(resolve_model_path(model), device=device, num_threads=num_threads,
                                    aligned_path=resolve_model_path(aligned) if aligned else None)
         self.has_aligned = aligned is not None

@@ -350,9 +350,11 @@ class BatchedScorer:
     the scorer is colocated with it."""
 
     def __init__(self, spec: dict, max_size: int, wait_s: float = 0.0):
+        from actors.cluster import reserved_device
         from actors.scorer import make_scorer
 
-        self.scorer = make_scorer(spec)
+        # "auto": a GPU only where this replica reserved one (ray_actor_options num_gpus)
+        self.scorer = make_scorer({**spec, "device": reserved_device(spec.get("device", "auto"))})
         self.batcher = ContinuousBatcher(self._score, max_size, size=len, wait_s=wait_s)
 
     async def _score(self, sample_lists: list) -> list:

@@ -50,6 +50,26 @@ def tiny_lm_dir(tmp_path_factory):
     return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
 
 
+def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under `logdir`, read back from the files themselves
+    (TFRecord framing: 8-byte length, 4-byte CRC, the Event proto, 4-byte CRC): tag -> [(step, value)]."""
+    import struct
+    from pathlib import Path
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(logdir).rglob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
 def save_tiny_rm(path, lm_dir, seed: int = 1):
     """A random GPT2ForSequenceClassification (one label) on the tiny LM's tokenizer, saved at `path`;
     its score head is large enough that different inputs score clearly apart."""

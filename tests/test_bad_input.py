@@ -83,6 +83,9 @@ CASES = [
     ("config", "a trainer's model directory without config.json", lambda t, m: dpo(t, "x.jsonl", f"model={t}"),
      "config field 'model': expected 'default', 'smollm2', an HF model name or a directory with config.json"),
     ("config", "a judge of a kind that does not exist", lambda t, m: bon(t, "judge.kind=bleu"), "config field 'judge.kind'"),
+    ("config", "gradient accumulation in vBoN's on-policy loop", lambda t, m: load_config(
+        __import__("jobs.train_vbon", fromlist=["VbonJobConfig"]).VbonJobConfig, "configs/train_vbon.yaml", ["train.micro_batches=2"]),
+     "config field 'train.micro_batches': expected 1 (each step draws and scores its batch on the generators at once"),
     ("override", "`sampling.n` with no `=value`", lambda t, m: bon(t, "sampling.n"),
      "config field 'sampling.n': expected an override of the form key.sub=value"),
     ("override", "`prompts.source=[unclosed`", lambda t, m: bon(t, "prompts.source=[unclosed"),

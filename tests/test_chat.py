@@ -209,7 +209,7 @@ def test_best_of_n_on_the_instruct_model_with_its_template_and_a_verifier(instru
 @pytest.mark.slow
 @pytest.mark.ray
 def test_lora_dpo_on_the_instruct_model_saves_a_merged_model_that_jobs_bon_loads(instruct_bon, instruct_dir, instruct_tokenizer, tmp_path):
-    """configs/instruct/train_dpo.yaml for 2 steps on best/worst answers of the BoN run, written as TRL
+    """configs/instruct/train_dpo.yaml for a step on best/worst answers of the BoN run, written as TRL
     conversational pairs: through Ray Train + DeepSpeed only the LoRA adapters train, the saved model is a
     plain HF model (adapters merged into q_proj and v_proj, every other weight pi_0's bit for bit, the
     adapter and the chat template kept), and jobs.bon samples from it by path through that template."""
@@ -227,8 +227,8 @@ def test_lora_dpo_on_the_instruct_model_saves_a_merged_model_that_jobs_bon_loads
                                              "rejected": [{"role": "assistant", "content": r}]}) + "\n"
                                  for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])))
     run_dpo(load_config(DpoJobConfig, "configs/instruct/train_dpo.yaml", [
-        f"data.source={pair_file}", "data.eval_split=null", "train.steps=2", "train.batch_size=2", "train.max_length=96",
-        "train.optim.warmup_steps=0", "train.run.checkpoint_every=2", f"train.run.storage_path={tmp_path / 'runs'}",
+        f"data.source={pair_file}", "data.eval_split=null", "train.steps=1", "train.batch_size=2", "train.max_length=96",
+        "train.optim.warmup_steps=0", "train.run.checkpoint_every=1", f"train.run.storage_path={tmp_path / 'runs'}",
         "lora.r=4", f"output_dir={tmp_path / 'dpo'}"]))
     model_dir = tmp_path / "dpo" / "model"
     trained, base = load_file(str(model_dir / "model.safetensors")), load_file(os.path.join(instruct_dir, "model.safetensors"))

@@ -39,3 +39,23 @@ def test_different_seed_different_samples(ray_session, tiny_lm_dir):
 def test_batch_seeds_are_distinct():
     seeds = {batch_seed(s, i) for s in range(20) for i in range(50)}
     assert len(seeds) == 1000
+
+
+def test_device_auto_takes_a_gpu_only_where_ray_reserved_one(ray_session):
+    """Ray hides no GPU from an actor that reserved none, so "auto" there means the CPU: for a pool that
+    knows its reservation, and inside an actor (a Serve replica) that asks Ray; a named device is kept."""
+    import ray
+
+    from actors.cluster import reserved_device
+
+    assert [reserved_device("auto", 0), reserved_device("auto", 1), reserved_device("cuda:1", 0)] == ["cpu", "auto", "cuda:1"]
+    assert reserved_device("auto") == "auto", "the driver is not an actor: its own choice"
+
+    @ray.remote(num_cpus=0)
+    class Replica:
+        def device(self):
+            return reserved_device("auto")
+
+    replica = Replica.remote()
+    assert ray.get(replica.device.remote()) == "cpu"
+    ray.kill(replica)

@@ -36,9 +36,33 @@ def test_classifier_scoring_on_cuda_matches_cpu(tiny_lm_dir, tmp_path):
     model.save_pretrained(tmp_path / "rm")
     AutoTokenizer.from_pretrained(str(tiny_lm_dir)).save_pretrained(tmp_path / "rm")
     prompts, completions = ["the movie", "a film was"], [" was great .", " bad"]
-    gpu = SequenceClassifierReward(str(tmp_path / "rm"), device="cuda")(prompts, completions)
+    gpu = SequenceClassifierReward(str(tmp_path / "rm"), device="cuda", dtype="float32")(prompts, completions)
     cpu = SequenceClassifierReward(str(tmp_path / "rm"), device="cpu")(prompts, completions)
     torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=0)
+    bf16 = SequenceClassifierReward(str(tmp_path / "rm"), device="cuda")  # dtype auto: bf16 on a GPU
+    assert bf16.model.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16(prompts, completions), cpu, atol=0.05 * cpu.abs().max().item() + 1e-3, rtol=0)
+
+
+@pytest.mark.ray
+def test_a_scorer_actor_reserves_the_gpu_it_uses_and_one_without_stays_on_the_cpu(ray_session, tiny_lm_dir, tmp_path):
+    import ray
+    from conftest import save_tiny_rm
+
+    from actors.scorer import ScorerPool
+
+    save_tiny_rm(tmp_path / "rm", tiny_lm_dir)
+    spec = {"kind": "classifier", "path": str(tmp_path / "rm"), "device": "auto"}
+    on_gpu, on_cpu = ScorerPool(spec, num_gpus_per_actor=1), ScorerPool(spec)
+    try:
+        devices = [ray.get(pool.actors[0].__ray_call__.remote(lambda self: (str(self.scorer.reward.device), ray.get_gpu_ids())))
+                   for pool in (on_gpu, on_cpu)]
+        assert devices[0][0].startswith("cuda") and len(devices[0][1]) == 1
+        assert devices[1] == ("cpu", [])
+        scores = [pool.score(["the movie"], [" was great ."]).mean for pool in (on_gpu, on_cpu)]
+        torch.testing.assert_close(scores[0], scores[1], atol=0.05 * scores[1].abs().max().item() + 1e-3, rtol=0)
+    finally:
+        on_gpu.shutdown(), on_cpu.shutdown()
 
 
 @pytest.mark.ray

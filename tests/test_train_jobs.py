@@ -8,9 +8,10 @@ from align.runtime.config import ConfigError, load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
+# No injected failures here: a restart costs ~10 s of CI per job, and tests/test_training.py kills workers
+# and compares with an uninterrupted run bit for bit.
 COMMON = ["train.steps=3", "train.batch_size=4", "train.run.checkpoint_every=1", "train.run.log_every=1",
-          "train.step_hook.target=tests.plugins.faults:fail_once", "train.step_hook.args={at_step: 2}", "train.run.max_failures=1", "train.workers.collective_timeout_s=30",
-          "train.max_length=48"]
+          "train.workers.collective_timeout_s=30", "train.max_length=48"]
 
 
 def job_config(cls, yaml, tmp_path, small_task, source, *extra):
@@ -36,10 +37,8 @@ def reward_model(small_task, small_pairs, tmp_path_factory):
     from jobs.train_rm import RmJobConfig, run
 
     out = tmp_path_factory.mktemp("rm")
-    # No injected failure here (COMMON's): each member would fail and restart; the other jobs show that.
     metrics = run(job_config(RmJobConfig, "configs/train_rm.yaml", out, small_task, small_pairs / "random",
-                             "lora.enabled=true", "train.optim.lr=1e-3", "ensemble.members=2", "laplace.enabled=true",
-                             "train.step_hook.target=null"))
+                             "lora.enabled=true", "train.optim.lr=1e-3", "ensemble.members=2", "laplace.enabled=true"))
     return out, metrics
 
 
@@ -103,8 +102,7 @@ def test_train_bonbon_end_to_end_and_bon_loads_both(small_task, small_pairs, rew
     from jobs.train_bonbon import BonbonJobConfig, run
 
     out = tmp_path / "bonbon"
-    # No injected failure (COMMON's): a restart costs ~10 s of CI, and DPO's below shows one (with its soft reference).
-    bonbon = ["bonbon.n=4", "train.step_hook.target=null"]
+    bonbon = ["bonbon.n=4"]
     metrics = run(job_config(BonbonJobConfig, "configs/train_bonbon.yaml", out, small_task, small_pairs / "bonbon", *bonbon))
     assert steps_logged(out) == [1, 2, 3]
     assert {"loss/sft", "loss/ipo", "beta"} <= set(metrics)
@@ -137,6 +135,7 @@ def test_bonbon_n_must_match_the_data(small_task, small_pairs, tmp_path):
 @pytest.mark.parametrize("override, field", [
     ("dpo.beta=0", "dpo.beta"), ("dpo.ref_alpha=1.5", "dpo.ref_alpha"), ("dpo.loss=kto", "dpo.loss"),
     ("train.batch_size=3", "train.batch_size"), ("train.deepspeed.zero_stage=4", "train.deepspeed.zero_stage"),
+    ("train.micro_batches=3", "train.micro_batches"), ("train.micro_batches=0", "train.micro_batches"),
 ])
 def test_dpo_config_errors(override, field):
     from jobs.train_dpo import DpoJobConfig

@@ -104,10 +104,23 @@ def test_training_moves_every_parameter_and_logs(baseline, tiny_lm_dir):
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), "policy = reference at step 1: DPO loss is log 2"
     assert all(r["tokens_per_s"] > 0 and "rewards/margins" in r for r in rows)
     assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(1e-2)  # linear warmup of 1 step, then decay
+    # The same rows as TensorBoard events (train.run.tracking), read back from the event files.
+    from pathlib import Path
+
+    from conftest import tensorboard_scalars
+
+    scalars = tensorboard_scalars(Path(baseline.output_dir) / "tensorboard")
+    assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["loss"]] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert {"lr", "tokens_per_s", "rewards/margins"} <= set(scalars)
 
 
-def test_two_workers_equal_one_worker_on_the_whole_batch(baseline, tmp_path, tiny_lm_dir, pairs_file):
-    one = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "one", "train.workers.num_workers=1")
+def test_two_workers_equal_one_worker_accumulating_two_micro_batches_with_checkpointing(baseline, tmp_path, tiny_lm_dir,
+                                                                                      pairs_file):
+    """Each optimizer step of the baseline (2 workers x 2 pairs) equals one worker's 2 micro-batches of 2
+    pairs (gradient accumulation) with gradient checkpointing on: same losses, same weights after 4 steps."""
+    one = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "one", "train.workers.num_workers=1", "train.micro_batches=2",
+                     "train.gradient_checkpointing=true")
     run_dpo(one)
     for a, b in zip(history(one), history(baseline)):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
@@ -250,7 +263,8 @@ def test_bf16_training_saves_the_fp32_master_weights(ray_session, tmp_path, tiny
 
 def test_frozen_reference_log_probs_computed_on_the_workers_under_zero3(ray_session, tmp_path, tiny_lm_dir, pairs_file):
     """DPO against a frozen reference: its log-probs are computed by the workers at step 0 (each rank
-    a share, then gathered), and ZeRO-3 with two workers gives what one ZeRO-0 worker gives. The
+    a share, then gathered), and ZeRO-3 with two workers, the optimizer states and the parameters offloaded
+    to CPU memory (train.deepspeed.offload_*), gives what one ZeRO-0 worker gives. The
     validation pass (train.eval_every) reports the DPO loss of the held-out pairs under the trained
     policy and pi_0, as computed here from the saved model."""
     from align.objectives.base import pair_logps
@@ -261,7 +275,8 @@ def test_frozen_reference_log_probs_computed_on_the_workers_under_zero3(ray_sess
 
     common = ["dpo.ref_update=none", "dpo.precompute_reference=true", "train.steps=3", "train.eval_every=3",
               "data.eval_split=test"]
-    z3 = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "frozen_z3", *common, "train.deepspeed.zero_stage=3")
+    z3 = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "frozen_z3", *common, "train.deepspeed.zero_stage=3",
+                    "train.deepspeed.offload_optimizer=true", "train.deepspeed.offload_params=true")
     z0 = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "frozen_z0", *common, "train.workers.num_workers=1")
     run_dpo(z3)
     run_dpo(z0)

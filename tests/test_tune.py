@@ -121,6 +121,11 @@ def test_dera_sweep_metrics_resume_and_stale_config(ray_session, tiny_lm_dir, sw
     assert [t["objective"] for t in saved] == sorted((t["objective"] for t in saved), reverse=True)
     assert next(t for t in saved if t["lam"] == 0.0)["pareto"]  # the lowest KL is always on the front
     assert len((out / "results.csv").read_text().strip().splitlines()) == 4
+    # Tune's own TensorBoard events (tensorboardX is a dependency), one per trial, read back from the files.
+    from conftest import tensorboard_scalars
+
+    gold = [v for _, v in tensorboard_scalars(out / "tune" / "dera")["ray/tune/gold"]]
+    assert sorted(gold) == pytest.approx(sorted(r["gold"] for r in rows.values()), rel=1e-6)
 
     # A rerun under the same config resumes: no trial runs again, the same table comes back.
     trial_files = sorted((out / "tune" / "dera").glob("*/result.json"))

@@ -10,6 +10,7 @@ the first such cut is logged once."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -24,21 +25,23 @@ def fit_context(seq: list[int], limit: int | None, keep_first: bool) -> list[int
 
 from align.rewards.base import PointScorer
 from align.rewards.registry import register_reward
+from align.runtime.config import require
 
 
 class SequenceClassifierReward:
     """r(x, y) = the single logit of an HF AutoModelForSequenceClassification on prompt + completion."""
 
-    def __init__(self, name_or_path: str, device: str = "auto", batch_size: int = 32):
+    def __init__(self, name_or_path: str, device: str = "auto", batch_size: int = 32, dtype: str = "auto"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from align.engine.models import pick_device, tokenizer_fingerprint
+        from align.engine.models import pick_device, pick_dtype, tokenizer_fingerprint
 
         self.device = pick_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).to(self.device).eval()
+        self.dtype = pick_dtype(dtype, self.device)  # auto: bf16 on GPU (half the memory of fp32), fp32 on CPU
+        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=self.dtype).to(self.device).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.batch_size = batch_size
@@ -77,6 +80,16 @@ class SequenceClassifierReward:
         return bool(seqs) and bool(seqs[0]) and seqs[0][0] in set(self.tokenizer.all_special_ids)
 
 
-@register_reward("classifier", needs_path=True)
-def build(params, path, device) -> PointScorer:
-    return PointScorer(SequenceClassifierReward(path, device=device))
+@dataclass
+class ClassifierParams:
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    batch_size: int = 32  # sequences per forward pass
+
+    def __post_init__(self):
+        require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "auto | float32 | bfloat16 | float16", self.dtype)
+        require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+
+
+@register_reward("classifier", params=ClassifierParams, needs_path=True)
+def build(params: ClassifierParams, path, device) -> PointScorer:
+    return PointScorer(SequenceClassifierReward(path, device=device, batch_size=params.batch_size, dtype=params.dtype))
