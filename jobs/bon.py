@@ -26,8 +26,8 @@ import yaml
 
 from align.engine.chat import prompt_text
 from align.runtime.config import ConfigError, OutputPath, require, run_job, to_dict
-from jobs.sections import (JudgeConfig, ModelConfig, check_model_paths, PenaltyConfig, PoolConfig, PromptsConfig, RbonConfig, RewardConfig,
-                           SamplingConfig, SpeculativeConfig)
+from jobs.sections import (JudgeConfig, ModelConfig, PenaltyConfig, PoolConfig, PromptsConfig, RbonConfig, RewardConfig,
+                           SamplingConfig, SpeculativeConfig, check_model_paths)
 
 log = logging.getLogger("sweetspot.bon")
 
