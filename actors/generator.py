@@ -12,33 +12,15 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
-from align.engine.samples import PromptSamples
-
-
-def batch_seed(seed: int, batch_index: int) -> int:
-    """An independent 63-bit seed per (run seed, batch index)."""
-    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def prompt_seeds(seed: int, count: int) -> list[int]:
-    """One seed per prompt of a request or sweep (independent streams from one seed), for
-    `Generator.sample(seeds=...)`: a prompt's samples then do not depend on what it is batched with."""
-    return [batch_seed(seed, j) for j in range(count)]
+# Seeds and prompt errors are the engines' common ground (align.engine.samples); named here too, where
+# the pool's callers have always found them.
+from align.engine.samples import PromptError, PromptSamples, PromptTooLongError, batch_seed, prompt_seeds  # noqa: F401
 
 
 class StaleWeightsError(RuntimeError):
     """A generator asked to sample with weights it does not hold (e.g. restarted since the last push)."""
-
-
-class PromptError(ValueError):
-    """A prompt this model cannot take (e.g. a conversation for a model without a chat template)."""
-
-
-class PromptTooLongError(PromptError):
-    """A prompt whose tokens plus the tokens to draw do not fit the model's context."""
 
 
 class Generator:
@@ -316,6 +298,15 @@ class Generator:
         return self._scorer
 
 
+def driver_fingerprint(model_path: str) -> str:
+    """The tokenizer fingerprint of `model_path` as this process computes it: an engine in another
+    Python environment (other transformers and tokenizers versions) stamps its samples with it, so
+    records stay comparable across engines."""
+    from align.engine.models import load_tokenizer, tokenizer_fingerprint
+
+    return tokenizer_fingerprint(load_tokenizer(model_path))
+
+
 class GeneratorPool:
     """A group of `Generator` Ray actors (one model copy each) sampling prompt batches in parallel.
     A generator that dies is replaced and its batch drawn again with the same seed."""
@@ -333,11 +324,15 @@ class GeneratorPool:
         compile: bool = False,
         aligned_path: str | None = None,
         restartable: bool = False,
+        engine: str = "torch",
+        engine_python: str | None = None,
     ):
         """aligned_path: an aligned model beside model_path (the reference), for DeRa sampling.
         restartable: Ray restarts a dead actor in place under the same handle (handles given to other
         processes stay valid), and never replays a call that was lost with it: an on-policy trainer
-        pushes its weights again first (`sample(weights_version=...)` refuses stale ones)."""
+        pushes its weights again first (`sample(weights_version=...)` refuses stale ones).
+        engine: torch (`Generator`) or vllm (`actors.vllm_generator.VllmGenerator`, run by the Python
+        `engine_python` of vLLM's environment through Ray's runtime_env); align/engine/engines.py."""
         from actors.cluster import reserved_device, ship_dir
         from actors.resilient import ResilientActors
 
@@ -345,10 +340,19 @@ class GeneratorPool:
         aligned = ship_dir(aligned_path) if aligned_path else None
         # A local model directory travels through the object store: actors on any node can load it.
         device = reserved_device(device, num_gpus_per_actor)
-        self.group = ResilientActors(Generator, num_actors, (ship_dir(model_path), device, dtype, threads, cache, compile, aligned),
-                                     options={"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor,
-                                              **({"max_restarts": -1, "max_task_retries": 0} if restartable else {})},
-                                     max_retries=max_retries, name="Generator")
+        options = {"num_cpus": num_cpus_per_actor, "num_gpus": num_gpus_per_actor,
+                   **({"max_restarts": -1, "max_task_retries": 0} if restartable else {})}
+        if engine == "vllm":
+            from actors.vllm_generator import VllmGenerator, vllm_actor_options
+
+            if aligned is not None:
+                raise ValueError("engine vllm: DeRa (aligned_path) needs the torch engine")
+            options.update(vllm_actor_options(engine_python, threads, device))
+            cls, args = VllmGenerator, (ship_dir(model_path), device, dtype, threads, driver_fingerprint(model_path))
+        else:
+            cls, args = Generator, (ship_dir(model_path), device, dtype, threads, cache, compile, aligned)
+        self.engine = engine
+        self.group = ResilientActors(cls, num_actors, args, options=options, max_retries=max_retries, name=cls.__name__)
 
     @property
     def actors(self) -> list:

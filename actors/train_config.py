@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from actors.tracking import check_tracking
 from align.runtime.config import ConfigError, OutputPath, require
 
 
@@ -62,7 +63,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     max_failures: int = 1  # worker-group restarts from the last checkpoint before giving up
     log_every: int = 10
-    tracking: Literal["tensorboard", "none"] = "tensorboard"  # logged rows also as TensorBoard events in <output_dir>/tensorboard
+    tracking: str = "tensorboard"  # logged rows also to: tensorboard | mlflow | tensorboard+mlflow | none (actors/tracking.py)
 
     def __post_init__(self):
         require(bool(self.name) and "/" not in self.name, "name", "a non-empty name without '/'", self.name)
@@ -70,6 +71,7 @@ class RunConfig:
         require(self.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
         require(self.max_failures >= -1, "max_failures", ">= 0, or -1 for unlimited", self.max_failures)
         require(self.log_every >= 1, "log_every", "an integer >= 1", self.log_every)
+        check_tracking(self.tracking)
 
 
 @dataclass

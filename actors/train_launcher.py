@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from actors.checkpoints import LOG_FILE, MODEL_DIR, RAY_SNAPSHOT, RUN_FILE, START_FILE, RunDir
-from actors.tracking import TB_DIR, Tracker
+from actors.tracking import MLFLOW_DIR, MLFLOW_RUN_FILE, TB_DIR, Tracker
 from actors.train_config import TrainConfig
 from align.runtime.runstate import replace_dir, write_atomic
 
@@ -66,9 +66,9 @@ def prepare_run(train: TrainConfig, storage_path: str, output_dir: Path, run_key
                           run_dir.newest_complete() is not None)
     if not resume:
         run_dir.remove()
-        for name in (LOG_FILE, "metrics.json", ".failed_once"):
+        for name in (LOG_FILE, "metrics.json", ".failed_once", MLFLOW_RUN_FILE):
             (output_dir / name).unlink(missing_ok=True)
-        for name in (MODEL_DIR, TB_DIR):
+        for name in (MODEL_DIR, TB_DIR, MLFLOW_DIR):
             shutil.rmtree(output_dir / name, ignore_errors=True)
     else:  # it may name checkpoints pruned since; the workers pick the newest complete one themselves
         run_dir.remove_file(RAY_SNAPSHOT)
@@ -116,23 +116,49 @@ def launch_training(objective: Objective | None, model, data_ref, train: TrainCo
             logging_config=LoggingConfig(log_level="WARNING"),  # our own per-step lines say what happens
         ),
     )
-    log.info("training %s on %d worker(s), ZeRO-%d, run %r in %s", config["saved_as"]["objective"], w.num_workers,
-             train.deepspeed.zero_stage, train.run.name, storage_path)
     run_dir = RunDir(storage_path, train.run.name)
-    progress = ProgressPrinter(run_dir, train.steps, tracker=Tracker(train.run.tracking, output_dir))
-    progress.start()
-    try:
-        trainer.fit()
-    finally:
-        progress.stop()
-        progress.tracker.close()
+    if finished(run_dir, train.steps):
+        # Its last checkpoint and its model are stored: starting the worker group would only load
+        # the one and upload the other again.
+        print(f"  [train] run {train.run.name!r} finished before (step {train.steps} of {train.steps} and its model "
+              f"are in {run_dir.path}): nothing to train", flush=True)
         write_atomic(output_dir / LOG_FILE, run_dir.read_text(LOG_FILE) or "")
+    else:
+        log.info("training %s on %d worker(s), ZeRO-%d, run %r in %s", config["saved_as"]["objective"], w.num_workers,
+                 train.deepspeed.zero_stage, train.run.name, storage_path)
+        fit(trainer, run_dir, train, output_dir)
     tmp = output_dir / f".{MODEL_DIR}.download"
     shutil.rmtree(tmp, ignore_errors=True)
     if run_dir.download_dir(MODEL_DIR, str(tmp)):
         replace_dir(tmp, output_dir / MODEL_DIR)
     history = read_history(output_dir)
     return history[-1] if history else {}
+
+
+def finished(run_dir: RunDir, steps: int) -> bool:
+    """Whether the run (its key checked by prepare_run) already ended: a complete checkpoint at its
+    last step, its final model uploaded, and its log row of that step."""
+    newest = run_dir.newest_complete()
+    logged = [json.loads(line)["step"] for line in (run_dir.read_text(LOG_FILE) or "").splitlines()]
+    if newest is None or newest[0] < steps or steps not in logged or not run_dir.has_dir(MODEL_DIR):
+        return False
+    valid, _ = run_dir.newest_valid()  # the files as written (a corrupted one is resumed from the one before)
+    return valid is not None and valid[0] >= steps
+
+
+def fit(trainer, run_dir: RunDir, train: TrainConfig, output_dir: Path) -> None:
+    """trainer.fit(), with the driver's progress lines and tracking; the run's log copied to output_dir."""
+    tracker = Tracker(train.run.tracking, output_dir, train.run.name, json.loads(run_dir.read_text(RUN_FILE) or "{}"))
+    progress = ProgressPrinter(run_dir, train.steps, tracker=tracker)
+    progress.start()
+    failed = True
+    try:
+        trainer.fit()
+        failed = False
+    finally:
+        progress.stop()
+        tracker.close(failed)
+        write_atomic(output_dir / LOG_FILE, run_dir.read_text(LOG_FILE) or "")
 
 
 class ProgressPrinter:
@@ -147,6 +173,8 @@ class ProgressPrinter:
         import threading
         import time
 
+        from align.runtime.console import inherit
+
         self.run_dir, self.total, self.interval, self.tracker = run_dir, total_steps, interval, tracker
         self.clock = clock or time.monotonic
         self.mark = None  # (step, time) of the first row seen since the workers (re)started: the ETA's origin
@@ -155,7 +183,8 @@ class ProgressPrinter:
         self.starts_seen = len((run_dir.read_text(START_FILE) or "").splitlines())  # earlier runs' starts
         self.starts = 0  # this job's
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="train-progress")
+        # Prints where the job prints (its own log file when jobs.pipeline runs stages side by side).
+        self._thread = threading.Thread(target=inherit(self._loop), daemon=True, name="train-progress")
 
     def start(self) -> None:
         self._thread.start()

@@ -268,7 +268,11 @@ def resume_newest(engine, run_dir, rank: int, load_extra=None) -> int:
     if newest:
         step, path = newest
         with run_dir.local_copy(path) as d:
-            _, client = engine.load_checkpoint(d, tag="ds")
+            frozen = frozen_names(engine)
+            # A checkpoint without the frozen weights (LoRA: save_checkpoint) loads the trained ones only;
+            # anything else missing is still an error.
+            _, client = engine.load_checkpoint(d, tag="ds", custom_load_fn=(lambda src, dst: load_trained(src, dst, frozen))
+                                               if exclude_frozen(engine, frozen) else None)
             assert client["step"] == step, (client["step"], step)
             if load_extra is not None:
                 load_extra(d)
@@ -287,6 +291,27 @@ def resume_newest(engine, run_dir, rank: int, load_extra=None) -> int:
     return step
 
 
+def frozen_names(engine) -> set[str]:
+    """The names of the parameters the optimizer does not train (LoRA's base weights)."""
+    return {name for name, p in engine.module.named_parameters() if not p.requires_grad}
+
+
+def exclude_frozen(engine, frozen: set[str]) -> bool:
+    """Whether checkpoints leave out the frozen weights: they never change, so every start reads them
+    from the base model again; a LoRA checkpoint then holds the adapters and their optimizer state
+    only (MBs instead of the model's GBs). Not under ZeRO-3, which keeps its own fragments of them."""
+    return bool(frozen) and engine.zero_optimization_stage() < 3
+
+
+def load_trained(src: dict, module, frozen: set[str]) -> None:
+    """Load a checkpoint's module state that leaves out the frozen weights (the module keeps its own)."""
+    result = module.load_state_dict(src, strict=False)
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected "
+                           f"{sorted(result.unexpected_keys)[:5]}")
+
+
 def save_checkpoint(engine, run_dir, step: int, report: dict, rank: int, keep: int, save_extra=None) -> None:
     """Every rank saves its DeepSpeed shard (rank 0 also save_extra(directory)) and reports it to Ray
     Train; once every rank's files are stored, rank 0 marks the checkpoint complete and prunes old ones."""
@@ -297,7 +322,8 @@ def save_checkpoint(engine, run_dir, step: int, report: dict, rank: int, keep: i
     from actors.checkpoints import checkpoint_name
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag="ds", client_state={"step": step})
+        engine.save_checkpoint(tmp, tag="ds", client_state={"step": step},
+                               exclude_frozen_parameters=exclude_frozen(engine, frozen_names(engine)))
         if rank == 0 and save_extra is not None:
             save_extra(tmp)
         ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=checkpoint_name(step))

@@ -26,6 +26,7 @@ import yaml
 
 from align.engine.chat import prompt_text
 from align.runtime.config import ConfigError, OutputPath, require, run_job, to_dict
+from align.engine.engines import require_capability
 from jobs.sections import (JudgeConfig, ModelConfig, PenaltyConfig, PoolConfig, PromptsConfig, RbonConfig, RewardConfig,
                            SamplingConfig, SpeculativeConfig, check_model_paths)
 
@@ -59,13 +60,15 @@ class BonConfig:
                 f"decision points below sampling.max_new_tokens ({self.sampling.max_new_tokens})", self.speculative.decision_tokens)
         require(self.selection != "speculative_rejection" or self.sampling.n >= 2, "sampling.n",
                 "an integer >= 2 with speculative_rejection (there must be something to reject)", self.sampling.n)
+        if self.selection == "speculative_rejection":
+            require_capability(self.pool.engine, "speculative_rejection")
 
 
 # Knobs that change where or how fast samples are drawn, not which: a run may resume under other values.
 # The judge is scored again at the end of every run, so it may change too.
 NOT_IN_RESULT = ("output_dir", "num_examples", "judge.", "ray_address", "resume", "model.device", "reward.device",
                  "reward.num_cpus", "pool.num_actors", "pool.num_cpus_per_actor", "pool.num_gpus_per_actor",
-                 "pool.cache", "pool.compile")
+                 "pool.cache", "pool.compile", "pool.engine_python")
 
 
 def record(s, index: int, batch: int, cfg: BonConfig) -> dict:
@@ -340,7 +343,8 @@ def run(cfg: BonConfig) -> dict:
             log.info("starting %d generator actors on %s and %d %s scorer(s)", cfg.pool.num_actors, model_path,
                      cfg.reward.num_actors, cfg.reward.kind)
             pool = GeneratorPool(model_path, cfg.pool.num_actors, cfg.pool.num_cpus_per_actor, cfg.pool.num_gpus_per_actor,
-                                 cfg.model.device, cfg.model.dtype, cache=cfg.pool.cache, compile=cfg.pool.compile)
+                                 cfg.model.device, cfg.model.dtype, cache=cfg.pool.cache, compile=cfg.pool.compile,
+                                 engine=cfg.pool.engine, engine_python=cfg.pool.engine_python)
             spec = ship_spec(scorer_spec(cfg))
             scorers = ScorerPool(spec, cfg.reward.num_actors, cfg.reward.num_cpus, cfg.reward.num_gpus)
             start = time.perf_counter()

@@ -39,6 +39,9 @@ class DeraConfig:
     def __post_init__(self):
         ok = len(self.lambdas) > 0 and all(lam >= 0 and lam == lam and lam != float("inf") for lam in self.lambdas)
         require(ok, "lambdas", "a non-empty list of finite numbers >= 0 (lambda > 1 extrapolates)", self.lambdas)
+        from align.engine.engines import require_capability
+
+        require_capability(self.pool.engine, "dera")
 
 
 def per_lambda(rows: list[dict], lambdas: list[float], n: int) -> list[dict]:

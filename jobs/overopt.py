@@ -107,7 +107,8 @@ def draw_and_score(cfg: OveroptConfig, proxy_dir) -> dict[str, torch.Tensor]:
              "ensemble": {"kind": "ensemble", "path": str(proxy_dir / "ensemble"), "device": "cpu"},
              "laplace": {"kind": "laplace", "path": str(proxy_dir / "laplace"), "device": "cpu"}}
     pool = GeneratorPool(resolve_model_path(cfg.policy), cfg.pool.num_actors, cfg.pool.num_cpus_per_actor,
-                         cfg.pool.num_gpus_per_actor, cache=cfg.pool.cache)
+                         cfg.pool.num_gpus_per_actor, cache=cfg.pool.cache, engine=cfg.pool.engine,
+                         engine_python=cfg.pool.engine_python)
     scorers = {k: ScorerPool(spec, cfg.laplace_actors if k == "laplace" else 1, cfg.scorer_cpus) for k, spec in specs.items()}
     calls = {k: [] for k in scorers}
     try:

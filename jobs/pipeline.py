@@ -63,11 +63,13 @@ class PipelineConfig:
     vars: dict[str, str] = field(default_factory=dict)  # ${name} values shared by the stages, e.g. {pi0: default}
     serve: ServeSpec = field(default_factory=ServeSpec)
     stop_after: str | None = None  # run the stages up to and including this one
+    parallel: int = 1  # stages run side by side, up to this many, each once the stages it reads are done; >1: their output goes to <dir>/stage.log
     dry_run: bool = False  # print the plan (which stages run, which are reused) and stop
     ray_address: str | None = None
     output_dir: OutputPath = "outputs/pipeline"
 
     def __post_init__(self):
+        require(self.parallel >= 1, "parallel", "an integer >= 1 (stages running at once)", self.parallel)
         require(len(self.stages) > 0, "stages", "a non-empty list of {name, job, config, overrides}", self.stages)
         names = [s.name for s in self.stages]
         for i, name in enumerate(names):
@@ -201,6 +203,87 @@ def serve_forever(cfg: PipelineConfig, dirs: dict[str, Path]) -> None:
         serve.shutdown()
 
 
+def depends_on(cfg: PipelineConfig, spec: StageSpec) -> set[str]:
+    """The stages whose outputs `spec` reads (${name} in its overrides)."""
+    names = {s.name for s in cfg.stages}
+    return {ref for o in cfg.overrides_of(spec) for ref in REF.findall(o) if ref in names}
+
+
+def run_stage(s: Stage, row: dict, log_path: Path | None) -> None:
+    """Run one stage's job and leave stage.json (its key, config, wall time and metrics) behind;
+    with log_path, the job's prints go there instead of the console."""
+    from contextlib import nullcontext
+
+    from align.runtime.config import to_dict
+    from align.runtime.console import route
+    from align.runtime.runstate import write_atomic
+
+    t0 = time.perf_counter()
+    s.dir.mkdir(parents=True, exist_ok=True)
+    with (open(log_path, "a", buffering=1) if log_path else nullcontext()) as log, route(log):
+        metrics = importlib.import_module(f"jobs.{s.spec.job}").run(s.cfg)
+    metrics = json.loads(json.dumps(metrics if isinstance(metrics, dict) else {"result": metrics}, default=str))
+    wall = time.perf_counter() - t0
+    write_atomic(s.dir / "stage.json", json.dumps({"key": s.key, "job": s.spec.job, "config": to_dict(s.cfg),
+                                                  "wall_s": wall, "metrics": metrics}, indent=2, default=str))
+    row.update(status="ran", wall_s=wall, metrics=metrics)
+
+
+def run_stages(cfg: PipelineConfig, stages: list[Stage], rows: list[dict]) -> None:
+    """Reuse the finished stages and run the others, up to `parallel` at once, each as soon as the
+    stages it reads have finished (in config order when parallel is 1). A failed stage lets the
+    running ones finish, starts no more, and is raised (cfg.parallel)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    parallel = cfg.parallel
+    needs = {s.spec.name: depends_on(cfg, s.spec) for s in stages}
+    finished: set[str] = set()
+    todo = []
+    for k, (s, row) in enumerate(zip(stages, rows)):
+        if s.done:
+            saved = json.loads((s.dir / "stage.json").read_text())
+            row.update(status="reused", wall_s=saved["wall_s"], metrics=saved["metrics"])
+            print(f"\n== [{k + 1}/{len(stages)}] {s.spec.name} (jobs.{s.spec.job}): finished before, reused {s.dir}", flush=True)
+            finished.add(s.spec.name)
+        else:
+            todo.append(k)
+    if parallel == 1:  # in this thread, in config order (a stage reads earlier stages only)
+        for k in todo:
+            s = stages[k]
+            print(f"\n== [{k + 1}/{len(stages)}] {s.spec.name} (jobs.{s.spec.job}) -> {s.dir}", flush=True)
+            run_stage(s, rows[k], None)
+        return
+    errors: list[BaseException] = []
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="stage") as pool:
+        running = {}
+        while todo or running:
+            while not errors and len(running) < parallel:
+                ready = [k for k in todo if needs[stages[k].spec.name] <= finished]
+                if not ready:
+                    break
+                k = ready[0]
+                todo.remove(k)
+                s = stages[k]
+                print(f"\n== [{k + 1}/{len(stages)}] {s.spec.name} (jobs.{s.spec.job}) -> {s.dir} (log: {s.dir / 'stage.log'})",
+                      flush=True)
+                running[pool.submit(run_stage, s, rows[k], s.dir / "stage.log")] = k
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                k = running.pop(future)
+                name = stages[k].spec.name
+                if future.exception() is not None:
+                    errors.append(future.exception())
+                    rows[k]["status"] = "failed"
+                    print(f"\n== {name} failed ({stages[k].dir / 'stage.log'}): {future.exception()!r}", flush=True)
+                else:
+                    finished.add(name)
+                    print(f"== {name} done in {rows[k]['wall_s']:.1f} s: {headline(rows[k]['metrics'])}", flush=True)
+    if errors:
+        raise errors[0]
+
+
 def run(cfg: PipelineConfig) -> dict:
     import ray
 
@@ -218,23 +301,7 @@ def run(cfg: PipelineConfig) -> dict:
         return {"stages": rows}
     started = init_ray(cfg.ray_address)
     try:
-        for k, (s, row) in enumerate(zip(stages, rows)):
-            marker = s.dir / "stage.json"
-            if s.done:
-                saved = json.loads(marker.read_text())
-                row.update(status="reused", wall_s=saved["wall_s"], metrics=saved["metrics"])
-                print(f"\n== [{k + 1}/{len(stages)}] {s.spec.name} (jobs.{s.spec.job}): finished before, reused {s.dir}", flush=True)
-                continue
-            print(f"\n== [{k + 1}/{len(stages)}] {s.spec.name} (jobs.{s.spec.job}) -> {s.dir}", flush=True)
-            t0 = time.perf_counter()
-            metrics = importlib.import_module(f"jobs.{s.spec.job}").run(s.cfg)
-            metrics = json.loads(json.dumps(metrics if isinstance(metrics, dict) else {"result": metrics}, default=str))
-            wall = time.perf_counter() - t0
-            from align.runtime.config import to_dict
-
-            write_atomic(marker, json.dumps({"key": s.key, "job": s.spec.job, "config": to_dict(s.cfg), "wall_s": wall,
-                                             "metrics": metrics}, indent=2, default=str))
-            row.update(status="ran", wall_s=wall, metrics=metrics)
+        run_stages(cfg, stages, rows)
     finally:
         if started and not cfg.serve.enabled:
             ray.shutdown()

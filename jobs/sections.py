@@ -5,9 +5,11 @@ validated in __post_init__ (align.runtime.config); a job's own config composes t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from align.runtime.config import InputRef, require
+from align.engine.engines import ENGINES
+from align.runtime.config import ConfigError, InputRef, require
 
 
 def check_model_field(name_or_path: str, field: str = "model") -> None:
@@ -187,8 +189,14 @@ class PoolConfig:
     batch_size: int = 16  # prompts per actor call (each yields batch_size * (n + 1) rows)
     cache: Literal["auto", "shared_prefix", "expanded"] = "auto"  # how decoding holds the shared prompt
     compile: bool = False  # torch.compile the decode step (pays a compilation in every actor)
+    engine: Literal["torch", "vllm"] = "torch"  # torch: the project's sampler | vllm: vLLM actors (align/engine/engines.py)
+    engine_python: str = ".venv-vllm/bin/python"  # engine vllm: the Python of vLLM's environment (make vllm-env), on every node
 
     def __post_init__(self):
+        require(self.engine in ENGINES, "engine", " | ".join(ENGINES), self.engine)
+        if self.engine == "vllm" and not Path(self.engine_python).is_file():
+            raise ConfigError("engine_python", "the Python of an environment with vLLM (run `make vllm-env`, or give "
+                              "its path)", self.engine_python)
         require(self.num_actors >= 1, "num_actors", "an integer >= 1", self.num_actors)
         require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         require(self.num_cpus_per_actor > 0 or self.num_gpus_per_actor > 0, "num_cpus_per_actor", "> 0 (or num_gpus_per_actor > 0)", self.num_cpus_per_actor)

@@ -52,6 +52,9 @@ class VbonJobConfig:
         require(self.train.micro_batches == 1, "train.micro_batches",
                 "1 (each step draws and scores its batch on the generators at once; a larger train.batch_size over "
                 "more workers instead)", self.train.micro_batches)
+        from align.engine.engines import require_capability
+
+        require_capability(self.pool.engine, "weight_updates")
 
 
 def reference_rewards(cfg: VbonJobConfig, prompts: list[str], pool, scorers, out):

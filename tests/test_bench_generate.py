@@ -11,7 +11,7 @@ def test_bench_generate_smoke(tmp_path):
     cfg = BenchGenerateConfig(
         models=[ModelShape("tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=64)],
         prompt_lens=[4, 8], ns=[2], num_prompts=2, max_new_tokens=3, repeats=2, warmup_new_tokens=1,
-        device="cpu", output_dir=str(tmp_path / "bench"),
+        device="cpu", vllm="never", output_dir=str(tmp_path / "bench"),
     )
     result = run(cfg)
     rows = result["rows"]

@@ -226,10 +226,20 @@ def test_lora_dpo_on_the_instruct_model_saves_a_merged_model_that_jobs_bon_loads
     pair_file.write_text("".join(json.dumps({"prompt": p, "chosen": [{"role": "assistant", "content": c}],
                                              "rejected": [{"role": "assistant", "content": r}]}) + "\n"
                                  for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])))
+    # Step 2 fails once: the workers restart from checkpoint 1, which holds the adapters and their
+    # optimizer state only (the frozen base weights come from the model again).
     run_dpo(load_config(DpoJobConfig, "configs/instruct/train_dpo.yaml", [
-        f"data.source={pair_file}", "data.eval_split=null", "train.steps=1", "train.batch_size=2", "train.max_length=96",
+        f"data.source={pair_file}", "data.eval_split=null", "train.steps=2", "train.batch_size=2", "train.max_length=96",
         "train.optim.warmup_steps=0", "train.run.checkpoint_every=1", f"train.run.storage_path={tmp_path / 'runs'}",
-        "lora.r=4", f"output_dir={tmp_path / 'dpo'}"]))
+        "train.step_hook.target=tests.plugins.faults:fail_once", "train.step_hook.args={at_step: 2}",
+        "train.run.max_failures=1", "lora.r=4", f"output_dir={tmp_path / 'dpo'}"]))
+    starts = [json.loads(line) for line in next((tmp_path / "runs").rglob("worker_starts.jsonl")).read_text().splitlines()]
+    assert [s["step"] for s in starts] == [0, 1]
+    for states in (tmp_path / "runs").rglob("mp_rank_00_model_states.pt"):
+        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        # (the LM head is tied to the frozen embeddings: state_dict names that one tensor twice)
+        assert module and all("lora_" in k or k.endswith("lm_head.weight") for k in module), sorted(module)[:3]
+        assert not any("embed_tokens" in k or "mlp" in k for k in module)
     model_dir = tmp_path / "dpo" / "model"
     trained, base = load_file(str(model_dir / "model.safetensors")), load_file(os.path.join(instruct_dir, "model.safetensors"))
     assert set(trained) == set(base), "merged: no adapter tensors in the saved model"

@@ -98,7 +98,7 @@ def test_train_rm_ensemble_members_and_laplace_posterior(reward_model, small_pai
         assert r["chosen"] == int(torch.tensor(r["ranking"]).argmax())
 
 
-def test_train_bonbon_end_to_end_and_bon_loads_both(small_task, small_pairs, reward_model, tmp_path):
+def test_train_bonbon_end_to_end_and_bon_loads_both(small_task, small_pairs, reward_model, tmp_path, capsys):
     from jobs.train_bonbon import BonbonJobConfig, run
 
     out = tmp_path / "bonbon"
@@ -109,10 +109,14 @@ def test_train_bonbon_end_to_end_and_bon_loads_both(small_task, small_pairs, rew
     bon = bon_over(out / "model", small_task, tmp_path / "bon", "reward.kind=classifier", f"reward.path={reward_model[0] / 'model'}")
     assert bon["prompts"] == 4 and bon["reward"] == "proxy (classifier)"  # a learned reward is never "gold"
     # The same command again: the saved-dataset source is unchanged (nothing was written into it), so
-    # the finished run is resumed at its last step, not refused as stale and not trained again.
+    # the finished run is recognised, not refused as stale, and no worker group starts for it.
     assert not list(small_pairs.rglob("cache-*"))
+    model = (out / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
     again = run(job_config(BonbonJobConfig, "configs/train_bonbon.yaml", out, small_task, small_pairs / "bonbon", *bonbon))
     assert steps_logged(out) == [1, 2, 3] and again["loss"] == metrics["loss"]
+    assert "finished before" in capsys.readouterr().out and (out / "model" / "model.safetensors").read_bytes() == model
+    assert len((out / "runs" / "bonbon" / "worker_starts.jsonl").read_text().splitlines()) == 1
 
 
 def test_train_dpo_soft_trdpo_end_to_end(small_task, small_pairs, tmp_path):
@@ -136,6 +140,7 @@ def test_bonbon_n_must_match_the_data(small_task, small_pairs, tmp_path):
     ("dpo.beta=0", "dpo.beta"), ("dpo.ref_alpha=1.5", "dpo.ref_alpha"), ("dpo.loss=kto", "dpo.loss"),
     ("train.batch_size=3", "train.batch_size"), ("train.deepspeed.zero_stage=4", "train.deepspeed.zero_stage"),
     ("train.micro_batches=3", "train.micro_batches"), ("train.micro_batches=0", "train.micro_batches"),
+    ("train.run.tracking=wandb", "train.run.tracking"),
 ])
 def test_dpo_config_errors(override, field):
     from jobs.train_dpo import DpoJobConfig
@@ -143,6 +148,23 @@ def test_dpo_config_errors(override, field):
     with pytest.raises(ConfigError) as err:
         load_config(DpoJobConfig, "configs/train_dpo.yaml", [override])
     assert err.value.field == field
+
+
+def test_mlflow_tracking_without_mlflow_installed_stops_at_config_load(monkeypatch):
+    import importlib.util
+
+    from jobs.train_dpo import DpoJobConfig
+    from tune.dera import TuneDeraConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ConfigError, match="pip install mlflow-skinny") as err:
+        load_config(DpoJobConfig, "configs/train_dpo.yaml", ["train.run.tracking=tensorboard+mlflow"])
+    assert err.value.field == "train.run.tracking"
+    with pytest.raises(ConfigError) as err:
+        load_config(TuneDeraConfig, "configs/tune_dera.yaml", ["tracking=mlflow"])
+    assert err.value.field == "tracking"
+    assert load_config(DpoJobConfig, "configs/train_dpo.yaml", ["train.run.tracking=tensorboard"]).train.run.tracking == "tensorboard"
 
 
 @pytest.mark.parametrize("override, field", [("bonbon.alpha=-0.1", "bonbon.alpha"), ("bonbon.n=1", "bonbon.n")])

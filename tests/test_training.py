@@ -84,10 +84,38 @@ def assert_same(a: dict, b: dict, atol=0.0):
             torch.testing.assert_close(a[k][keep], b[k][keep], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
 
 
+def mlflow_run(cfg):
+    """The MLflow run of a training job's output directory, read back from its file store."""
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from actors.tracking import MLFLOW_RUN_FILE, mlflow_uri
+
+    run_id = json.loads((Path(cfg.output_dir) / MLFLOW_RUN_FILE).read_text())["run_id"]
+    return MlflowClient(tracking_uri=mlflow_uri(Path(cfg.output_dir))).get_run(run_id)
+
+
+def mlflow_history(cfg, key: str) -> list:
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from actors.tracking import mlflow_uri
+
+    history = MlflowClient(tracking_uri=mlflow_uri(Path(cfg.output_dir))).get_metric_history(mlflow_run(cfg).info.run_id, key)
+    return sorted(history, key=lambda m: (m.step, m.timestamp))
+
+
+def metric_steps(cfg, key: str) -> list[int]:
+    return sorted({m.step for m in mlflow_history(cfg, key)})
+
+
 @pytest.fixture(scope="module")
 def baseline(ray_session, tmp_path_factory, tiny_lm_dir, pairs_file):
-    """Soft TR-DPO, 2 workers, ZeRO-0, 4 steps without interruption: the run the others must match."""
-    cfg = dpo_config(tmp_path_factory.mktemp("base"), tiny_lm_dir, pairs_file, "base")
+    """Soft TR-DPO, 2 workers, ZeRO-0, 4 steps without interruption: the run the others must match;
+    tracked to TensorBoard and MLflow."""
+    cfg = dpo_config(tmp_path_factory.mktemp("base"), tiny_lm_dir, pairs_file, "base", "train.run.tracking=tensorboard+mlflow")
     run_dpo(cfg)
     return cfg
 
@@ -113,6 +141,11 @@ def test_training_moves_every_parameter_and_logs(baseline, tiny_lm_dir):
     assert [s for s, _ in scalars["loss"]] == [1, 2, 3, 4]
     assert [v for _, v in scalars["loss"]] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
     assert {"lr", "tokens_per_s", "rewards/margins"} <= set(scalars)
+    # And as an MLflow run in the local file store (tensorboard+mlflow), its parameters the run's config.
+    run = mlflow_run(baseline)
+    assert run.info.status == "FINISHED" and run.info.run_name == "base"
+    assert run.data.params["objective"] == "preference" and run.data.params["params.beta"] == "0.1" and run.data.params["train.steps"] == "4"
+    assert [m.value for m in mlflow_history(baseline, "loss")] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
 
 
 def test_two_workers_equal_one_worker_accumulating_two_micro_batches_with_checkpointing(baseline, tmp_path, tiny_lm_dir,
@@ -212,9 +245,11 @@ def test_resumes_from_the_newest_complete_checkpoint_not_the_registered_one(base
     from pathlib import Path
 
     failing = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "orphan", "train.step_hook.target=tests.plugins.faults:fail_once", "train.step_hook.args={at_step: 3}", "train.run.max_failures=0",
-                         "train.run.checkpoint_every=1")
+                         "train.run.checkpoint_every=1", "train.run.tracking=mlflow")
     with pytest.raises(Exception, match="injected failure"):
         run_dpo(failing)
+    failed_run = mlflow_run(failing)
+    assert failed_run.info.status == "FAILED" and metric_steps(failing, "loss") == [1, 2]
     run = Path(failing.train.run.storage_path) / "orphan"
     assert checkpoint_dirs(failing) == [("checkpoint_000001", True), ("checkpoint_000002", True)]
     snapshot = run / "checkpoint_manager_snapshot.json"
@@ -226,9 +261,12 @@ def test_resumes_from_the_newest_complete_checkpoint_not_the_registered_one(base
     snapshot.write_text(json.dumps(state))
     (run / "checkpoint_000009").mkdir()  # half-written by a rank that died: no marker
     (run / "checkpoint_000009" / "junk").write_text("x")
-    again = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "orphan", "train.run.checkpoint_every=1")
+    again = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "orphan", "train.run.checkpoint_every=1", "train.run.tracking=mlflow")
     run_dpo(again)
     assert [r["step"] for r in history(again)] == [1, 2, 3, 4], "step 2 was not redone"
+    # The resumed run continues the same MLflow run, from the checkpoint's step on.
+    assert mlflow_run(again).info.run_id == failed_run.info.run_id and mlflow_run(again).info.status == "FINISHED"
+    assert metric_steps(again, "loss") == [1, 2, 3, 4]
     assert_same(weights(again), weights(baseline))
     assert checkpoint_dirs(again) == [("checkpoint_000003", True), ("checkpoint_000004", True)]
 

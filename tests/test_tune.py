@@ -98,7 +98,7 @@ def test_dera_sweep_metrics_resume_and_stale_config(ray_session, tiny_lm_dir, sw
     from tune.dera import run
 
     root, aligned = sweep_setup
-    cfg = sweep_config(root, tiny_lm_dir, aligned)
+    cfg = sweep_config(root, tiny_lm_dir, aligned, "tracking=tensorboard+mlflow")
     result = run(cfg)
     rows = {r["lam"]: r for r in result["trials"]}
     assert set(rows) == {0.0, 1.0, 2.0}
@@ -126,6 +126,15 @@ def test_dera_sweep_metrics_resume_and_stale_config(ray_session, tiny_lm_dir, sw
 
     gold = [v for _, v in tensorboard_scalars(out / "tune" / "dera")["ray/tune/gold"]]
     assert sorted(gold) == pytest.approx(sorted(r["gold"] for r in rows.values()), rel=1e-6)
+    # And an MLflow run per trial (tracking=tensorboard+mlflow), in the sweep's file store.
+    from mlflow.tracking import MlflowClient
+
+    from actors.tracking import mlflow_uri
+
+    client = MlflowClient(tracking_uri=mlflow_uri(out))
+    runs = client.search_runs([client.get_experiment_by_name("dera").experiment_id])
+    assert sorted(float(r.data.params["lam"]) for r in runs) == [0.0, 1.0, 2.0]
+    assert sorted(r.data.metrics["gold"] for r in runs) == pytest.approx(sorted(r["gold"] for r in rows.values()), rel=1e-6)
 
     # A rerun under the same config resumes: no trial runs again, the same table comes back.
     trial_files = sorted((out / "tune" / "dera").glob("*/result.json"))

@@ -49,11 +49,15 @@ class TuneDeraConfig:
     gpus_per_trial: float = 0
     max_concurrent_trials: int = 2
     seed: int = 0
+    tracking: str = "tensorboard"  # mlflow | tensorboard+mlflow: also an MLflow run per trial (actors/tracking.py); Tune writes TensorBoard events in any case
     resume: str = "auto"  # auto | never | must (align.runtime.runstate)
     ray_address: str | None = None
     output_dir: OutputPath = "outputs/tune_dera"
 
     def __post_init__(self):
+        from actors.tracking import check_tracking
+
+        check_tracking(self.tracking)
         require(self.searcher in ("basic", "optuna"), "searcher", "basic | optuna", self.searcher)
         require(self.objective in OBJECTIVES, "objective", " | ".join(OBJECTIVES), self.objective)
         require(self.objective != "proxy" or self.proxy is not None, "proxy", "a reward config when objective is proxy", None)
@@ -113,11 +117,11 @@ def trial(config: dict, setup: dict) -> None:
 
 
 def sweep_key(cfg: TuneDeraConfig) -> dict:
-    """What the sweep's trials depend on (not where they run, how many at once, or resume)."""
+    """What the sweep's trials depend on (not where they run, how many at once, resume, or tracking)."""
     from align.runtime.config import to_dict
     from align.runtime.runstate import drop_keys
 
-    return drop_keys(to_dict(cfg), ["resume", "ray_address", "output_dir", "max_concurrent_trials"])
+    return drop_keys(to_dict(cfg), ["resume", "ray_address", "output_dir", "max_concurrent_trials", "tracking"])
 
 
 def run(cfg: TuneDeraConfig) -> dict:
@@ -149,7 +153,7 @@ def run(cfg: TuneDeraConfig) -> dict:
         tune.TuneConfig(metric="objective", mode="max", num_samples=cfg.num_samples,
                         search_alg=sweep.searcher(cfg.searcher, cfg.seed), max_concurrent_trials=cfg.max_concurrent_trials),
         f"sweeping {cfg.search} over {len(prompts)} validation prompts: {cfg.num_samples * grid_size(cfg.search)} "
-        f"trial(s), searcher {cfg.searcher}", log, cfg.ray_address)
+        f"trial(s), searcher {cfg.searcher}", log, cfg.ray_address, tracking=cfg.tracking)
     rows = [{"lam": r.config["lam"], **{k: v for k, v in r.metrics.items() if k in METRICS}} for r in done
             if "objective" in r.metrics]
     if not rows:

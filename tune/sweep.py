@@ -57,8 +57,21 @@ def searcher(name: str, seed: int):
     raise ConfigError("searcher", "basic | optuna", name)
 
 
+def callbacks(tracking: str, out: Path, experiment: str) -> list:
+    """Tune callbacks for a sweep's `tracking` (actors/tracking.py): Tune itself writes every trial's
+    TensorBoard events, result.json and progress.csv; mlflow adds an MLflow run per trial, under the
+    experiment's name, in $MLFLOW_TRACKING_URI or <output_dir>/mlruns."""
+    from actors.tracking import mlflow_uri, sinks
+
+    if "mlflow" not in sinks(tracking):
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return [MLflowLoggerCallback(tracking_uri=mlflow_uri(out), experiment_name=experiment, save_artifact=False)]
+
+
 def fit(trainable, out: Path, experiment: str, resume: bool, space: dict, tune_config, what: str, log,
-        ray_address: str | None = None, before=None) -> tuple[list, list]:
+        ray_address: str | None = None, before=None, tracking: str = "tensorboard") -> tuple[list, list]:
     """Start (or join) Ray, call before() (a check that needs the cluster), run or restore and finish
     the sweep; returns (results that reported, results that failed), the failures logged."""
     from ray import tune
@@ -73,10 +86,12 @@ def fit(trainable, out: Path, experiment: str, resume: bool, space: dict, tune_c
         if resume:
             print(f"  resuming the sweep in {path}: finished trials are kept", flush=True)
             tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+            # (the restored RunConfig keeps the callbacks it was made with)
         else:
             print(f"  {what}; the Tune experiment is in {path}", flush=True)
             tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config,
-                               run_config=tune.RunConfig(storage_path=str(out / "tune"), name=experiment, verbose=1))
+                               run_config=tune.RunConfig(storage_path=str(out / "tune"), name=experiment, verbose=1,
+                                                         callbacks=callbacks(tracking, out, experiment)))
         grid = tuner.fit()
     finally:
         if started:

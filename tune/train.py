@@ -64,13 +64,16 @@ class TuneTrainConfig:
     cpus_per_trial: float = 0.01  # the trial's own process (its training workers reserve their own CPUs); > 0
     max_concurrent_trials: int = 1
     seed: int = 0  # Optuna's seed
+    tracking: str = "tensorboard"  # mlflow | tensorboard+mlflow: also an MLflow run per trial (actors/tracking.py); Tune writes TensorBoard events in any case
     resume: str = "auto"  # auto | never | must
     ray_address: str | None = None
     output_dir: OutputPath = "outputs/tune_train"
 
     def __post_init__(self):
+        from actors.tracking import check_tracking
         from tune.space import parse_space
 
+        check_tracking(self.tracking)
         require(self.searcher in ("basic", "optuna"), "searcher", "basic | optuna", self.searcher)
         require(self.num_samples >= 1, "num_samples", "an integer >= 1", self.num_samples)
         require(self.keep_best >= 0, "keep_best", "an integer >= 0", self.keep_best)
@@ -188,7 +191,7 @@ def sweep_key(cfg: TuneTrainConfig) -> dict:
     from align.runtime.config import to_dict
     from align.runtime.runstate import drop_keys
 
-    return drop_keys(to_dict(cfg), ["resume", "ray_address", "output_dir", "max_concurrent_trials", "keep_best"])
+    return drop_keys(to_dict(cfg), ["resume", "ray_address", "output_dir", "max_concurrent_trials", "keep_best", "tracking"])
 
 
 def run(cfg: TuneTrainConfig) -> dict:
@@ -218,7 +221,7 @@ def run(cfg: TuneTrainConfig) -> dict:
                         search_alg=sweep.searcher(cfg.searcher, cfg.seed), max_concurrent_trials=cfg.max_concurrent_trials),
         f"{cfg.job}: sweeping {cfg.search}, {cfg.num_samples * grid_size(cfg.search)} trial(s), {base.train.steps} "
         f"steps each, metric {cfg.metric} ({cfg.mode}){', ASHA' if scheduler else ''}", log, cfg.ray_address,
-        before=lambda: check_fits(cfg, base))
+        before=lambda: check_fits(cfg, base), tracking=cfg.tracking)
     rows = []
     for r in done:
         m = r.metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -28,3 +29,22 @@ class PromptSamples:
     @property
     def num_tokens(self) -> list[int]:
         return [len(c) for c in self.completion_ids]
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """An independent 63-bit seed per (run seed, batch index)."""
+    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def prompt_seeds(seed: int, count: int) -> list[int]:
+    """One seed per prompt of a request or sweep (independent streams from one seed), for
+    `Generator.sample(seeds=...)`: a prompt's samples then do not depend on what it is batched with."""
+    return [batch_seed(seed, j) for j in range(count)]
+
+
+class PromptError(ValueError):
+    """A prompt this model cannot take (e.g. a conversation for a model without a chat template)."""
+
+
+class PromptTooLongError(PromptError):
+    """A prompt whose tokens plus the tokens to draw do not fit the model's context."""

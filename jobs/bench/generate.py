@@ -12,7 +12,15 @@ Methods (all draw T tokens per row from softmax(logits), no top-k, no early stop
 - repeated: every prompt repeated n times (n prefills), the naive loop;
 - hf: HF `generate(do_sample=True, num_return_sequences=n, top_k=0, eos_token_id=None)`;
 - compiled (with compile=true): shared_prefix with the decode step under torch.compile; the table
-  reports its compilation time (first call minus the median).
+  reports its compilation time (first call minus the median);
+- vllm (where vLLM's environment exists, `make vllm-env`): `vllm.LLM.generate` on the same weights
+  (saved, then loaded by vLLM), prefix caching on, eager on a CPU, in its own process
+  (jobs.bench.vllm_worker) with the same thread count, taking its turn with the others.
+
+The ceiling (ceiling=true): the machine's fp32 (or dtype) matmul rate, measured here on the same
+threads, divided by each model's FLOPs per new token (2 x weights used per token, LM head included,
+plus attention over the mean context): the tokens/s a decode loop that only multiplied matrices
+would reach. The table gives each method's fraction of it.
 
 Each cell is warmed up once per method, then timed `repeats` times with the methods taking turns (a
 change in machine load hits all alike); medians are reported. Peak memory (memory=true) is measured
@@ -22,8 +30,12 @@ Writes <output_dir>/results.json, results.md and config.yaml, and prints the tab
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import statistics
+import subprocess
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -85,9 +97,19 @@ class BenchGenerateConfig:
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32
     seed: int = 0
+    vllm: Literal["auto", "always", "never"] = "auto"  # the vLLM column: auto when vllm_python exists
+    vllm_python: str = ".venv-vllm/bin/python"  # the Python of vLLM's environment (make vllm-env)
+    ceiling: bool = True  # measure the matmul rate and report each method's fraction of the model's ceiling
     output_dir: OutputPath = "outputs/bench_generate"
 
     def __post_init__(self):
+        from pathlib import Path
+
+        from align.runtime.config import ConfigError
+
+        if self.vllm == "always" and not Path(self.vllm_python).is_file():
+            raise ConfigError("vllm_python", "the Python of an environment with vLLM (run `make vllm-env`) when vllm is "
+                              "always", self.vllm_python)
         require(len(self.models) >= 1, "models", "a non-empty list of model shapes", self.models)
         require(len(self.prompt_lens) >= 1 and all(L >= 1 for L in self.prompt_lens), "prompt_lens", "a non-empty list of integers >= 1", self.prompt_lens)
         require(len(self.ns) >= 1 and all(n >= 1 for n in self.ns), "ns", "a non-empty list of integers >= 1", self.ns)
@@ -147,17 +169,97 @@ def sampler(method: str, model, input_ids, attention_mask, n: int, seed: int):
     return lambda T: sample_n(model, input_ids, attention_mask, n, T, generator=gen(), cache=cache, compile=method == "compiled").tokens
 
 
-def bench_cell(model, shape: ModelShape, prompt_len: int, n: int, cfg: BenchGenerateConfig, device: torch.device) -> dict:
+class VllmProcess:
+    """vLLM in its own environment's Python (jobs.bench.vllm_worker), holding one saved model;
+    `sampler(input_ids, n, seed)` is a method like the others: f(T) -> a (P*n, T)-shaped tensor."""
+
+    def __init__(self, python: str, model, cfg: BenchGenerateConfig, workdir: str):
+        model_dir = os.path.join(workdir, "model")
+        model.save_pretrained(model_dir)  # the same weights, read back by vLLM
+        dtype = "float32" if cfg.dtype == "auto" else cfg.dtype
+        threads = cfg.num_threads or os.cpu_count()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+               "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), "HF_HUB_OFFLINE": "1"}
+        self.log_path, self.failed = os.path.join(workdir, "vllm.log"), None
+        self.proc = subprocess.Popen([os.path.abspath(python), "-m", "jobs.bench.vllm_worker", model_dir, str(threads), dtype],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log_path, "w"),
+                                     text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        self.ready = self.answer()
+        log.info("vLLM %s loaded the model in %.1f s", self.ready["vllm"], self.ready["load_seconds"])
+
+    def answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            tail = open(self.log_path).read()[-3000:]
+            raise RuntimeError(f"the vLLM worker stopped answering; its log ends:\n{tail}")
+        return json.loads(line)
+
+    def sampler(self, input_ids: torch.Tensor, n: int, seed: int):
+        prompts = input_ids.tolist()
+
+        def f(T):
+            self.proc.stdin.write(json.dumps({"prompts": prompts, "n": n, "max_new_tokens": T, "seed": seed}) + "\n")
+            self.proc.stdin.flush()
+            out = self.answer()
+            if out["lengths"] != [T]:
+                raise RuntimeError(f"vllm drew rows of lengths {out['lengths']}, expected {T}")
+            return torch.empty(out["rows"], T)  # the shape, for the same check as the other methods
+        return f
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it died already
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:
+    """The best GFLOP/s of a size^3 matmul here (the threads torch was given), over about `seconds`."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best, end = 0.0, time.perf_counter() + seconds
+    for _ in range(3):  # warm-up
+        a @ b
+    while time.perf_counter() < end:
+        s, _ = time_call(lambda: a @ b, device)
+        best = max(best, 2 * size**3 / max(s, 1e-9) / 1e9)
+    return best
+
+
+def flops_per_token(shape: ModelShape, context: float) -> float:
+    """2 x the weights one new token multiplies (12 d^2 per layer: attention and MLP; d x V: the LM
+    head) plus attention's scores and mix over `context` positions (4 d per layer per position)."""
+    d, layers = shape.n_embd, shape.n_layer
+    return 2 * (12 * d * d * layers + d * shape.vocab_size) + 4 * d * layers * context
+
+
+def bench_cell(model, shape: ModelShape, prompt_len: int, n: int, cfg: BenchGenerateConfig, device: torch.device,
+               vllm: VllmProcess | None = None) -> dict:
     """One grid cell: warm up and time every method; returns a table row."""
     P, T = cfg.num_prompts, cfg.max_new_tokens
     input_ids, attention_mask = prompts(shape, prompt_len, cfg, device)
     row = {"model": shape.name, "prompt_len": prompt_len, "n": n, "prompts": P, "new_tokens": P * n * T}
     methods = METHODS + (("compiled",) if cfg.compile else ())
     fs = {m: sampler(m, model, input_ids, attention_mask, n, cfg.seed) for m in methods}
+    if vllm is not None and vllm.failed is None:
+        fs["vllm"] = vllm.sampler(input_ids, n, cfg.seed)
     first = {}
     with torch.no_grad():
-        for m, f in fs.items():  # the compiled step is warmed up at full length: its shapes depend on T
-            first[m], _ = time_call(f, device, T if m == "compiled" else cfg.warmup_new_tokens)
+        for m, f in list(fs.items()):  # the compiled step is warmed up at full length: its shapes depend on T
+            try:
+                first[m], _ = time_call(f, device, T if m == "compiled" else cfg.warmup_new_tokens)
+            except RuntimeError as e:
+                if m != "vllm":
+                    raise
+                # vLLM cannot run this model (its CPU attention takes some head sizes only): the rest
+                # of the table goes on without its column, and says why.
+                vllm.failed = str(e).strip().splitlines()[-1]
+                log.warning("%s: no vLLM column: %s", shape.name, vllm.failed)
+                del fs[m]
         seconds = {m: [] for m in fs}
         for _ in range(cfg.repeats):
             for m, f in fs.items():
@@ -170,7 +272,7 @@ def bench_cell(model, shape: ModelShape, prompt_len: int, n: int, cfg: BenchGene
         row[f"{m}_seconds"], row[f"{m}_seconds_all"] = median, times
         row[f"{m}_tokens_per_s"] = P * n * T / max(median, 1e-9)
         log.info("%s L=%d n=%d %-13s %.3f s (%s)", shape.name, prompt_len, n, m, median, ", ".join(f"{s:.3f}" for s in times))
-    for m in ("hf", "expanded", "repeated"):
+    for m in ("hf", "expanded", "repeated") + (("vllm",) if "vllm" in fs else ()):
         row[f"shared_over_{m}"] = row["shared_prefix_tokens_per_s"] / row[f"{m}_tokens_per_s"]
     if cfg.compile:
         row["compiled_over_shared"] = row["compiled_tokens_per_s"] / row["shared_prefix_tokens_per_s"]
@@ -215,6 +317,9 @@ SPEED_COLUMNS = [("model", "model", "{}"), ("prompt", "prompt_len", "{}"), ("n",
                  ("repeated tok/s", "repeated_tokens_per_s", "{:.0f}"), ("HF tok/s", "hf_tokens_per_s", "{:.0f}"),
                  ("shared/HF", "shared_over_hf", "{:.2f}x"), ("shared/expanded", "shared_over_expanded", "{:.2f}x"),
                  ("shared/repeated", "shared_over_repeated", "{:.2f}x")]
+VLLM_COLUMNS = [("vLLM tok/s", "vllm_tokens_per_s", "{:.0f}"), ("shared/vLLM", "shared_over_vllm", "{:.2f}x")]
+CEILING_COLUMNS = [("ceiling tok/s", "ceiling_tokens_per_s", "{:.0f}"), ("shared % ceiling", "shared_prefix_of_ceiling", "{:.0%}"),
+                   ("vLLM % ceiling", "vllm_of_ceiling", "{:.0%}")]
 COMPILE_COLUMNS = [("compiled tok/s", "compiled_tokens_per_s", "{:.0f}"), ("compiled/shared", "compiled_over_shared", "{:.2f}x"),
                    ("compile s", "compile_seconds", "{:.1f}")]
 MEMORY_COLUMNS = [("model", "model", "{}"), ("prompt", "prompt_len", "{}"), ("n", "n", "{}"),
@@ -231,18 +336,42 @@ def run(cfg: BenchGenerateConfig) -> dict:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     dtype = torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    from pathlib import Path
+
+    use_vllm = cfg.vllm == "always" or (cfg.vllm == "auto" and Path(cfg.vllm_python).is_file())
+    if cfg.vllm == "auto" and not use_vllm:
+        print(f"  no vLLM column: {cfg.vllm_python} does not exist (make vllm-env builds it)", flush=True)
+    gflops = matmul_gflops(device, dtype) if cfg.ceiling else None
     rows = []
     for i, shape in enumerate(cfg.models):
         model = build_model(shape, max(shape.prompt_lens or cfg.prompt_lens) + cfg.max_new_tokens, device, dtype, cfg.seed)
-        rows += [bench_cell(model, shape, L, n, cfg, device) for s, L, n in cells(cfg) if s is shape]
+        with tempfile.TemporaryDirectory() as workdir:
+            vllm = VllmProcess(cfg.vllm_python, model, cfg, workdir) if use_vllm else None
+            try:
+                rows += [bench_cell(model, shape, L, n, cfg, device, vllm) for s, L, n in cells(cfg) if s is shape]
+            finally:
+                if vllm is not None:
+                    vllm.close()
         del model
+    if gflops:
+        for row in rows:
+            shape = next(s for s in cfg.models if s.name == row["model"])
+            row["ceiling_tokens_per_s"] = gflops * 1e9 / flops_per_token(shape, row["prompt_len"] + cfg.max_new_tokens / 2)
+            for m in ("shared_prefix", "vllm"):
+                if f"{m}_tokens_per_s" in row:
+                    row[f"{m}_of_ceiling"] = row[f"{m}_tokens_per_s"] / row["ceiling_tokens_per_s"]
     memory = bench_memory(cfg) if cfg.memory else []
-    env = {**machine(device), "dtype": str(dtype).removeprefix("torch.")}
+    env = {**machine(device), "dtype": str(dtype).removeprefix("torch."), "matmul_gflops": gflops,
+           "vllm": use_vllm}
     result = {"rows": rows, "memory": memory, "env": env, "wall_seconds": time.perf_counter() - start}
 
-    speed_text, speed_md = format_table(rows, SPEED_COLUMNS + (COMPILE_COLUMNS if cfg.compile else []))
+    columns = SPEED_COLUMNS + (VLLM_COLUMNS if use_vllm else []) + (COMPILE_COLUMNS if cfg.compile else [])
+    if gflops:
+        columns += [c for c in CEILING_COLUMNS if use_vllm or c[1] != "vllm_of_ceiling"]
+    speed_text, speed_md = format_table(rows, columns)
     header = (f"Tokens/s drawing n samples for each of {cfg.num_prompts} prompts, {cfg.max_new_tokens} new tokens, "
-              f"random-weight GPT-2, median of {cfg.repeats}; {machine_line(env)}, {env['dtype']}.")
+              f"random-weight GPT-2, median of {cfg.repeats}; {machine_line(env)}, {env['dtype']}"
+              + (f"; matmul {gflops:.0f} GFLOP/s ({cfg.num_threads or 'all'} threads)" if gflops else "") + ".")
     text, md = f"  {header}\n\n{speed_text}", f"{header}\n\n{speed_md}\n"
     if memory:
         mem_text, mem_md = format_table(memory, MEMORY_COLUMNS)
