@@ -72,6 +72,7 @@ class Tracker:
             self._start_mlflow(Path(output_dir), name, params or {})
 
     def _start_mlflow(self, output_dir: Path, name: str, params: dict) -> None:
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         from align.runtime.runstate import flatten, write_atomic
@@ -87,8 +88,6 @@ class Tracker:
         self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}  # MLflow's limit on a value's length
         for keys in [list(flat)[i : i + 100] for i in range(0, len(flat), 100)]:  # and on a batch
-            from mlflow.entities import Param
-
             self.client.log_batch(self.run_id, params=[Param(k, flat[k]) for k in keys])
         output_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_file, json.dumps({"run_id": self.run_id, "tracking_uri": self.client.tracking_uri}))

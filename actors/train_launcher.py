@@ -101,21 +101,6 @@ def launch_training(objective: Objective | None, model, data_ref, train: TrainCo
               "storage_path": storage_path, "train": train, "lora": lora, **(extra or {})}
     if objective is not None:
         config["saved_as"] = {"objective": objective.NAME, **asdict(objective)}
-    w = train.workers
-    trainer = TorchTrainer(
-        loop or train_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu, resources_per_worker={"CPU": w.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if w.use_gpu else "gloo", timeout_s=w.collective_timeout_s),
-        run_config=RunConfig(
-            name=train.run.name,
-            storage_path=storage_path,
-            # The workers choose the checkpoint to resume from and prune old ones (actors/checkpoints.py).
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
-            failure_config=FailureConfig(max_failures=train.run.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"),  # our own per-step lines say what happens
-        ),
-    )
     run_dir = RunDir(storage_path, train.run.name)
     if finished(run_dir, train.steps):
         # Its last checkpoint and its model are stored: starting the worker group would only load
@@ -124,6 +109,21 @@ def launch_training(objective: Objective | None, model, data_ref, train: TrainCo
               f"are in {run_dir.path}): nothing to train", flush=True)
         write_atomic(output_dir / LOG_FILE, run_dir.read_text(LOG_FILE) or "")
     else:
+        w = train.workers
+        trainer = TorchTrainer(
+            loop or train_worker,
+            train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu, resources_per_worker={"CPU": w.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if w.use_gpu else "gloo", timeout_s=w.collective_timeout_s),
+            run_config=RunConfig(
+                name=train.run.name,
+                storage_path=storage_path,
+                # The workers choose the checkpoint to resume from and prune old ones (actors/checkpoints.py).
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
+                failure_config=FailureConfig(max_failures=train.run.max_failures),
+                logging_config=LoggingConfig(log_level="WARNING"),  # our own per-step lines say what happens
+            ),
+        )
         log.info("training %s on %d worker(s), ZeRO-%d, run %r in %s", config["saved_as"]["objective"], w.num_workers,
                  train.deepspeed.zero_stage, train.run.name, storage_path)
         fit(trainer, run_dir, train, output_dir)
