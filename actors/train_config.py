@@ -43,15 +43,20 @@ class DeepSpeedConfig:
 
 @dataclass
 class WorkersConfig:
-    num_workers: int = 2  # Ray Train workers (data-parallel ranks)
+    num_workers: int = 2  # Ray Train workers (data-parallel ranks); 0: one rank in the driver (Ray Train's local mode)
     use_gpu: bool = False
     cpus_per_worker: float = 1
     collective_timeout_s: int = 300  # a failed rank fails the run after this, instead of hanging
 
     def __post_init__(self):
-        require(self.num_workers >= 1, "num_workers", "an integer >= 1", self.num_workers)
+        require(self.num_workers >= 0, "num_workers", "an integer >= 0 (0: one rank in the driver process)", self.num_workers)
         require(self.cpus_per_worker > 0, "cpus_per_worker", "> 0", self.cpus_per_worker)
         require(self.collective_timeout_s >= 10, "collective_timeout_s", ">= 10", self.collective_timeout_s)
+
+    @property
+    def ranks(self) -> int:
+        """Data-parallel ranks: the workers, or the driver alone in local mode."""
+        return max(1, self.num_workers)
 
 
 @dataclass
@@ -123,11 +128,11 @@ class TrainConfig:
     def __post_init__(self):
         require(self.steps >= 1, "steps", "an integer >= 1", self.steps)
         require(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
-        require(self.batch_size % self.workers.num_workers == 0, "batch_size",
+        require(self.batch_size % self.workers.ranks == 0, "batch_size",
                 f"a multiple of workers.num_workers ({self.workers.num_workers})", self.batch_size)
         require(self.max_length >= 2, "max_length", "an integer >= 2", self.max_length)
         require(self.eval_every >= 0, "eval_every", "an integer >= 0 (0: no validation)", self.eval_every)
-        per_rank = self.batch_size // self.workers.num_workers
+        per_rank = self.batch_size // self.workers.ranks
         require(self.micro_batches >= 1 and per_rank % self.micro_batches == 0, "micro_batches",
                 f"an integer >= 1 dividing each worker's share of the batch (batch_size / workers.num_workers = {per_rank})",
                 self.micro_batches)

@@ -7,9 +7,11 @@ restarts the group from the newest complete checkpoint up to run.max_failures ti
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -111,7 +113,7 @@ def launch_training(objective: Objective | None, model, data_ref, train: TrainCo
     else:
         w = train.workers
         trainer = TorchTrainer(
-            loop or train_worker,
+            in_driver(loop or train_worker) if w.num_workers == 0 else loop or train_worker,
             train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu, resources_per_worker={"CPU": w.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if w.use_gpu else "gloo", timeout_s=w.collective_timeout_s),
@@ -124,15 +126,70 @@ def launch_training(objective: Objective | None, model, data_ref, train: TrainCo
                 logging_config=LoggingConfig(log_level="WARNING"),  # our own per-step lines say what happens
             ),
         )
-        log.info("training %s on %d worker(s), ZeRO-%d, run %r in %s", config["saved_as"]["objective"], w.num_workers,
+        log.info("training %s on %s, ZeRO-%d, run %r in %s", config["saved_as"]["objective"],
+                 f"{w.num_workers} worker(s)" if w.num_workers else "the driver (local mode)",
                  train.deepspeed.zero_stage, train.run.name, storage_path)
-        fit(trainer, run_dir, train, output_dir)
+        with one_rank_here() if w.num_workers == 0 else contextlib.nullcontext():
+            fit(trainer, run_dir, train, output_dir)
     tmp = output_dir / f".{MODEL_DIR}.download"
     shutil.rmtree(tmp, ignore_errors=True)
     if run_dir.download_dir(MODEL_DIR, str(tmp)):
         replace_dir(tmp, output_dir / MODEL_DIR)
     history = read_history(output_dir)
     return history[-1] if history else {}
+
+
+_IN_DRIVER = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_rank_here():
+    """The torch.distributed variables of a group of one rank in this process, for Ray Train's local
+    mode (workers.num_workers 0), which then starts a gloo group here that DeepSpeed joins and ends it
+    after the run. One such run at a time per process (jobs.pipeline runs stages in threads)."""
+    import os
+    import socket
+
+    with _IN_DRIVER:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def in_driver(loop):
+    """The loop, ending the driver's one-rank group itself: through deepspeed.comm, which also drops the
+    groups DeepSpeed derived from it (else the next run in this process finds them stale), and
+    after a failure too (Ray Train's local mode ends it only after a success)."""
+    import functools
+
+    @functools.wraps(loop)
+    def run(config):
+        try:
+            return loop(config)
+        finally:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                from deepspeed.comm import comm as ds_comm
+
+                if ds_comm.cdb is not None:
+                    ds_comm.destroy_process_group()
+                else:  # it failed before DeepSpeed joined the group
+                    dist.destroy_process_group()
+
+    return run
 
 
 def finished(run_dir: RunDir, steps: int) -> bool:

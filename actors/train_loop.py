@@ -125,7 +125,8 @@ def run_steps(engine, algorithm: StepAlgorithm, config: dict, rank: int, world: 
             if rank == 0:
                 rewrite_log(run_dir, lambda rows: rows + [report])  # the driver prints it from there
             if checkpoint:
-                save_checkpoint(engine, run_dir, step, report, rank, run.keep_checkpoints, algorithm.save_extra)
+                save_checkpoint(engine, run_dir, step, report, rank, run.keep_checkpoints, algorithm.save_extra,
+                                in_driver=train.workers.num_workers == 0)
             # Metrics reach the driver through the run directory: no ray.train.report without a
             # checkpoint, as each call blocks on the controller's poll (about 1.7 s in Ray 2.60).
             t0 = time.perf_counter()
@@ -248,12 +249,15 @@ def worker_setup(config: dict) -> tuple[int, int, bool, int]:
     """This worker's (rank, world size, bf16 on, ZeRO stage), with torch seeded from train.seed."""
     import ray.train
 
-    ctx = ray.train.get_context()
     train: TrainConfig = config["train"]
+    # Local mode (num_workers 0): this process is the one rank; ray.train's context is not asked, as
+    # Ray refuses it inside a Tune trial, where a sweep's trials train this way.
+    rank, world = (0, 1) if train.workers.num_workers == 0 else (ray.train.get_context().get_world_rank(),
+                                                                  ray.train.get_context().get_world_size())
     use_gpu = train.workers.use_gpu and torch.cuda.is_available()
     bf16 = use_gpu if train.deepspeed.bf16 == "auto" else bool(train.deepspeed.bf16)
     torch.manual_seed(train.seed)
-    return ctx.get_world_rank(), ctx.get_world_size(), bf16, train.deepspeed.zero_stage
+    return rank, world, bf16, train.deepspeed.zero_stage
 
 
 def resume_newest(engine, run_dir, rank: int, load_extra=None) -> int:
@@ -312,9 +316,12 @@ def load_trained(src: dict, module, frozen: set[str]) -> None:
                            f"{sorted(result.unexpected_keys)[:5]}")
 
 
-def save_checkpoint(engine, run_dir, step: int, report: dict, rank: int, keep: int, save_extra=None) -> None:
+def save_checkpoint(engine, run_dir, step: int, report: dict, rank: int, keep: int, save_extra=None,
+                    in_driver: bool = False) -> None:
     """Every rank saves its DeepSpeed shard (rank 0 also save_extra(directory)) and reports it to Ray
-    Train; once every rank's files are stored, rank 0 marks the checkpoint complete and prunes old ones."""
+    Train; once every rank's files are stored, rank 0 marks the checkpoint complete and prunes old ones.
+    in_driver: Ray Train's local mode (workers.num_workers 0), whose report keeps no files: the one
+    rank stores them itself, where Ray Train would have."""
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
@@ -326,7 +333,10 @@ def save_checkpoint(engine, run_dir, step: int, report: dict, rank: int, keep: i
                                exclude_frozen_parameters=exclude_frozen(engine, frozen_names(engine)))
         if rank == 0 and save_extra is not None:
             save_extra(tmp)
-        ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=checkpoint_name(step))
+        if in_driver:  # (no report either: the driver reads the metrics from the run's log)
+            run_dir.upload_dir(tmp, checkpoint_name(step))
+        else:
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=checkpoint_name(step))
     # report returns once this rank's files are stored; after the barrier, every rank's are.
     if dist.is_initialized():
         dist.barrier()

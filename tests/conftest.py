@@ -14,6 +14,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls its workers every 2 s by default: a finished run, and every checkpoint
 # report, waits for the next poll. A tighter poll takes about 10 s off each training test.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# This environment's tools first, for this process and every one it starts, as in an activated venv:
+# DeepSpeed JIT-builds its shm op with whichever `ninja` is on PATH, and two ninja versions take each
+# other's build for stale, so mixing the system's and the venv's rebuilt it (30 s) at each switch.
+_bin = os.path.dirname(os.path.abspath(__import__("sys").executable))
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _bin:
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 
 import pytest
 import torch

@@ -210,9 +210,10 @@ def test_best_of_n_on_the_instruct_model_with_its_template_and_a_verifier(instru
 @pytest.mark.ray
 def test_lora_dpo_on_the_instruct_model_saves_a_merged_model_that_jobs_bon_loads(instruct_bon, instruct_dir, instruct_tokenizer, tmp_path):
     """configs/instruct/train_dpo.yaml for a step on best/worst answers of the BoN run, written as TRL
-    conversational pairs: through Ray Train + DeepSpeed only the LoRA adapters train, the saved model is a
-    plain HF model (adapters merged into q_proj and v_proj, every other weight pi_0's bit for bit, the
-    adapter and the chat template kept), and jobs.bon samples from it by path through that template."""
+    conversational pairs: through Ray Train + DeepSpeed (one rank in the driver, Ray Train's local mode)
+    only the LoRA adapters train, the saved model is a plain HF model (adapters merged into q_proj and
+    v_proj, every other weight pi_0's bit for bit, the adapter and the chat template kept), and jobs.bon
+    samples from it by path through that template."""
     from safetensors.torch import load_file
 
     from align.data.pairs import bon_pairs
@@ -226,13 +227,17 @@ def test_lora_dpo_on_the_instruct_model_saves_a_merged_model_that_jobs_bon_loads
     pair_file.write_text("".join(json.dumps({"prompt": p, "chosen": [{"role": "assistant", "content": c}],
                                              "rejected": [{"role": "assistant", "content": r}]}) + "\n"
                                  for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])))
-    # Step 2 fails once: the workers restart from checkpoint 1, which holds the adapters and their
-    # optimizer state only (the frozen base weights come from the model again).
-    run_dpo(load_config(DpoJobConfig, "configs/instruct/train_dpo.yaml", [
+    # Step 2 fails once (local mode has no restarts: the job stops), and the same command again resumes
+    # from checkpoint 1, which holds the adapters and their optimizer state only (the frozen base
+    # weights come from the model again).
+    cfg = load_config(DpoJobConfig, "configs/instruct/train_dpo.yaml", [
         f"data.source={pair_file}", "data.eval_split=null", "train.steps=2", "train.batch_size=2", "train.max_length=96",
         "train.optim.warmup_steps=0", "train.run.checkpoint_every=1", f"train.run.storage_path={tmp_path / 'runs'}",
         "train.step_hook.target=tests.plugins.faults:fail_once", "train.step_hook.args={at_step: 2}",
-        "train.run.max_failures=1", "lora.r=4", f"output_dir={tmp_path / 'dpo'}"]))
+        "train.workers.num_workers=0", "lora.r=4", f"output_dir={tmp_path / 'dpo'}"])
+    with pytest.raises(Exception, match="injected failure"):
+        run_dpo(cfg)
+    run_dpo(cfg)
     starts = [json.loads(line) for line in next((tmp_path / "runs").rglob("worker_starts.jsonl")).read_text().splitlines()]
     assert [s["step"] for s in starts] == [0, 1]
     for states in (tmp_path / "runs").rglob("mp_rank_00_model_states.pt"):
@@ -338,7 +343,7 @@ def test_train_rm_on_conversational_pairs_scores_what_its_own_template_renders(r
     out = tmp_path / "rm"
     run(load_config(RmJobConfig, "configs/train_rm.yaml", [
         f"model={base}", f"data.source={pairs}", "data.eval_split=null", "eval.source=null", f"output_dir={out}",
-        f"train.run.storage_path={tmp_path / 'runs'}", "train.steps=2", "train.batch_size=4", "train.workers.num_workers=1",
+        f"train.run.storage_path={tmp_path / 'runs'}", "train.steps=2", "train.batch_size=4", "train.workers.num_workers=0",
         "train.workers.collective_timeout_s=30"]))
     reward = SequenceClassifierReward(str(out / "model"), device="cpu")
     assert reward.tokenizer.chat_template == CHATML

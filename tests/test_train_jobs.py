@@ -1,5 +1,7 @@
-"""The three training jobs end to end on the (small) default task with 2 DeepSpeed workers: each
-checkpoints, loses a worker, resumes from the checkpoint, and saves a model that jobs.bon loads."""
+"""The three training jobs end to end on the (small) default task: each checkpoints and saves a model
+that jobs.bon loads. BoNBoN runs on 2 DeepSpeed workers; DPO and the reward model on one rank in the
+driver (workers.num_workers 0, Ray Train's local mode), the same loop without the worker group's
+start-up (tests/test_training.py compares the two bit for bit)."""
 import json
 
 import pytest
@@ -38,7 +40,8 @@ def reward_model(small_task, small_pairs, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("rm")
     metrics = run(job_config(RmJobConfig, "configs/train_rm.yaml", out, small_task, small_pairs / "random",
-                             "lora.enabled=true", "train.optim.lr=1e-3", "ensemble.members=2", "laplace.enabled=true"))
+                             "lora.enabled=true", "train.optim.lr=1e-3", "ensemble.members=2", "laplace.enabled=true",
+                             "train.workers.num_workers=0"))
     return out, metrics
 
 
@@ -124,7 +127,7 @@ def test_train_dpo_soft_trdpo_end_to_end(small_task, small_pairs, tmp_path):
 
     out = tmp_path / "dpo"
     run(job_config(DpoJobConfig, "configs/train_dpo.yaml", out, small_task, small_pairs / "bonbon",
-                   "dpo.ref_update=soft", "dpo.ref_tau=1", "train.deepspeed.zero_stage=2"))
+                   "dpo.ref_update=soft", "dpo.ref_tau=1", "train.deepspeed.zero_stage=2", "train.workers.num_workers=0"))
     assert steps_logged(out) == [1, 2, 3]
     assert bon_over(out / "model", small_task, tmp_path / "bon")["prompts"] == 4
 
@@ -140,7 +143,7 @@ def test_bonbon_n_must_match_the_data(small_task, small_pairs, tmp_path):
     ("dpo.beta=0", "dpo.beta"), ("dpo.ref_alpha=1.5", "dpo.ref_alpha"), ("dpo.loss=kto", "dpo.loss"),
     ("train.batch_size=3", "train.batch_size"), ("train.deepspeed.zero_stage=4", "train.deepspeed.zero_stage"),
     ("train.micro_batches=3", "train.micro_batches"), ("train.micro_batches=0", "train.micro_batches"),
-    ("train.run.tracking=wandb", "train.run.tracking"),
+    ("train.run.tracking=wandb", "train.run.tracking"), ("train.workers.num_workers=-1", "train.workers.num_workers"),
 ])
 def test_dpo_config_errors(override, field):
     from jobs.train_dpo import DpoJobConfig

@@ -148,11 +148,12 @@ def test_training_moves_every_parameter_and_logs(baseline, tiny_lm_dir):
     assert [m.value for m in mlflow_history(baseline, "loss")] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
 
 
-def test_two_workers_equal_one_worker_accumulating_two_micro_batches_with_checkpointing(baseline, tmp_path, tiny_lm_dir,
-                                                                                      pairs_file):
-    """Each optimizer step of the baseline (2 workers x 2 pairs) equals one worker's 2 micro-batches of 2
-    pairs (gradient accumulation) with gradient checkpointing on: same losses, same weights after 4 steps."""
-    one = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "one", "train.workers.num_workers=1", "train.micro_batches=2",
+def test_two_workers_equal_one_rank_in_the_driver_accumulating_two_micro_batches(baseline, tmp_path, tiny_lm_dir,
+                                                                                pairs_file):
+    """Each optimizer step of the baseline (2 workers x 2 pairs) equals one rank's 2 micro-batches of 2
+    pairs (gradient accumulation) with gradient checkpointing on, that rank the driver itself (Ray Train's
+    local mode, workers.num_workers 0): same losses, same weights after 4 steps."""
+    one = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "one", "train.workers.num_workers=0", "train.micro_batches=2",
                      "train.gradient_checkpointing=true")
     run_dpo(one)
     for a, b in zip(history(one), history(baseline)):
@@ -215,7 +216,7 @@ def checkpoint_dirs(cfg):
 def test_rerun_under_another_config_stops_naming_the_keys(ray_session, tmp_path, tiny_lm_dir, pairs_file):
     from align.runtime.runstate import StaleStateError
 
-    common = ["train.workers.num_workers=1", "train.steps=2", "train.run.checkpoint_every=1", "dpo.ref_update=none"]
+    common = ["train.workers.num_workers=0", "train.steps=2", "train.run.checkpoint_every=1", "dpo.ref_update=none"]
     first = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "stale", *common, "dpo.beta=0.1")
     run_dpo(first)
     before = (tmp_path / "stale" / "train_log.jsonl").read_text()
@@ -285,7 +286,7 @@ def test_resumes_from_the_newest_complete_checkpoint_not_the_registered_one(base
 
 
 def test_bf16_training_saves_the_fp32_master_weights(ray_session, tmp_path, tiny_lm_dir, pairs_file):
-    common = ["train.workers.num_workers=1", "train.steps=3", "train.deepspeed.bf16=true", "dpo.ref_update=none",
+    common = ["train.workers.num_workers=0", "train.steps=3", "train.deepspeed.bf16=true", "dpo.ref_update=none",
               "train.deepspeed.zero_stage=1"]
     cfg = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "bf16", *common)
     run_dpo(cfg)
@@ -315,7 +316,7 @@ def test_frozen_reference_log_probs_computed_on_the_workers_under_zero3(ray_sess
               "data.eval_split=test"]
     z3 = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "frozen_z3", *common, "train.deepspeed.zero_stage=3",
                     "train.deepspeed.offload_optimizer=true", "train.deepspeed.offload_params=true")
-    z0 = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "frozen_z0", *common, "train.workers.num_workers=1")
+    z0 = dpo_config(tmp_path, tiny_lm_dir, pairs_file, "frozen_z0", *common, "train.workers.num_workers=0")
     run_dpo(z3)
     run_dpo(z0)
     assert history(z3)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), "reference = policy at step 1"

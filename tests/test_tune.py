@@ -238,7 +238,8 @@ def test_dera_sweep_with_optuna(ray_session, tiny_lm_dir, sweep_setup):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_train_sweep_asha_evaluates_and_keeps_the_best(ray_session, tiny_lm_dir, tmp_path):
-    """Two DPO trials of 4 steps, one after the other, validation every 2, ASHA with a grace of 2
+    """Two DPO trials of 4 steps, one after the other, each training in its trial's own process
+    (workers.num_workers 0), validation every 2, ASHA with a grace of 2
     steps. beta 1 runs first and lowers the validation loss faster than beta 0.1 does: at the step-2
     rung beta 0.1 lags, and ASHA stops it there, unevaluated. beta 1 finishes, is evaluated (gold,
     win rate, KL) and is the one trial that keeps its model."""
@@ -253,7 +254,7 @@ def test_train_sweep_asha_evaluates_and_keeps_the_best(ray_session, tiny_lm_dir,
     prompts.write_text("the movie was\na bad\n")
     overrides = [f"model={tiny_lm_dir}", f"data.source={pairs}", "data.eval_split=test", "train.steps=4",
                  "train.batch_size=2", "train.eval_every=2", "train.run.log_every=2", "train.run.checkpoint_every=4",
-                 "train.optim.lr=1e-2", "train.workers.collective_timeout_s=30", "dpo.ref_update=none"]
+                 "train.optim.lr=1e-2", "train.workers.num_workers=0", "dpo.ref_update=none"]
     cfg = load_config(TuneTrainConfig, "configs/tune_train.yaml", [
         f"overrides={json.dumps(overrides)}", "search={dpo.beta: {grid: [1.0, 0.1]}}", "metric=val/loss", "mode=min", "asha.grace_period=2",
         f"evaluate.prompts.source={prompts}", "evaluate.n=2", "evaluate.reward.kind=brevity", "evaluate.reward.params.max_words=3",

@@ -182,9 +182,10 @@ def check_fits(cfg: TuneTrainConfig, base) -> None:
     w = base.train.workers
     need, have = cfg.cpus_per_trial + w.num_workers * w.cpus_per_worker, ray.cluster_resources().get("CPU", 0)
     if need > have:
+        hint = (f"train.workers.cpus_per_worker={(have - cfg.cpus_per_trial) / w.num_workers:.2f}" if w.num_workers
+                else f"cpus_per_trial={have:g}")
         raise ConfigError("overrides", f"train.workers.num_workers x cpus_per_worker + cpus_per_trial <= the cluster's "
-                          f"{have:g} CPUs (each trial needs {need:g}); e.g. train.workers.cpus_per_worker="
-                          f"{(have - cfg.cpus_per_trial) / w.num_workers:.2f}", cfg.overrides)
+                          f"{have:g} CPUs (each trial needs {need:g}); e.g. {hint}", cfg.overrides)
 
 
 def sweep_key(cfg: TuneTrainConfig) -> dict:
