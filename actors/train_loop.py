@@ -61,7 +61,13 @@ def make_engine(model, train: TrainConfig, micro_batch: int, bf16: bool):
     """The DeepSpeed engine of `model` for one rank (deepspeed_config, linear_schedule); micro_batch:
     examples per forward/backward pass (train.micro_batches of them make one optimizer step)."""
     import deepspeed
+    import deepspeed.ops
 
+    # DeepSpeed JIT-compiles its shared-memory all-reduce kernel when it joins the process group (a
+    # C++ build: about 30 s of 2 cores on each fresh node, and again whenever the build cache is
+    # cold). Only inference_all_reduce (tensor-parallel inference) uses it, never training, whose
+    # collectives go through torch.distributed; marked incompatible, it is not built.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if train.gradient_checkpointing:
         # Non-reentrant: no inputs that require grad needed (LoRA's frozen embeddings), and exact.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import time
 
+from align.engine.samples import TextOps
+
 
 def vllm_actor_options(engine_python: str | None, threads: int, device: str) -> dict:
     """Ray actor options that run a VllmGenerator in vLLM's environment."""
@@ -42,8 +44,9 @@ def vllm_actor_options(engine_python: str | None, threads: int, device: str) -> 
     return {"runtime_env": {"py_executable": python, "env_vars": env}}
 
 
-class VllmGenerator:
-    """Owns a vLLM engine for one causal LM; `sample` has the torch Generator's signature and result."""
+class VllmGenerator(TextOps):
+    """Owns a vLLM engine for one causal LM; `sample` and `prompt_logprobs` have the torch Generator's
+    signatures and results (the text-side operations are align.engine.samples.TextOps)."""
 
     def __init__(self, model_path, device: str = "auto", dtype: str = "auto", num_threads: int | None = None,
                  fingerprint: str = "", gpu_memory_utilization: float = 0.85):
@@ -79,19 +82,16 @@ class VllmGenerator:
         from vllm.inputs import TokensPrompt
 
         from align.engine.engines import WHY
-        from align.engine.samples import PromptSamples, PromptTooLongError, prompt_seeds
+        from align.engine.samples import PromptSamples, prompt_seeds
 
         for name, value, capability in (("rejection", rejection, "speculative_rejection"), ("lam", lam, "dera"),
                                         ("weights_version", weights_version, "weight_updates")):
             if value is not None:
                 raise ValueError(f"{name}: {WHY[capability]}, which the vllm engine cannot (pool.engine: torch)")
         start = time.perf_counter()
-        ids = self.encoder.batch_ids(prompts)
+        ids = self.encoder.batch_ids(self.checked(prompts))
         budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-        for i, (p, m) in enumerate(zip(ids, budgets)):
-            if self.context is not None and len(p) + m > self.context:
-                raise PromptTooLongError(f"prompt[{i}]: {len(p)} tokens plus {m} new tokens exceed the model's context "
-                                         f"of {self.context} positions")
+        self.check_context(prompts, budgets, lengths=[len(p) for p in ids])
         seeds = seeds if seeds is not None else prompt_seeds(seed, len(prompts))
         stops = list(self.encoder.stop_ids) if stop_at_eos else []
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=m, min_tokens=min(min_new_tokens, m),
@@ -120,9 +120,80 @@ class VllmGenerator:
             result["top"] = tops
         return result
 
+    def context_length(self) -> int | None:
+        return self.context
+
+    def prompt_logprobs(self, prompts: list, top_logprobs: int = 0, lam=None) -> list[dict]:
+        """Per prompt, the model's log-prob of each of its tokens given the ones before, as
+        actors.generator.Generator.prompt_logprobs: {"ids", "token_logprobs" (None first), "top" (per
+        token the top_logprobs likeliest [(id, log-prob)], None first; None when 0)}, from vLLM's
+        prompt log-probs at temperature 1."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from align.engine.engines import WHY
+
+        if lam is not None:
+            raise ValueError(f"lam: {WHY['dera']}, which the vllm engine cannot (engine: torch)")
+        ids = self.encoder.batch_ids(self.checked(prompts))
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_logprobs, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
+        out = []
+        for prompt_ids, o in zip(ids, outputs):
+            steps = o.prompt_logprobs or [None] * len(prompt_ids)
+            row = {"ids": list(prompt_ids), "token_logprobs": [None] + [float(step[t].logprob) for step, t
+                                                                       in zip(steps[1:], prompt_ids[1:])], "top": None}
+            if top_logprobs:
+                # vLLM's dict holds the prompt's own token beside the top k: keep the top k by rank.
+                row["top"] = [None] + [sorted(((t, float(lp.logprob)) for t, lp in step.items() if lp.rank <= top_logprobs),
+                                              key=lambda x: -x[1]) for step in steps[1:]]
+            out.append(row)
+        return out
+
     @staticmethod
     def _token_logprobs(completion, temperature: float) -> list[float]:
         """Each drawn token's log-prob under the sampling process (0 for a greedy token, as the torch engine)."""
         if temperature == 0:
             return [0.0] * len(completion.token_ids)
         return [float(step[t].logprob) for step, t in zip(completion.logprobs, completion.token_ids)]
+
+
+class VllmEngineClient(TextOps):
+    """A VllmGenerator actor seen through the torch Generator's interface, for a process outside vLLM's
+    environment (a Serve generator replica, serve/app.py): `sample` and `prompt_logprobs` run in the
+    actor; the text-side operations (TextOps) run here on the same tokenizer. The actor reserves the
+    GPU (or the CPUs) and Ray restarts it in place if it dies; a call it was running fails (the
+    replica answers 503), later calls reach the restarted engine."""
+
+    def __init__(self, model_path: str, device: str = "auto", num_threads: int | None = None,
+                 engine_python: str | None = None, dtype: str = "auto"):
+        import ray
+
+        from actors.cluster import ship_dir
+        from align.engine.models import context_length, load_encoder, resolve_model_path, tokenizer_fingerprint
+
+        path = resolve_model_path(model_path)
+        self.encoder = load_encoder(path)
+        self.tokenizer = self.encoder.tokenizer
+        self.context = context_length(path)
+        threads = num_threads or 1
+        if device == "auto":  # a GPU when the cluster has one free for the engine
+            device = "cuda" if ray.available_resources().get("GPU", 0) >= 1 else "cpu"
+        options = {"num_cpus": threads if device == "cpu" else 1, "num_gpus": 1 if device == "cuda" else 0,
+                   "max_restarts": -1, "max_task_retries": 0, **vllm_actor_options(engine_python, threads, device)}
+        self.actor = ray.remote(VllmGenerator).options(**options).remote(
+            ship_dir(path), device, dtype, threads, tokenizer_fingerprint(self.tokenizer))
+        ray.get(self.actor.context_length.remote())  # ready (or its start-up error, here)
+
+    def context_length(self) -> int | None:
+        return self.context
+
+    def sample(self, *args, **kwargs) -> dict:
+        import ray
+
+        return ray.get(self.actor.sample.remote(*args, **kwargs))
+
+    def prompt_logprobs(self, *args, **kwargs) -> list[dict]:
+        import ray
+
+        return ray.get(self.actor.prompt_logprobs.remote(*args, **kwargs))

@@ -17,8 +17,11 @@ A decoder (`DecoderSpec`) aligns pi_0 (the `reference`) at decoding time, with n
 produces sampling.n outputs per prompt like a policy, so the same win-rate estimator applies:
 
     bon      the best of n pi_0 candidates under `selector` (null: the gold judge itself, the oracle
-             BoN the closed forms describe). KL: the closed form, exact for continuous rewards and an
-             upper bound with ties ("KL source": closed form).
+             BoN the closed forms describe). KL: estimated from samples, the mean of log pi_bon/pi_0 =
+             log n + (n - 1) log F_x(r) (its reward-level form where rewards tie), F_x from the
+             prompt's other candidates ("KL source": sample estimate), beside the closed form
+             log n - (n - 1) / n (`kl_closed_form`), an upper bound on a finite space; the closed
+             form alone when sampling.n is 1.
     rbon_kl  RBoN-KL (Jinnai et al. 2404.01054): argmax r + beta log pi_0(y|x) over n candidates.
     rbon_wd  RBoN-WD: argmax r - beta * mean cosine cost to the other candidates (sentence embeddings
              from `embedder`). Neither RBoN has a KL estimate here ("-").
@@ -294,15 +297,32 @@ def evaluate_policy(policy, tok, ref, prompts, rep, r_ref, scorer, cfg: EvalConf
             "process": process_of(cfg, tok)}
 
 
+def bon_kl_samples(decoded: Decoded, n: int, m: int) -> torch.Tensor:
+    """(P, m) estimates of log pi_bon / pi_0 of each BoN output (align.math.bon.bon_log_ratio_estimate):
+    F_x from the selector's rewards of the candidates of the prompt's other m - 1 outputs, pi_0 draws
+    independent of this output's own n."""
+    from align.math.bon import bon_log_ratio_estimate
+
+    cand = decoded.candidate_rewards.view(-1, m, n)
+    chosen = decoded.selector_reward.view(-1, m)
+    return torch.stack([bon_log_ratio_estimate(chosen[:, j : j + 1], torch.cat([cand[:, :j], cand[:, j + 1 :]], 1).flatten(1),
+                                               n)[:, 0] for j in range(m)], 1)
+
+
 def evaluate_decoder(spec: DecoderSpec, decoded: Decoded, tok, rep, r_ref, scorer, cfg: EvalConfig) -> dict:
-    """A decoder's row: win rate and mean gold reward as for a policy; KL by Monte Carlo (dera), BoN's
-    closed form (bon) or none (rbon_*: null)."""
+    """A decoder's row: win rate and mean gold reward as for a policy; KL by Monte Carlo (dera),
+    estimated from BoN's own candidates beside its closed form (bon: `bon_kl_samples`; the closed form
+    alone with one output per prompt), or none (rbon_*: null)."""
     from align.math.bon import bon_kl_closed_form
 
     metrics = win_metrics(decoded.texts, rep, r_ref, scorer, cfg)
     if spec.kind == "dera":
         kl, kl_se = clustered_mean_stderr(decoded.logp - decoded.logp_ref, cfg.sampling.n)
         source = "Monte Carlo"
+    elif spec.kind == "bon" and cfg.sampling.n > 1:
+        kl, kl_se = clustered_mean_stderr(bon_kl_samples(decoded, spec.n, cfg.sampling.n).flatten(), cfg.sampling.n)
+        source = "sample estimate"
+        metrics["kl_closed_form"] = bon_kl_closed_form(spec.n)
     elif spec.kind == "bon":
         kl, kl_se, source = bon_kl_closed_form(spec.n), None, "closed form"
     else:
@@ -325,6 +345,9 @@ def print_metrics(title: str, metrics: dict) -> None:
     if source == "Monte Carlo":
         lines.append(f"    KL(pi || pi_0)     {metrics['kl_to_pi0']:.3f} +- {metrics['kl_to_pi0_stderr']:.3f} nats (Monte Carlo "
                      "over the sampling process; standard error clustered by prompt)")
+    elif source == "sample estimate":
+        lines.append(f"    KL(pi || pi_0)     {metrics['kl_to_pi0']:.3f} +- {metrics['kl_to_pi0_stderr']:.3f} nats (from samples: "
+                     f"log pi_bon/pi_0 = log n + (n - 1) log F_x(r) without ties; closed form {metrics['kl_closed_form']:.3f})")
     elif source == "closed form":
         lines.append(f"    KL(pi || pi_0)     {metrics['kl_to_pi0']:.3f} nats (best-of-n closed form log n - (n - 1) / n; "
                      "exact for continuous rewards, an upper bound with ties)")

@@ -185,7 +185,8 @@ def overopt_curves(d: dict, ns: list[int], p: RemedyParams) -> list[dict]:
             gold = pick(blocks(d["gold"], n), chosen).view(P, -1).mean(1)  # per prompt
             proxy = pick(blocks(d["members"][0], n), chosen).view(P, -1).mean(1)
             rows.append({"remedy": name, "n": n, "kl_bon": bon_kl_closed_form(n), "gold": gold.mean().item(),
-                         "gold_se": (gold.std() / math.sqrt(P)).item() if P > 1 else 0.0, "proxy": proxy.mean().item()})
+                         "gold_se": (gold.std() / math.sqrt(P)).item() if P > 1 else 0.0, "proxy": proxy.mean().item(),
+                         "gold_per_prompt": gold.tolist()})  # for paired comparisons on the same prompts
     return rows
 
 
@@ -206,7 +207,7 @@ def two_reward_rows(d: dict, ns: list[int], t: TwoRewardParams) -> list[dict]:
         for n in ns:
             chosen = blocks(ranking, n).argmax(1)
             share = pick(blocks(good, n), chosen).view(P, -1).mean(1)  # per prompt
-            rows.append({"combination": name, "n": n, "good_on_both": share.mean().item(),
+            rows.append({"combination": name, "n": n, "good_on_both": share.mean().item(), "per_prompt": share.tolist(),
                          "worst_prompts": torch.quantile(share, t.worst_prompt_quantile).item(),
                          "gold": pick(blocks(d["gold"], n), chosen).mean().item(),
                          "words": pick(blocks(d["words"], n), chosen).mean().item()})

@@ -73,6 +73,25 @@ def parts(*oks: bool) -> bool | str:
     return True if all(oks) else False if not any(oks) else "partly"
 
 
+def paired(a: dict | None, b: dict | None, key: str) -> dict | None:
+    """align.math.stats.paired_verdict of two rows' per-prompt values (`key`), or None when either
+    row, or its per-prompt values (results of an older run), is missing."""
+    from align.math.stats import paired_verdict
+
+    if not a or not b or key not in a or key not in b:
+        return None
+    return paired_verdict(a[key], b[key])
+
+
+def describe_test(t: dict | None) -> str:
+    """The rule and the numbers behind a paired verdict, for the report's text."""
+    if t is None:
+        return "no per-prompt values to test (rerun the stage)"
+    return (f"mean paired difference {t['mean_diff']:+.3f}, 95% bootstrap interval over {t['prompts']} prompts "
+            f"{fmt_ci(t['ci'])} (agrees only if it lies above 0), better on {t['a_better']} prompts and worse on "
+            f"{t['b_better']} (exact sign test p = {t['sign_p']:.3g})")
+
+
 def md_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     from jobs.tables import format_table
 
@@ -86,23 +105,29 @@ def section_bon(ev: dict, pairs: dict) -> tuple[str, list[dict]]:
     for r in ev["rows"]:
         if r.get("kind") == "bon":
             n = r["n"]
+            se = r.get("kl_to_pi0_stderr") or 0.0
             rows.append({"n": n, "measured": r["win_rate_vs_pi0"], "ci": fmt_ci(r["win_rate_ci95"]), "ties": r["tie_rate"],
-                         "closed": n / (n + 1), "kl": bon_kl_closed_form(n),
-                         "inside": "yes" if r["win_rate_ci95"][0] <= n / (n + 1) <= r["win_rate_ci95"][1] else "no"})
+                         "closed": n / (n + 1), "kl": bon_kl_closed_form(n), "kl_est": r["kl_to_pi0"], "kl_se": se,
+                         "inside": "yes" if r["win_rate_ci95"][0] <= n / (n + 1) <= r["win_rate_ci95"][1] else "no",
+                         "under": r["kl_to_pi0"] - 2 * se <= bon_kl_closed_form(n)})
     inside = [r["inside"] == "yes" for r in rows]
+    under = [r["under"] for r in rows]
     train = pairs.get("train", {})
     text = (f"**Claim.** Best-of-n beats one pi_0 sample with probability n / (n + 1) when the reward has no ties, and "
             f"KL(BoN || pi_0) is at most log n - (n - 1) / n (Beirami et al. 2024, arXiv:2401.01879; Gui et al. 2024, "
             f"arXiv:2406.00832).\n\n**Measured.** Best of n pi_0 samples by the gold reward, against one independent pi_0 "
             f"sample, on {ev['prompts']} test prompts x {ev['samples_per_prompt']} draws (95% bootstrap interval over prompts):"
-            f"\n\n{md_table(rows, [('n', 'n', '{}'), ('measured win rate', 'measured', '{:.3f}'), ('95% CI', 'ci', '{}'), ('n/(n+1)', 'closed', '{:.3f}'), ('inside CI', 'inside', '{}'), ('ties', 'ties', '{:.3f}'), ('KL bound (nats)', 'kl', '{:.3f}')])}\n\n")
+            f"\n\n{md_table(rows, [('n', 'n', '{}'), ('measured win rate', 'measured', '{:.3f}'), ('95% CI', 'ci', '{}'), ('n/(n+1)', 'closed', '{:.3f}'), ('inside CI', 'inside', '{}'), ('ties', 'ties', '{:.3f}'), ('KL from samples', 'kl_est', '{:.3f}'), ('+-se', 'kl_se', '{:.3f}'), ('KL bound (nats)', 'kl', '{:.3f}')])}\n\n")
     if train:
         text += (f"The pair-building run measures the same at n = {train.get('n')} on {train.get('prompts')} training prompts: "
                  f"{train.get('win_rate_bon_vs_pi0', float('nan')):.3f} against {train.get('win_rate_closed_form', float('nan')):.3f} "
                  f"(ties {train.get('tie_rate', float('nan')):.3f}).\n\n")
     text += (f"**Verdict.** {verdict(all(inside) if rows else None)}: the closed form lies inside the interval for "
-             f"{sum(inside)} of {len(rows)} n. The KL is the closed form, not a measurement: BoN has no density a "
-             "sampler can report, so its KL is not estimated by Monte Carlo here.\n")
+             f"{sum(inside)} of {len(rows)} n. KL from samples is the mean of log pi_bon/pi_0 = log n + (n - 1) log F_x(r) "
+             f"(its reward-level form where rewards tie), F_x from the other candidates of the same prompt (independent "
+             f"pi_0 draws); the closed form is its limit for continuous "
+             f"rewards and an upper bound on a finite space (ties lower it further): the estimate is at most the bound "
+             f"(within 2 se) for {sum(under)} of {len(rows)} n.\n")
     return text, rows
 
 
@@ -130,11 +155,22 @@ def section_bonbon(ev: dict) -> str:
     return (f"**Claim.** Fine-tuning on best-of-n samples with BoNBoN (SFT on the best plus IPO on best vs worst at "
             f"beta*_n) gives a policy close to best-of-n's win rate, with less drift from pi_0 than DPO or IPO trained on "
             f"the same best/worst pairs (Gui et al. 2024, arXiv:2406.00832).\n\n**Measured** (the same test prompts and pi_0 "
-            f"samples for every row; BoN n=8's KL is its closed-form bound):\n\n{table}\n\n**Verdict.** {verdict(ok)}: "
+            f"samples for every row; BoN n=8's KL is estimated from its candidates, log n + (n - 1) log F_x(r)):\n\n{table}\n\n**Verdict.** {verdict(ok)}: "
             f"{detail}\n")
 
 
-def section_vbon(ev: dict) -> str:
+TRAINED = ("bonbon", "dpo", "ipo", "dpo_beta02", "dpo_beta04", "dpo_beta005", "vbon", "kl_rl")
+
+
+def vbon_objective_rows(history: list[dict], n: int) -> list[tuple[int, float]]:
+    """(step, J) from a vBoN-loop run's logged rows: J = E[log F] - KL / (n - 1), the objective vBoN
+    maximises (kl_rl logs the same two terms, so it is scored on the same scale)."""
+    return [(r["step"], r["log_f"] - r["kl"] / (n - 1)) for r in history if "log_f" in r and "kl" in r]
+
+
+def section_vbon(ev: dict, histories: dict[str, list[dict]] | None = None, n: int = 8) -> str:
+    from align.math.vbon import vbon_objective_at_bon
+
     by = ev["by_name"]
     rows = [dict(by[k]) for k in ("vbon", "kl_rl") if k in by]
     for r in rows:
@@ -155,7 +191,19 @@ def section_vbon(ev: dict) -> str:
             f"1/(n-1)) lands near best-of-n's reward-KL curve, where KL-regularised RL on the raw reward is a point "
             f"on a different trade-off (Amini et al. 2024, arXiv:2407.06057).\n\n**Measured** (\"BoN at that KL\": the "
             f"closed-form win rate n/(n+1) at the n whose KL bound equals the policy's KL):\n\n{table}\n\n"
+            f"{objective_text(histories or {}, n, vbon_objective_at_bon(n))}"
             f"**Verdict.** {verdict(ok)}: {where}.\n")
+
+
+def objective_text(histories: dict[str, list[dict]], n: int, at_bon: float) -> str:
+    """Where each vBoN-loop run's objective ended against pi_bon's value (its maximum)."""
+    ends = {k: vbon_objective_rows(histories.get(k, []), n) for k in ("vbon", "kl_rl")}
+    parts_ = [f"{k} ends at J = {rows[-1][1]:.3f} (step {rows[-1][0]})" for k, rows in ends.items() if rows]
+    if not parts_:
+        return ""
+    return (f"vBoN's objective J = E[log F_x(r)] - KL / (n - 1) on its training prompts (learning curves below): "
+            f"{'; '.join(parts_)}, against pi_bon's {at_bon:.3f} = -log(n)/(n - 1) at n = {n}, which no policy exceeds; "
+            f"the gap is how far from converged a run stopped.\n\n")
 
 
 def section_dera(ev: dict, dera: dict, base_beta: float, retrained: dict[float, str]) -> tuple[str, list[dict]]:
@@ -201,7 +249,8 @@ def section_lsc(ov: dict) -> str:
     top = max(r["n"] for r in rows)
     at = {r["combination"]: r for r in rows if r["n"] == top}
     lsc, raw = at.get("sum_of_lsc"), at.get("sum_raw")
-    ok = None if not (lsc and raw) or lsc["good_on_both"] == raw["good_on_both"] else lsc["good_on_both"] > raw["good_on_both"]
+    test = paired(lsc, raw, "per_prompt")
+    ok = None if test is None else test["verdict"]
     shown = [r for r in rows if r["combination"] in ("sum_raw", "sum_of_lsc")]
     table = md_table(shown, [("combination", "combination", "{}"), ("n", "n", "{}"), ("good on both", "good_on_both", "{:.3f}"),
                              ("worst prompts", "worst_prompts", "{:.3f}"), ("gold", "gold", "{:+.3f}"), ("words", "words", "{:.1f}")])
@@ -211,7 +260,7 @@ def section_lsc(ov: dict) -> str:
             f"each way; \"good on both\" is gold sentiment > 0 and at most the word budget:\n\n{table}\n\n"
             f"**Verdict.** {verdict(ok)} at n = {top}: the LSC sum's share good on both "
             f"{lsc['good_on_both'] if lsc else float('nan'):.3f} against the raw sum's "
-            f"{raw['good_on_both'] if raw else float('nan'):.3f}.\n")
+            f"{raw['good_on_both'] if raw else float('nan'):.3f}; {describe_test(test)}.\n")
 
 
 def section_overopt(ov: dict) -> str:
@@ -224,8 +273,10 @@ def section_overopt(ov: dict) -> str:
                         "last_se": rs[-1]["gold_se"], "drop": peak["gold"] - rs[-1]["gold"]})
     top = max(r["n"] for r in rows)
     proxy = next((s for s in summary if s["remedy"] == "proxy"), None)
-    better = [s for s in summary if s["remedy"] not in ("proxy", "gold (oracle)") and proxy and s["last"] > proxy["last"]]
+    last = {r["remedy"]: r for r in rows if r["n"] == top}
     remedies = [s for s in summary if s["remedy"] not in ("proxy", "gold (oracle)")]
+    tests = {s["remedy"]: paired(last.get(s["remedy"]), last.get("proxy"), "gold_per_prompt") for s in remedies}
+    better = [s for s in remedies if (tests[s["remedy"]] or {}).get("verdict") is True]
     overopt = proxy is not None and proxy["drop"] > 2 * proxy["last_se"]
     ok = None if proxy is None else parts(overopt, len(better) > len(remedies) / 2)
     table = md_table(summary, [("ranking", "remedy", "{}"), ("gold n=1", "n1", "{:+.3f}"), ("peak gold", "peak", "{:+.3f}"),
@@ -239,8 +290,8 @@ def section_overopt(ov: dict) -> str:
             f"prompts x {ov['samples_per_prompt']} samples; proxy held-out agreement {agreement}):\n\n{table}\n\n"
             f"**Verdict.** {verdict(ok)}: the plain proxy's gold reward "
             f"{'falls' if overopt else 'does not fall'} by more than two standard errors from its peak by n = {top}, and "
-            f"{len(better)} of {len(remedies)} remedies end above it: "
-            f"{', '.join(s['remedy'] for s in better) or 'none'}.\n")
+            f"{len(better)} of {len(remedies)} remedies end above it at n = {top}, paired on the same prompts: "
+            + "; ".join(f"{name} {describe_test(t)}" for name, t in tests.items()) + ".\n")
 
 
 def plot_bon(rows: list[dict], path: Path) -> None:
@@ -281,10 +332,11 @@ def plot_policies(ev: dict, path: Path) -> None:
     ax.plot([bon_kl_closed_form(n) for n in ns], [n / (n + 1) for n in ns], "-", color="tab:gray", label="best-of-n (closed form)")
     bon = [r for r in ev["rows"] if r.get("kind") == "bon"]
     if bon:
-        ax.errorbar([bon_kl_closed_form(r["n"]) for r in bon], [r["win_rate_vs_pi0"] for r in bon],
+        ax.errorbar([r["kl_to_pi0"] for r in bon], [r["win_rate_vs_pi0"] for r in bon],
+                    xerr=[r.get("kl_to_pi0_stderr") or 0 for r in bon],
                     yerr=[[r["win_rate_vs_pi0"] - r["win_rate_ci95"][0] for r in bon],
                           [r["win_rate_ci95"][1] - r["win_rate_vs_pi0"] for r in bon]],
-                    fmt="D", color="tab:gray", capsize=2, label="best-of-n measured (at its KL bound)")
+                    fmt="D", color="tab:gray", capsize=2, label="best-of-n measured (KL from samples)")
     for r in ev["rows"]:
         if r.get("kind") is not None or r.get("kl_to_pi0") is None or r["name"].startswith("dpo_beta"):
             continue
@@ -294,6 +346,36 @@ def plot_policies(ev: dict, path: Path) -> None:
     ax.set(xlabel="KL(pi || pi_0) (nats)", ylabel="gold win rate over pi_0", title="Policies against best-of-n")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_learning_curves(histories: dict[str, list[dict]], n: int, path: Path) -> None:
+    """Every trained policy's loss against step, and the vBoN loop's objective J beside pi_bon's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from align.math.vbon import vbon_objective_at_bon
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, rows in histories.items():
+        if rows and name not in ("vbon", "kl_rl"):
+            left.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o", ms=2, label=name)
+            if any("val/loss" in r for r in rows):
+                val = [r for r in rows if "val/loss" in r]
+                left.plot([r["step"] for r in val], [r["val/loss"] for r in val], ls="--", label=f"{name} (held out)")
+        elif rows:
+            j = vbon_objective_rows(rows, n)
+            right.plot([s for s, _ in j], [v for _, v in j], marker="o", ms=2, label=name)
+    right.axhline(vbon_objective_at_bon(n), color="tab:gray", ls=":", label=f"pi_bon (n={n}): -log n/(n-1)")
+    left.set(xlabel="step", ylabel="training loss", title="Offline objectives")
+    right.set(xlabel="step", ylabel="E[log F] - KL/(n-1)", title="vBoN's objective")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -385,6 +467,11 @@ def write_report(cfg: ReportConfig, result: dict, t0: float) -> Path:
     plot_bon(bon_rows, figs / "bon.png")
     plot_policies(ev, figs / "policies.png")
     plot_dera(dera, dera_rows, figs / "dera.png")
+    from actors.train_launcher import read_history
+
+    histories = {k: read_history(dirs[k]) for k in TRAINED}
+    vbon_n = json.loads((dirs["vbon"] / "stage.json").read_text())["config"]["vbon"]["n"]
+    plot_learning_curves(histories, vbon_n, figs / "learning.png")
     shutil.copyfile(dirs["overopt"] / "overopt.png", figs / "overopt.png")
 
     def img(name: str, alt: str) -> str:
@@ -414,7 +501,9 @@ all when they ran.
 
 ## 3. vBoN against KL-regularised RL
 
-{section_vbon(ev)}
+{section_vbon(ev, histories, vbon_n)}
+{img('learning.png', 'training loss against step for every trained policy, and the vBoN objective beside its maximum')}
+
 ## 4. DeRa against retraining
 
 {dera_text}

@@ -43,6 +43,10 @@ def main(argv=None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default="default", help="pi_0: 'default', an HF name or a directory")
     parser.add_argument("--aligned", default=None, help="an aligned model (same tokenizer) for /v1/dera")
+    parser.add_argument("--engine", default="torch", choices=["torch", "vllm"],
+                        help="the generator's engine: torch (the project's sampler) or vllm (make vllm-env first)")
+    parser.add_argument("--engine-python", default=None, help="engine vllm: the Python of vLLM's environment "
+                                                            "(default .venv-vllm/bin/python)")
     parser.add_argument("--reward", default='{"kind": "vader"}', help="the scorer as JSON, e.g. '{\"kind\": \"classifier\", \"path\": \"outputs/rm/model\"}'")
     parser.add_argument("--api-key-env", default=None, help="an environment variable holding the API key clients must send")
     parser.add_argument("--api-key-file", default=None, help="or a file whose first line is the key")
@@ -59,7 +63,8 @@ def main(argv=None) -> None:
     allowed = args.allowed_host or (LOOPBACK_HOSTS if args.host in LOOPBACK_HOSTS else None)
     try:
         reward = json.loads(args.reward)
-        app = build_app({"model": args.model, "aligned": args.aligned, "reward": reward,
+        engine = {"engine": args.engine, **({"engine_python": args.engine_python} if args.engine_python else {})}
+        app = build_app({"model": args.model, "aligned": args.aligned, "reward": reward, **engine,
                          "access": {"api_key_env": args.api_key_env, "api_key_file": args.api_key_file,
                                     "allowed_hosts": allowed}})
     except ValueError as e:  # a ConfigError, pydantic's ValidationError, bad JSON: before anything starts

@@ -89,6 +89,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from align.engine.engines import DEFAULT_VLLM_PYTHON
 from serve.admission import Admission, Refused
 from serve.batching import (LAMBDA_MAX, LOGPROBS_MAX, SEED_MAX, STOP_MAX, STOP_MAX_CHARS, TEMPERATURE_MAX, TEMPERATURE_MIN,
                             BatchedScorer, ContinuousBatcher, InvalidCall, text_error)
@@ -306,15 +307,26 @@ class GeneratorDeployment:
     samples are what it would draw alone."""
 
     def __init__(self, model: str, aligned: str | None = None, device: str = "auto", num_threads: int | None = None,
-                 batching: dict | None = None, reward: dict | None = None):
-        """reward: a scorer spec to score in this replica too (`colocate_scorer`), or None."""
+                 batching: dict | None = None, reward: dict | None = None, engine: str = "torch",
+                 engine_python: str | None = None):
+        """reward: a scorer spec to score in this replica too (`colocate_scorer`), or None. engine: torch
+        (the model in this replica) or vllm (a vLLM engine actor in vLLM's environment, `engine_python`,
+        which this replica drives: actors/vllm_generator.py VllmEngineClient)."""
         from actors.cluster import reserved_device
-        from actors.generator import Generator
         from align.engine.models import resolve_model_path
 
-        device = reserved_device(device)  # "auto": a GPU only where this replica reserved one (ray_actor_options)
-        self.generator = Generator(resolve_model_path(model), device=device, num_threads=num_threads,
-                                   aligned_path=resolve_model_path(aligned) if aligned else None)
+        if engine == "vllm":
+            from actors.vllm_generator import VllmEngineClient
+
+            # The engine actor reserves its own GPU ("auto": one if the cluster has one free).
+            self.generator = VllmEngineClient(resolve_model_path(model), device=device, num_threads=num_threads,
+                                              engine_python=engine_python)
+        else:
+            from actors.generator import Generator
+
+            device = reserved_device(device)  # "auto": a GPU only where this replica reserved one (ray_actor_options)
+            self.generator = Generator(resolve_model_path(model), device=device, num_threads=num_threads,
+                                       aligned_path=resolve_model_path(aligned) if aligned else None)
         self.has_aligned = aligned is not None
         b = Batching(**(batching or {}))
         self.batcher = ContinuousBatcher(self.sample_calls, b.max_batch_size, size=lambda call: len(call.prompts),
@@ -942,6 +954,10 @@ class AppArgs(BaseModel):
     batching: Batching = Field(default_factory=Batching)
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After of a 503 when a queue is full")
     generator_threads: int | None = Field(None, ge=1)
+    engine: Literal["torch", "vllm"] = Field("torch", description="torch: the model in the generator replicas | vllm: "
+                                             "a vLLM engine actor per replica (align/engine/engines.py)")
+    engine_python: str = Field(DEFAULT_VLLM_PYTHON, description="engine vllm: the Python of vLLM's environment "
+                                                                "(make vllm-env), on every node")
     colocate_scorer: bool = Field(False, description="score in the generator's replicas: one handle call less "
                                                      "per request, but generation and scoring then scale together")
     access: Access = Field(default_factory=Access)
@@ -959,17 +975,37 @@ DEPLOYMENT_OPTIONS = {
 }
 
 
+def check_engine(a: AppArgs) -> str | None:
+    """ConfigError naming the field when the generator's engine cannot serve these args (DeRa needs
+    the torch engine) or vLLM's environment is missing; else its Python as an absolute path (the
+    replicas do not start in this directory)."""
+    from align.engine.engines import require_capability
+    from align.runtime.config import ConfigError
+
+    if a.engine != "vllm":
+        return None
+    if a.aligned is not None:
+        require_capability("vllm", "dera", field="engine")
+    python = Path(a.engine_python).absolute()
+    if not python.is_file():
+        raise ConfigError("engine_python", "the Python of an environment with vLLM (run `make vllm-env`, or give its path)",
+                          a.engine_python)
+    return str(python)
+
+
 def bind_app(a: AppArgs, options: dict[str, dict] | None = None) -> serve.Application:
     """Generator and scorer deployments bound into the ingress; `options` replaces a deployment's
     default options (DEPLOYMENT_OPTIONS) by its name."""
     from align.rewards.registry import check_spec
 
     check_spec(a.reward, "reward")  # a ConfigError (a ValueError) naming reward.<field>, before any replica starts
+    engine_python = check_engine(a)
     opts = {**DEPLOYMENT_OPTIONS, **(options or {})}
     batching = a.batching.model_dump()
     spec = {"device": a.device, **a.reward}
     generator = serve.deployment(GeneratorDeployment, **opts["GeneratorDeployment"]).bind(
-        a.model, a.aligned, a.device, a.generator_threads, batching, spec if a.colocate_scorer else None)
+        a.model, a.aligned, a.device, a.generator_threads, batching, spec if a.colocate_scorer else None, a.engine,
+        engine_python)
     scorer = None if a.colocate_scorer else serve.deployment(ScorerDeployment, **opts["ScorerDeployment"]).bind(spec, batching)
     return serve.deployment(Api, **opts["Api"]).bind(
         generator, scorer, a.limits.model_dump(), a.aligned is not None, a.reward["kind"], a.model_name, a.retry_after_s,

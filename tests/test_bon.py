@@ -119,6 +119,59 @@ def test_bon_matches_continuous_closed_forms(large_space, n):
     assert abs(kl_divergence(bon, probs) - (math.log(n) - (n - 1) / n)) < 1e-4
 
 
+def test_on_a_small_space_the_closed_forms_are_strict_upper_bounds():
+    """Distinct rewards on a few outcomes: exact KL and win rate sit strictly below log n - (n-1)/n and
+    n/(n+1) (the limit of vanishing outcome probabilities), e.g. uniform over 5 at n = 8."""
+    uniform, ranks = torch.full((5,), 0.2, dtype=F64), torch.arange(5, dtype=F64)
+    bon = bon_distribution(uniform, ranks, 8)
+    assert kl_divergence(bon, uniform) == pytest.approx(1.0997354, abs=1e-6) and 1.0997354 < bon_kl_closed_form(8)
+    assert expected_win_rate(bon, uniform, ranks) == pytest.approx(0.8629548, abs=1e-6) and 0.8629548 < bon_win_rate_closed_form(8)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        v = int(torch.randint(2, 8, (1,), generator=g))
+        probs = torch.rand(v, generator=g, dtype=F64) ** 3
+        probs /= probs.sum()
+        rewards = torch.randn(v, generator=g, dtype=F64)
+        for n in (2, 3, 8, 32):
+            bon = bon_distribution(probs, rewards, n)
+            assert kl_divergence(bon, probs) < bon_kl_closed_form(n)
+            assert expected_win_rate(bon, probs, rewards) < bon_win_rate_closed_form(n)
+
+
+@pytest.mark.parametrize("n", [1, 4, 16])
+def test_bon_kl_estimated_from_samples_recovers_the_closed_form(n):
+    """Continuous rewards: BoN outputs (max of n Gaussian draws) against 4,000 independent reference
+    draws per prompt; the mean of log n + (n-1) log F(r) is log n - (n-1)/n within sampling error."""
+    from align.math.bon import bon_log_ratio_estimate
+
+    g = torch.Generator().manual_seed(n)
+    P, m, k = 4, 2000, 4000
+    chosen = torch.randn(P, m, n, generator=g, dtype=F64).amax(-1)
+    refs = torch.randn(P, k, generator=g, dtype=F64)
+    est = bon_log_ratio_estimate(chosen, refs, n)
+    assert est.shape == (P, m)
+    stderr = est.std().item() / math.sqrt(P * m)
+    assert abs(est.mean().item() - bon_kl_closed_form(n)) < 4 * stderr + 2e-3, (est.mean().item(), bon_kl_closed_form(n))
+    if n == 1:
+        assert torch.equal(est, torch.zeros(P, m, dtype=F64))
+
+
+def test_bon_kl_estimated_from_samples_with_ties_is_the_level_laws():
+    """Rewards on 4 levels: the estimate from references is the exact KL of BoN with ties shared,
+    not the continuous formula (which would go negative here)."""
+    from align.math.bon import bon_log_ratio_estimate
+
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=F64)
+    levels = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=F64)
+    n, g = 4, torch.Generator().manual_seed(3)
+    draws = levels[torch.multinomial(probs, 3000 * n + 20_000, replacement=True, generator=g)]
+    chosen, refs = draws[: 3000 * n].view(1, 3000, n).amax(-1), draws[3000 * n :].view(1, -1)
+    est = bon_log_ratio_estimate(chosen, refs, n)
+    exact = kl_divergence(bon_distribution(probs, levels, n), probs)
+    assert abs(est.mean().item() - exact) < 4 * est.std().item() / math.sqrt(est.numel()) + 5e-3, (est.mean().item(), exact)
+    assert exact < bon_kl_closed_form(n)
+
+
 def test_bon_with_ties_matches_monte_carlo_sampler():
     # Sampler: n iid draws, best reward, uniform among tied maxima (bon_select with a generator).
     probs = torch.tensor([0.1, 0.2, 0.15, 0.25, 0.2, 0.1], dtype=F64)

@@ -24,9 +24,13 @@ def test_report_quick_writes_every_section_and_reruns_only_what_changed(ray_sess
     body = text.split("## 1.")[1].split("## Stages")[0]
     assert body.count("**Claim.**") == 6 and body.count("**Verdict.**") == 6 and body.count("**Measured") == 6
     assert "Quick mode" in text and "nan" not in body
-    for png in ("bon.png", "policies.png", "dera.png", "overopt.png"):
+    for png in ("bon.png", "policies.png", "learning.png", "dera.png", "overopt.png"):
         assert (tmp_path / "figures" / png).read_bytes()[:4] == b"\x89PNG" and f"figures/{png}" in text
     assert "| BoN n=16 |" not in body and "| 16 |" in body  # the BoN table has a row per n of the decoders
+    # Verdicts state their test: KL from samples beside the bound, vBoN's objective against pi_bon's,
+    # paired per-prompt intervals and sign tests behind the LSC and remedy verdicts.
+    assert "KL from samples" in body and "vbon ends at J = " in body and "against pi_bon's -0.297" in body
+    assert body.count("exact sign test p = ") >= 2
 
     # DPO's beta feeds the evaluation, not DeRa (which reads dpo_beta02) nor the other trainers.
     plan = main([*args, "dry_run=true", "set.dpo=[dpo.beta=0.3]"])

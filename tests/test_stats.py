@@ -43,3 +43,34 @@ def test_clustered_interval_is_wider_than_one_that_ignores_the_clusters():
     low_c, high_c = win_rate_interval(a, b, n=8)
     low_i, high_i = win_rate_interval(a, b, n=1)
     assert high_c - low_c > 1.5 * (high_i - low_i)
+
+
+def test_sign_test_is_the_exact_binomial_tail():
+    from align.math.stats import sign_test
+
+    assert sign_test(2, 0) == 0.5  # 16/16 against 14/16 good prompts, the two where they differ
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(10, 0) == sign_test(0, 10) == 2 / 1024
+    assert sign_test(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    with pytest.raises(ValueError, match="wins and losses"):
+        sign_test(-1, 2)
+
+
+def test_paired_verdict_reads_the_interval_of_the_mean_difference():
+    from align.math.stats import paired_interval, paired_verdict
+
+    assert paired_interval(torch.full((7,), 0.25)) == (0.25, 0.25)
+    a = torch.tensor([1.0] * 16)
+    b = torch.tensor([1.0] * 14 + [0.0] * 2)
+    v = paired_verdict(a, b)
+    assert (v["a_better"], v["b_better"], v["sign_p"], v["prompts"]) == (2, 0, 0.5, 16)
+    # A resample misses both differing prompts with probability (14/16)^16 = 0.12 > 0.025: inconclusive.
+    assert v["mean_diff"] == 0.125 and v["ci"][0] == 0.0 and v["verdict"] is None
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, generator=g, dtype=torch.float64)
+    assert paired_verdict(base + 1.0, base)["verdict"] is True
+    assert paired_verdict(base - 1.0, base)["verdict"] is False
+    noise = torch.randn(64, generator=g, dtype=torch.float64)
+    assert paired_verdict(base + 0.001 * noise, base)["verdict"] is None
+    with pytest.raises(ValueError, match="one value per prompt"):
+        paired_verdict(torch.zeros(3), torch.zeros(4))

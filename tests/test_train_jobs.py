@@ -1,7 +1,8 @@
 """The three training jobs end to end on the (small) default task: each checkpoints and saves a model
-that jobs.bon loads. BoNBoN runs on 2 DeepSpeed workers; DPO and the reward model on one rank in the
-driver (workers.num_workers 0, Ray Train's local mode), the same loop without the worker group's
-start-up (tests/test_training.py compares the two bit for bit)."""
+that jobs.bon loads. They train on one rank in the driver (workers.num_workers 0, Ray Train's local
+mode): the same loop without the worker group's start-up. The worker groups themselves (2 ranks,
+ZeRO-0 to 3, killed and restarted ranks, local mode against 2 workers bit for bit) are
+tests/test_training.py's; a submitted job's workers, tests/test_cluster_jobs.py's."""
 import json
 
 import pytest
@@ -105,14 +106,14 @@ def test_train_bonbon_end_to_end_and_bon_loads_both(small_task, small_pairs, rew
     from jobs.train_bonbon import BonbonJobConfig, run
 
     out = tmp_path / "bonbon"
-    bonbon = ["bonbon.n=4"]
+    bonbon = ["bonbon.n=4", "train.workers.num_workers=0"]
     metrics = run(job_config(BonbonJobConfig, "configs/train_bonbon.yaml", out, small_task, small_pairs / "bonbon", *bonbon))
     assert steps_logged(out) == [1, 2, 3]
     assert {"loss/sft", "loss/ipo", "beta"} <= set(metrics)
     bon = bon_over(out / "model", small_task, tmp_path / "bon", "reward.kind=classifier", f"reward.path={reward_model[0] / 'model'}")
     assert bon["prompts"] == 4 and bon["reward"] == "proxy (classifier)"  # a learned reward is never "gold"
     # The same command again: the saved-dataset source is unchanged (nothing was written into it), so
-    # the finished run is recognised, not refused as stale, and no worker group starts for it.
+    # the finished run is recognised, not refused as stale, and it does not train again.
     assert not list(small_pairs.rglob("cache-*"))
     model = (out / "model" / "model.safetensors").read_bytes()
     capsys.readouterr()

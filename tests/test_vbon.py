@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from align.math.vbon import log_cdf, policy_gradient_loss, rloo_advantages, vbon_beta
+from align.math.vbon import log_cdf, policy_gradient_loss, rloo_advantages, vbon_beta, vbon_objective_at_bon
 
 
 def test_log_cdf_closed_forms_and_edges():
@@ -24,6 +24,32 @@ def test_log_cdf_closed_forms_and_edges():
     torch.testing.assert_close(two, torch.tensor([[0.75], [0.25]], dtype=torch.float64))
     with pytest.raises(ValueError, match="same P"):
         log_cdf(torch.zeros(2, 3), torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_vbon_objective_is_largest_at_pi_bon(n):
+    """J(pi) = E_pi[log F] - KL(pi || pi_0) / (n - 1) on a fine discrete space (F the mid-rank CDF):
+    pi_bon's value is the closed form -log(n) / (n - 1) in the limit, and perturbing pi_bon, or pi_0
+    itself (J = -1 in the limit), scores lower (Jensen: pi_bon maximises it)."""
+    from align.math.bon import bon_distribution, kl_divergence
+
+    V = 20_000
+    p0 = torch.full((V,), 1.0 / V, dtype=torch.float64)
+    rewards = torch.arange(V, dtype=torch.float64)
+    log_f = torch.log((torch.arange(V, dtype=torch.float64) + 0.5) / V)
+
+    def objective(pi):
+        return (pi * log_f).sum().item() - kl_divergence(pi, p0) / (n - 1)
+
+    bon = bon_distribution(p0, rewards, n)
+    assert objective(bon) == pytest.approx(vbon_objective_at_bon(n), abs=1e-3)
+    assert objective(p0) == pytest.approx(-1.0, abs=1e-3) and -1.0 < vbon_objective_at_bon(n)
+    g = torch.Generator().manual_seed(n)
+    for _ in range(5):
+        tilted = bon * torch.exp(0.3 * torch.randn(V, generator=g, dtype=torch.float64))
+        assert objective(tilted / tilted.sum()) < objective(bon)
+    with pytest.raises(ValueError, match="n must be >= 2"):
+        vbon_objective_at_bon(1)
 
 
 def test_rloo_advantages_leave_one_out():

@@ -108,3 +108,87 @@ def test_bench_generate_times_vllm_beside_the_torch_engine(tmp_path):
     assert head32["shared_over_vllm"] == head32["shared_prefix_tokens_per_s"] / head32["vllm_tokens_per_s"]
     assert head32["vllm_of_ceiling"] == head32["vllm_tokens_per_s"] / head32["ceiling_tokens_per_s"]
     assert "vLLM tok/s" in (tmp_path / "results.md").read_text()
+
+
+def test_serve_vllm_engine_stops_at_build_naming_the_field(tmp_path):
+    """The Serve app's engine: DeRa needs the torch engine, and a missing vLLM environment is named,
+    both before any replica starts."""
+    from serve.app import AppArgs, bind_app
+
+    with pytest.raises(ConfigError, match="torch: DeRa mixes") as err:
+        bind_app(AppArgs(engine="vllm", engine_python=sys.executable, aligned="default"))
+    assert err.value.field == "engine"
+    with pytest.raises(ConfigError, match="make vllm-env") as err:
+        bind_app(AppArgs(engine="vllm", engine_python=str(tmp_path / "python")))
+    assert err.value.field == "engine_python"
+
+
+@needs_vllm
+def test_serve_with_the_vllm_engine(ray_session, small_task):
+    """The Serve app with engine vllm (each generator replica drives a vLLM engine actor): best-of-n is
+    the argmax of the rewards of vLLM's draws and a seed repeats it; OpenAI completions with echo and
+    logprobs give the prompt's tokens the torch model's own log-probs; a stop sequence cuts every
+    sample; a prompt over the context inside a burst of good requests is the one 422; and an engine
+    killed between requests is restarted in place while the server keeps answering."""
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    from openai import OpenAI
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from actors.generator import Generator
+    from conftest import free_ports
+    from serve.app import AppArgs, bind_app
+
+    (port,) = free_ports(1)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    args = AppArgs(model=str(small_task.policy_dir), device="cpu", engine="vllm", generator_threads=1,
+                   limits={"max_n": 8, "max_prompts": 4, "max_tokens": 16})
+    serve.run(bind_app(args, {"GeneratorDeployment": {"ray_actor_options": {"num_cpus": 0}},
+                              "ScorerDeployment": {"ray_actor_options": {"num_cpus": 0}}}), name="vllm", route_prefix="/")
+    try:
+        body = {"prompt": ["the movie was", "a good film"], "n": 4, "max_tokens": 8, "return_all": True, "seed": 5}
+        r = requests.post(url + "/v1/bon", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        for x in r.json()["results"]:
+            rewards = [s["reward"] for s in x["samples"]]
+            assert len(rewards) == 4 and x["chosen"] == rewards.index(max(rewards))
+        assert requests.post(url + "/v1/bon", json=body, timeout=120).json() == r.json(), "a fixed seed repeats"
+
+        pi0 = Generator(str(small_task.policy_dir), device="cpu")
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        prompt = "the movie was"
+        (want,) = pi0.prompt_logprobs([prompt], 2)
+        out = client.completions.create(model="sweetspot", prompt=prompt, max_tokens=6, n=2, seed=4, logprobs=2, echo=True)
+        P = len(want["ids"])
+        for choice in out.choices:
+            lp = choice.logprobs
+            assert choice.text.startswith(prompt) and "".join(lp.tokens) == choice.text
+            assert lp.token_logprobs[0] is None and lp.token_logprobs[1:P] == pytest.approx(want["token_logprobs"][1:], abs=1e-4)
+            for value, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
+                assert 1 <= len(top) <= 3 and any(v == pytest.approx(value, abs=1e-6) for v in top.values())
+        cut = client.completions.create(model="sweetspot", prompt=prompt, max_tokens=12, n=4, seed=1, stop=[" "])
+        assert all(" " not in c.text for c in cut.choices) and any(c.finish_reason == "stop" for c in cut.choices)
+
+        bodies = [{"prompt": "a", "n": 2, "max_tokens": 4, "seed": s} for s in range(3)]
+        bodies.insert(1, {"prompt": "the " * 60, "n": 2, "max_tokens": 16})  # past the small policy's context
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            answers = list(pool.map(lambda b: requests.post(url + "/v1/bon", json=b, timeout=120), bodies))
+        assert [a.status_code for a in answers] == [200, 422, 200, 200], [a.text for a in answers]
+        assert answers[1].json()["error"]["param"] == "prompt[0]"
+
+        (engine,) = list_actors(filters=[("class_name", "=", "VllmGenerator"), ("state", "=", "ALIVE")])
+        os.kill(engine.pid, signal.SIGKILL)  # the engine's process dies, as on a crash
+        codes = []
+        for _ in range(60):  # a request during the restart may be a 503; the engine comes back
+            codes.append(requests.post(url + "/v1/bon", json=bodies[0], timeout=120).status_code)
+            if codes[-1] == 200:
+                break
+        assert codes[-1] == 200 and set(codes) <= {200, 503}, codes
+    finally:
+        serve.delete("vllm")
+        serve.shutdown()

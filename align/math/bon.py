@@ -223,6 +223,32 @@ def bon_kl_closed_form(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+def bon_log_ratio_estimate(chosen: Tensor, references: Tensor, n: int) -> Tensor:
+    """Per BoN output, an estimate of log pi_bon(y|x) / pi_0(y|x) from independent pi_0 draws of the
+    same prompt; its mean over outputs estimates KL(pi_bon || pi_0). With ties shared at random,
+    pi_bon / pi_0 depends on y only through its reward level (Beirami et al. 2401.01879):
+
+        (F(r)^n - F(r-)^n) / (F(r) - F(r-)),   and n F(r)^(n-1) where no other draw ties it,
+
+    with F(r) = P(reward <= r), F(r-) = P(reward < r) under pi_0: the continuous law's
+    log n + (n - 1) log F when rewards do not tie. F is estimated by the references' fractions,
+    floored at 1 / (2k) for an output below every reference.
+
+    chosen: (P, m) the selecting reward of each output; references: (P, k) that reward of k pi_0
+    draws of the same prompt, independent of those outputs' candidates. Returns (P, m) float64."""
+    _check_n(n)
+    chosen, references = chosen.double(), references.double()
+    if chosen.dim() != 2 or references.dim() != 2 or chosen.shape[0] != references.shape[0] or references.shape[1] < 1:
+        raise ValueError(f"chosen (P, m) and references (P, k >= 1) with the same P, got {tuple(chosen.shape)} and "
+                         f"{tuple(references.shape)}")
+    k = references.shape[1]
+    below = (references[:, None, :] < chosen[:, :, None]).sum(-1).double() / k  # F(r-)
+    upto = ((references[:, None, :] <= chosen[:, :, None]).sum(-1).double() / k).clamp(min=0.5 / k)  # F(r)
+    tied = upto > below
+    level = (upto.pow(n) - below.pow(n)) / torch.where(tied, upto - below, torch.ones_like(upto))
+    return torch.where(tied, level, n * upto.pow(n - 1)).log()
+
+
 def kl_divergence(p: Tensor, q: Tensor) -> float:
     """KL(p || q) = sum_y p(y) log(p(y) / q(y)) for finite distributions (V,), in float64.
 

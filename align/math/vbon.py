@@ -14,6 +14,8 @@ Plain tensors in, (loss, metrics) out; no Ray, no DeepSpeed (actors/vbon_trainer
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -23,6 +25,15 @@ def vbon_beta(n: int) -> float:
     if n < 2:
         raise ValueError(f"n must be >= 2 for vBoN (n = 1 is pi_0 itself), got {n}")
     return 1.0 / (n - 1)
+
+
+def vbon_objective_at_bon(n: int) -> float:
+    """vBoN's objective J(pi) = E_pi[log F_x(r)] - KL(pi || pi_0) / (n - 1) at pi_bon, its maximiser
+    (Amini et al. 2407.06057), for continuous rewards: under pi_bon, F_x(r) ~ Beta(n, 1), so
+    E[log F] = -1/n, and KL = log n - (n - 1)/n; together J = -log(n) / (n - 1). (At pi_0: -1.)"""
+    if n < 2:
+        raise ValueError(f"n must be >= 2 for vBoN (n = 1 is pi_0 itself), got {n}")
+    return -math.log(n) / (n - 1)
 
 
 def log_cdf(rewards: Tensor, ref_rewards: Tensor) -> Tensor:
