@@ -279,14 +279,17 @@ def describe(spec: DecoderSpec) -> str:
 
 def win_metrics(texts, rep, r_ref, scorer, cfg: EvalConfig) -> dict:
     """Gold win rate (ties 1/2, bootstrap interval over prompts) and mean gold reward of outputs
-    against the shared pi_0 samples' rewards."""
+    against the shared pi_0 samples' rewards, and their mean length in words (off-target drift)."""
     from align.math.bon import tie_rate, win_rate
     from align.math.stats import win_rate_interval
 
     r = scorer.score(rep, texts).mean
     low, high = win_rate_interval(r, r_ref, cfg.sampling.n, seed=cfg.seed)
+    words = torch.tensor([float(len(t.split())) for t in texts])
     return {"samples": len(rep), "win_rate_vs_pi0": win_rate(r, r_ref), "win_rate_ci95": [low, high],
-            "tie_rate": tie_rate(r, r_ref), "mean_reward_policy": r.mean().item(), "mean_reward_pi0": r_ref.mean().item()}
+            "tie_rate": tie_rate(r, r_ref), "mean_reward_policy": r.mean().item(), "mean_reward_pi0": r_ref.mean().item(),
+            # an off-target measure: how long the outputs are, which a reward can favour beside its target
+            "mean_words": words.mean().item()}
 
 
 def evaluate_policy(policy, tok, ref, prompts, rep, r_ref, scorer, cfg: EvalConfig) -> dict:
@@ -338,7 +341,8 @@ def print_metrics(title: str, metrics: dict) -> None:
     lines = [f"\n  {title}",
              f"    gold win rate      {metrics['win_rate_vs_pi0']:.3f}  (95% bootstrap interval over prompts "
              f"{low:.3f}-{high:.3f}; ties {metrics['tie_rate']:.3f})",
-             f"    mean gold reward   {metrics['mean_reward_policy']:+.3f} vs {metrics['mean_reward_pi0']:+.3f}"]
+             f"    mean gold reward   {metrics['mean_reward_policy']:+.3f} vs {metrics['mean_reward_pi0']:+.3f}",
+             f"    mean length        {metrics['mean_words']:.1f} words vs {metrics['mean_words_pi0']:.1f}"]
     if "mean_reward_selector" in metrics:
         lines.append(f"    mean selector      {metrics['mean_reward_selector']:+.3f} (the reward that ranked the candidates)")
     source = metrics.get("kl_source", "Monte Carlo")
@@ -382,6 +386,7 @@ def run(cfg: EvalConfig) -> dict:
     rep = [p for p in prompts for _ in range(cfg.sampling.n)]
     ref_texts, _, _ = sample_with_logprobs(ref, ref_tok, None, prompts, cfg, cfg.seed + 10_000)
     r_ref = scorer.score(rep, ref_texts).mean  # one set of pi_0 samples for every policy and decoder
+    pi0_words = sum(len(t.split()) for t in ref_texts) / len(ref_texts)  # the length every row's is read against
 
     rows, first = [], None
     policies = ([("policy", cfg.policy)] if cfg.policy is not None else []) + [(c.name, c.path) for c in cfg.compare]
@@ -389,7 +394,7 @@ def run(cfg: EvalConfig) -> dict:
         policy, tok = load_causal_lm(path, cfg.device, "float32")
         if tok.get_vocab() != ref_tok.get_vocab():
             raise ValueError(f"{name}: policy and reference must share a tokenizer for the KL estimate ({path})")
-        metrics = evaluate_policy(policy, tok, ref, prompts, rep, r_ref, scorer, cfg)
+        metrics = {**evaluate_policy(policy, tok, ref, prompts, rep, r_ref, scorer, cfg), "mean_words_pi0": pi0_words}
         del policy
         print_metrics(f"{path} vs pi_0 ({cfg.reference}) on {len(prompts)} prompts x {cfg.sampling.n} samples", metrics)
         if name == "policy":
@@ -400,7 +405,7 @@ def run(cfg: EvalConfig) -> dict:
     decoder_rows = []
     for i, spec in enumerate(cfg.decoders):
         decoded = run_decoder(spec, ref, ref_tok, prompts, cfg, decoder_seed(cfg.seed, i), scorer)
-        metrics = evaluate_decoder(spec, decoded, ref_tok, rep, r_ref, scorer, cfg)
+        metrics = {**evaluate_decoder(spec, decoded, ref_tok, rep, r_ref, scorer, cfg), "mean_words_pi0": pi0_words}
         print_metrics(f"decoder {spec.name} ({describe(spec)}) vs pi_0 ({cfg.reference}) on {len(prompts)} prompts x "
                       f"{cfg.sampling.n} outputs", metrics)
         decoder_rows.append({"name": spec.name, "method": describe(spec), "kind": spec.kind, "n": spec.n, "beta": spec.beta,
@@ -426,7 +431,7 @@ def compare_table(rows: list[dict], decoder_rows: list[dict], cfg: EvalConfig, o
         r["win_rate_ci"] = "{:.3f}-{:.3f}".format(*r["win_rate_ci95"])
     columns = [("policy", "name", "{}"), ("method", "method", "{}"), ("gold win rate", "win_rate_vs_pi0", "{:.3f}"),
                ("95% CI", "win_rate_ci", "{}"), ("ties", "tie_rate", "{:.3f}"),
-               ("mean gold", "mean_reward_policy", "{:+.3f}"), ("KL (nats)", "kl_to_pi0", "{:.3f}"),
+               ("mean gold", "mean_reward_policy", "{:+.3f}"), ("words", "mean_words", "{:.1f}"), ("KL (nats)", "kl_to_pi0", "{:.3f}"),
                ("+-se", "kl_to_pi0_stderr", "{:.3f}"), ("KL source", "kl_source", "{}")]
     bon = [{"name": f"BoN n={n} (closed form)", "method": "formula", "win_rate_vs_pi0": bon_win_rate_closed_form(n),
             "kl_to_pi0": bon_kl_closed_form(n), "kl_source": "closed form"} for n in cfg.bon_n]

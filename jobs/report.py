@@ -150,12 +150,15 @@ def section_bonbon(ev: dict) -> str:
                   f"{'below' if less_drift else 'not below'} DPO's {d['kl_to_pi0']:.2f} and IPO's {i['kl_to_pi0']:.2f}. "
                   f"BoN's own KL bound at n = 8 is {bon_kl_closed_form(8):.2f}.")
     table = md_table(rows, [("policy", "name", "{}"), ("gold win rate", "win_rate_vs_pi0", "{:.3f}"), ("95% CI", "ci", "{}"),
-                            ("mean gold", "mean_reward_policy", "{:+.3f}"), ("KL (nats)", "kl_shown", "{:.2f}"),
+                            ("mean gold", "mean_reward_policy", "{:+.3f}"), ("words", "mean_words", "{:.1f}"),
+                            ("KL (nats)", "kl_shown", "{:.2f}"),
                             ("+-se", "kl_to_pi0_stderr", "{:.2f}")])
     return (f"**Claim.** Fine-tuning on best-of-n samples with BoNBoN (SFT on the best plus IPO on best vs worst at "
             f"beta*_n) gives a policy close to best-of-n's win rate, with less drift from pi_0 than DPO or IPO trained on "
             f"the same best/worst pairs (Gui et al. 2024, arXiv:2406.00832).\n\n**Measured** (the same test prompts and pi_0 "
-            f"samples for every row; BoN n=8's KL is estimated from its candidates, log n + (n - 1) log F_x(r)):\n\n{table}\n\n**Verdict.** {verdict(ok)}: "
+            f"samples for every row; BoN n=8's KL is estimated from its candidates, log n + (n - 1) log F_x(r); "
+            f"words: the outputs' mean length, an off-target measure, against pi_0's "
+            f"{(b or bon or {}).get('mean_words_pi0', float('nan')):.1f}):\n\n{table}\n\n**Verdict.** {verdict(ok)}: "
             f"{detail}\n")
 
 

@@ -150,6 +150,8 @@ def test_compare_policies_against_one_set_of_pi0_samples(tiny_lm_dir, tmp_path):
     rows = {r["name"]: r for r in table["policies"]}
     assert rows["other"]["kl_to_pi0"] == alone["kl_to_pi0"] and rows["other"]["win_rate_vs_pi0"] == alone["win_rate_vs_pi0"]
     assert rows[str(tiny_lm_dir)]["kl_to_pi0"] == 0.0
+    # Length, the off-target measure: every row read against the same pi_0 samples' (max_new_tokens 4).
+    assert len({r["mean_words_pi0"] for r in rows.values()}) == 1 and all(0 < r["mean_words"] <= 4 for r in rows.values())
     assert [b["kl_to_pi0"] for b in table["bon_closed_form"]] == [bon_kl_closed_form(2), bon_kl_closed_form(8)]
     assert table["bon_closed_form"][1]["win_rate_vs_pi0"] == bon_win_rate_closed_form(8)
     assert (tmp_path / "b" / "pareto.png").stat().st_size > 0 and "BoN n=8" in (tmp_path / "b" / "comparison.md").read_text()
