@@ -54,6 +54,11 @@ class WorkersConfig:
         require(self.collective_timeout_s >= 10, "collective_timeout_s", ">= 10", self.collective_timeout_s)
 
     @property
+    def in_driver(self) -> bool:
+        """Ray Train's local mode: the one rank runs in the job's own process."""
+        return self.num_workers == 0
+
+    @property
     def ranks(self) -> int:
         """Data-parallel ranks: the workers, or the driver alone in local mode."""
         return max(1, self.num_workers)

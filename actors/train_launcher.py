@@ -113,7 +113,7 @@ def launch_training(objective: Objective | None, model, data_ref, train: TrainCo
     else:
         w = train.workers
         trainer = TorchTrainer(
-            in_driver(loop or train_worker) if w.num_workers == 0 else loop or train_worker,
+            in_driver(loop or train_worker) if w.in_driver else loop or train_worker,
             train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=w.num_workers, use_gpu=w.use_gpu, resources_per_worker={"CPU": w.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if w.use_gpu else "gloo", timeout_s=w.collective_timeout_s),
@@ -127,9 +127,9 @@ def launch_training(objective: Objective | None, model, data_ref, train: TrainCo
             ),
         )
         log.info("training %s on %s, ZeRO-%d, run %r in %s", config["saved_as"]["objective"],
-                 f"{w.num_workers} worker(s)" if w.num_workers else "the driver (local mode)",
+                 "the driver (local mode)" if w.in_driver else f"{w.num_workers} worker(s)",
                  train.deepspeed.zero_stage, train.run.name, storage_path)
-        with one_rank_here() if w.num_workers == 0 else contextlib.nullcontext():
+        with one_rank_here() if w.in_driver else contextlib.nullcontext():
             fit(trainer, run_dir, train, output_dir)
     tmp = output_dir / f".{MODEL_DIR}.download"
     shutil.rmtree(tmp, ignore_errors=True)

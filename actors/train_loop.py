@@ -132,7 +132,7 @@ def run_steps(engine, algorithm: StepAlgorithm, config: dict, rank: int, world: 
                 rewrite_log(run_dir, lambda rows: rows + [report])  # the driver prints it from there
             if checkpoint:
                 save_checkpoint(engine, run_dir, step, report, rank, run.keep_checkpoints, algorithm.save_extra,
-                                in_driver=train.workers.num_workers == 0)
+                                in_driver=train.workers.in_driver)
             # Metrics reach the driver through the run directory: no ray.train.report without a
             # checkpoint, as each call blocks on the controller's poll (about 1.7 s in Ray 2.60).
             t0 = time.perf_counter()
@@ -258,8 +258,11 @@ def worker_setup(config: dict) -> tuple[int, int, bool, int]:
     train: TrainConfig = config["train"]
     # Local mode (num_workers 0): this process is the one rank; ray.train's context is not asked, as
     # Ray refuses it inside a Tune trial, where a sweep's trials train this way.
-    rank, world = (0, 1) if train.workers.num_workers == 0 else (ray.train.get_context().get_world_rank(),
-                                                                  ray.train.get_context().get_world_size())
+    if train.workers.in_driver:
+        rank, world = 0, 1
+    else:
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = train.workers.use_gpu and torch.cuda.is_available()
     bf16 = use_gpu if train.deepspeed.bf16 == "auto" else bool(train.deepspeed.bf16)
     torch.manual_seed(train.seed)

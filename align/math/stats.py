@@ -27,11 +27,7 @@ def win_rate_interval(rewards_a: Tensor, rewards_b: Tensor, n: int = 1, level: f
         raise ValueError(f"rewards_a and rewards_b need the same non-empty shape (P * n,) with n = {n}; got "
                          f"{tuple(a.shape)}, {tuple(b.shape)}")
     wins = ((a > b).double() + 0.5 * (a == b).double()).view(-1, n).mean(1)  # (P,) per-prompt win rates
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(wins), (resamples, len(wins)), generator=g)
-    means = wins[idx].mean(1)
-    tail = (1 - level) / 2
-    return torch.quantile(means, tail).item(), torch.quantile(means, 1 - tail).item()
+    return paired_interval(wins, level, resamples, seed)
 
 
 def sign_test(wins: int, losses: int) -> float:
